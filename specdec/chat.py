@@ -1,0 +1,33 @@
+"""Prompts to token ids through the tokenizer's own chat template."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+Message = dict[str, str]
+
+
+def chat_ids(tokenizer, conversation: str | Sequence[Message], *, system: str | None = None) -> list[int]:
+    """Token ids of a chat ending with the assistant's turn opened (add_generation_prompt).
+
+    `conversation` is one user message or a list of {"role", "content"} messages; `system`, when
+    given, is prepended (otherwise the template's default applies: SmolLM2's injects one).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "this tokenizer has no chat template; pass raw text instead (specdec-generate --raw)"
+        )
+    messages = (
+        [{"role": "user", "content": conversation}] if isinstance(conversation, str) else list(conversation)
+    )
+    if system is not None:
+        messages = [{"role": "system", "content": system}] + messages
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    # transformers 5 returns a BatchEncoding, 4.x a list of ids.
+    ids = enc["input_ids"] if hasattr(enc, "keys") else enc
+    return [int(i) for i in ids]
+
+
+def raw_ids(tokenizer, text: str) -> list[int]:
+    """Plain-text prompt ids (the tokenizer's own special-token convention, e.g. a BOS)."""
+    return [int(i) for i in tokenizer(text)["input_ids"]]

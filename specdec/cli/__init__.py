@@ -1,0 +1,1 @@
+"""Console entry points (absl flags): specdec-generate."""

@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random HF models (the numerical oracle) loaded through specdec's loader."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+VOCAB = 97
+
+
+def _tiny_tokenizer(vocab: int):
+    """A word-level tokenizer over "t0".."t{V-1}" so tiny checkpoints are complete HF folders."""
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = tokenizers.models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0")
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1", bos_token="t2")
+
+
+ARCHS = {
+    "llama": dict(
+        cls="LlamaForCausalLM",
+        cfg="LlamaConfig",
+        kw=dict(
+            rope_parameters=dict(
+                rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                high_freq_factor=4.0, original_max_position_embeddings=32,
+            ),
+        ),
+    ),
+    "llama_tied": dict(cls="LlamaForCausalLM", cfg="LlamaConfig", kw=dict(tie_word_embeddings=True)),
+    "mistral": dict(cls="MistralForCausalLM", cfg="MistralConfig", kw=dict(sliding_window=5)),
+    "qwen2": dict(cls="Qwen2ForCausalLM", cfg="Qwen2Config", kw=dict()),
+}  # fmt: skip
+
+
+def build_tiny(arch: str, path, *, layers: int = 2, seed: int = 0):
+    """Save a random tiny HF model of `arch` (see ARCHS) to `path`; return the torch model (eval)."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    spec = ARCHS[arch]
+    kw = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=False, bos_token_id=2, eos_token_id=1,
+    )  # fmt: skip
+    kw.update(spec["kw"])
+    config = getattr(transformers, spec["cfg"])(**kw)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, spec["cls"])(config).eval()
+    if arch == "qwen2":  # HF initialises biases to zero; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    model.save_pretrained(path)
+    _tiny_tokenizer(VOCAB).save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """arch -> (torch model, specdec LoadedModel), built once per test session."""
+    from specdec.loading import load_hf_folder
+
+    out = {}
+    for arch in ARCHS:
+        path = tmp_path_factory.mktemp(arch)
+        out[arch] = (build_tiny(arch, path), load_hf_folder(path))
+    return out
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded default target (SmolLM2-135M-Instruct GGUF), loaded once."""
+    from specdec.loading import CheckpointError, load_model
+
+    try:
+        return load_model("smollm2-135m-instruct")
+    except CheckpointError as e:
+        if os.environ.get("SPECDEC_REQUIRE_EMBEDDED"):  # CI: a missing install step must fail
+            raise
+        pytest.skip(f"embedded target unavailable: {e}")

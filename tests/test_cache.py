@@ -1,0 +1,83 @@
+"""KVCache: block writes at per-row offsets, masks, rollback by length, and tree-path commit."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from specdec.cache import KVCache, causal_mask
+from specdec.models import ModelConfig, forward, to_device
+from tests.conftest import VOCAB
+from tests.test_model import TREE_PARENTS, root_path, tree_ancestors
+
+CFG = ModelConfig(
+    arch="llama", vocab_size=11, hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1,
+    head_dim=4, intermediate_size=16,
+)  # fmt: skip
+
+
+def test_write_at_per_row_offsets_and_drop_past_end():
+    cache = KVCache.init(CFG, 2, 6).replace(lengths=jnp.array([1, 4]))
+    new = jnp.arange(1, 4, dtype=jnp.float32)[None, :, None, None] * jnp.ones((2, 3, 1, 4))
+    cache = cache.write(1, new, new)
+    k = np.asarray(cache.k[1, :, :, 0, 0])
+    np.testing.assert_array_equal(k[0], [0, 1, 2, 3, 0, 0])
+    np.testing.assert_array_equal(k[1], [0, 0, 0, 0, 1, 2])  # the third token fell off the end: dropped
+    assert np.all(np.asarray(cache.k[0]) == 0)  # other layers untouched
+    np.testing.assert_array_equal(cache.lengths, [1, 4])  # writing never moves lengths
+
+
+def test_attention_mask_combines_prefix_and_block_mask():
+    cache = KVCache.init(CFG, 1, 7).replace(lengths=jnp.array([3]))
+    anc, _ = tree_ancestors([-1, 0, 0])
+    mask = np.asarray(cache.attention_mask(jnp.asarray(anc)[None]))[0]
+    expected = np.array(
+        [[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 1, 0]], dtype=bool
+    )  # node 2 sees the root but not its sibling; stale slot 6 is never visible
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_commit_moves_path_to_contiguous_slots():
+    cache = KVCache.init(CFG, 2, 8).replace(lengths=jnp.array([2, 1]))
+    block = jnp.arange(1, 6, dtype=jnp.float32)[None, :, None, None] * jnp.ones((2, 5, 1, 4))
+    for layer in range(2):
+        cache = cache.write(layer, block, -block)
+    path = jnp.array([[0, 2, 4], [0, 1, 3]])
+    out = cache.commit(path, jnp.array([3, 2]))
+    np.testing.assert_array_equal(out.lengths, [5, 3])
+    np.testing.assert_array_equal(out.k[0, 0, 2:5, 0, 0], [1, 3, 5])
+    np.testing.assert_array_equal(out.k[1, 1, 1:3, 0, 0], [1, 2])
+    np.testing.assert_array_equal(out.v[1, 0, 2:5, 0, 0], [-1, -3, -5])
+
+
+def test_commit_then_step_equals_model_that_only_saw_the_path(tiny_models):
+    """After verifying a tree and committing one root-to-leaf path, the next step's logits equal
+    those of a model that only ever saw prefix + path."""
+    _, loaded = tiny_models["qwen2"]
+    cfg = loaded.cfg
+    params = to_device(loaded.params, cfg)
+    rng = np.random.RandomState(5)
+    prefix = rng.randint(0, VOCAB, (2, 6))
+    tree_tokens = rng.randint(0, VOCAB, (2, len(TREE_PARENTS)))
+    anc, depth = tree_ancestors(TREE_PARENTS)
+    leaves = [6, 4]  # row 0 keeps path 0-1-3-6, row 1 keeps 0-1-4
+    paths = [root_path(TREE_PARENTS, leaf) for leaf in leaves]
+    path_arr = np.zeros((2, 4), np.int32)
+    for b, p in enumerate(paths):
+        path_arr[b, : len(p)] = p
+    cache = KVCache.init(cfg, 2, 32)
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    _, _, cache = forward(params, cfg, jnp.asarray(prefix), pos, cache, causal_mask(2, 6))
+    cache = cache.advance(6)
+    _, _, cache = forward(
+        params, cfg, jnp.asarray(tree_tokens), jnp.asarray(6 + np.stack([depth, depth])),
+        cache, jnp.asarray(np.stack([anc, anc])),
+    )  # fmt: skip
+    cache = cache.commit(jnp.asarray(path_arr), jnp.array([len(p) for p in paths]))
+    nxt = rng.randint(0, VOCAB, (2, 1))
+    logits, _, _ = forward(params, cfg, jnp.asarray(nxt), cache.lengths[:, None], cache, causal_mask(2, 1))
+    for b, p in enumerate(paths):
+        seq = np.concatenate([prefix[b], tree_tokens[b, p], nxt[b]])[None]
+        t = seq.shape[1]
+        ref, _, _ = forward(params, cfg, jnp.asarray(seq), jnp.arange(t)[None], None, causal_mask(1, t))
+        np.testing.assert_allclose(logits[b, 0], ref[0, -1], atol=1e-5)

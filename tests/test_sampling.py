@@ -1,0 +1,45 @@
+"""Logits processing: top-k / top-p masks, and sampled frequencies match the processed distribution."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from specdec.sampling import SamplingConfig, probabilities, process_logits, sample
+
+
+def test_top_k_and_top_p_masks():
+    logits = jnp.log(jnp.array([0.4, 0.3, 0.15, 0.1, 0.05]))
+    kept = lambda s: np.isfinite(np.asarray(process_logits(logits, s)))
+    np.testing.assert_array_equal(kept(SamplingConfig(1.0, top_k=2)), [1, 1, 0, 0, 0])
+    # mass before token i: 0, .4, .7, .85, .95 -> top_p=0.7 keeps the first two, 0.71 three
+    np.testing.assert_array_equal(kept(SamplingConfig(1.0, top_p=0.7)), [1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(kept(SamplingConfig(1.0, top_p=0.71)), [1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(kept(SamplingConfig(1.0, top_p=0.01)), [1, 0, 0, 0, 0])
+    p = probabilities(logits, SamplingConfig(1.0, top_k=3))
+    np.testing.assert_allclose(p, [0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0, 0], rtol=1e-5)
+    np.testing.assert_array_equal(probabilities(logits, SamplingConfig()), [1, 0, 0, 0, 0])
+
+
+@pytest.mark.parametrize(
+    "s", [SamplingConfig(0.7), SamplingConfig(1.3, top_k=5), SamplingConfig(1.0, top_p=0.8)]
+)
+def test_sampled_frequencies_match_probabilities(s):
+    logits = jax.random.normal(jax.random.key(0), (8,)) * 1.5
+    p = np.asarray(probabilities(logits, s), np.float64)
+    n = 40_000
+    draws = np.asarray(sample(jax.random.key(1), jnp.broadcast_to(logits, (n, 8)), s))
+    counts = np.bincount(draws, minlength=8)
+    support = p > 0
+    assert counts[~support].sum() == 0
+    _, pval = stats.chisquare(counts[support], p[support] / p[support].sum() * n)
+    assert pval > 1e-3
+
+
+def test_invalid_configs():
+    for kw in [dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)]:
+        with pytest.raises(ValueError):
+            SamplingConfig(**kw)
