@@ -59,7 +59,7 @@ def main(argv):
 
     from specdec.cache import KVCache, causal_mask
     from specdec.chat import chat_ids
-    from specdec.decode import generate, warmup
+    from specdec.generate import generate, warmup
     from specdec.loading import load_model, registry_path
     from specdec.models import forward, to_device
 

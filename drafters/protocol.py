@@ -3,20 +3,24 @@
 A drafter is a frozen dataclass (static, hashable: a jit static argument) holding its
 configuration, plus pure methods over its params and a state pytree. The decode loop calls:
 
-    state = d.init(params, ctx, prefill_taps, cache_size)    # once, after the target's prefill
+    state = d.init(params, ctx, prompt, prefill_taps, cache_size)  # once, after the target's prefill
     per step:
       logits, state = d.begin(params, state, ctx)                   # next token after the root
       logits, state = d.expand(params, state, ctx, tree, frontier)  # next token after frontier nodes
       ... (the builder calls begin once, then expand as often as its shape needs)
       state = d.update(params, state, ctx, tree, verdict, taps)     # after verification + commit
 
-`ctx` is the committed history (`Context`). `tree` is the tree under construction: the builder
-fills node slots in topological order, and `frontier[b, f]` are indices of filled nodes whose
-children are wanted next. A drafter that keeps a KV cache over tree nodes writes node i at its
+`ctx` is the committed history (`Context`); `prompt` the right-padded prompt block the target
+prefilled (row b's prompt is `ctx.lengths[b] - 1` tokens: the root is the first sampled token).
+`tree` is the tree under construction: the builder fills node slots in topological order, and
+`frontier[b, f]` are indices of filled nodes whose children are wanted next. A drafter that keeps a KV cache over tree nodes writes node i at its
 cache slot `root_slot + i`, where `root_slot = ctx.lengths - 1` (slot index = position for
 committed tokens), and reads tree ancestry from `specdec.tree.ancestor_mask`. `taps` are the
 target's hidden taps (`Drafter.taps`, HF numbering) at every tree node of the verification
 forward, so feature-level drafters (EAGLE, Medusa) can take the accepted nodes' features.
+`update` sees the new `ctx` (accepted tokens and the new root appended); a token-level drafter
+catches up there on the tokens it has not processed (at most `tree.max_depth + 1`, a static
+bound), which works for any builder, including ones that reindex their candidates.
 
 The four families fit as: parallel heads (Medusa, Amphista: `expand` returns head d's logits
 for frontier nodes at depth d, from features stored by `update`), feature-level autoregressive
@@ -54,7 +58,9 @@ class Drafter(Protocol):
     taps: tuple[int, ...]  # target hidden taps `update` wants; () for none
     vocab_size: int
 
-    def init(self, params, ctx: Context, prefill_taps: Taps, cache_size: int) -> DraftState: ...
+    def init(
+        self, params, ctx: Context, prompt: Int[Array, "B T"], prefill_taps: Taps, cache_size: int
+    ) -> DraftState: ...
 
     def begin(self, params, state: DraftState, ctx: Context) -> tuple[Float[Array, "B V"], DraftState]: ...
 

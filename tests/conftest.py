@@ -89,3 +89,17 @@ def embedded():
         if os.environ.get("SPECDEC_REQUIRE_EMBEDDED"):  # CI: a missing install step must fail
             raise
         pytest.skip(f"embedded target unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def hf_embedded(embedded):
+    """transformers' torch model of the same GGUF file (its own dequantization): the oracle."""
+    import pathlib
+
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    path = pathlib.Path(embedded.source)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval()

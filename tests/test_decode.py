@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from specdec.decode import PromptTooLongError, bucket, generate, prefill_jit
+from specdec.decode import prefill_jit
+from specdec.generate import PromptTooLongError, bucket, generate
 from specdec.models import to_device
 from specdec.sampling import SamplingConfig
 from tests.conftest import VOCAB

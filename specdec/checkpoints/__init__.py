@@ -1,0 +1,1 @@
+"""Checkpoint readers behind `specdec.loading`: HF safetensors folders and GGUF files."""

@@ -1,0 +1,166 @@
+"""Host driver of the decode loop: pad and bucket prompts, run prefill + loop, collect outputs.
+
+Shapes are bucketed so new prompts do not recompile: the prompt block is padded to a power of two
+(>= 16), the output budget likewise, and the cache holds both plus the tree window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specdec.decode import Spec, _running, loop_jit, prefill_jit, step_jit
+from specdec.models.config import ModelConfig
+from specdec.models.llama import Params
+from specdec.sampling import SamplingConfig
+
+
+class PromptTooLongError(ValueError):
+    """A prompt (plus the tokens to generate) does not fit the model context or the cache."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+    tokens: list[list[int]]  # new tokens per row, EOS included when it was produced
+    finished: list[bool]  # row stopped at EOS (False: stopped at max_new_tokens)
+    steps: int  # decode-loop target forwards (prefill excluded)
+    row_steps: list[int]  # target forwards while each row was running
+    accepted_hist: list[int]  # row-steps by tokens emitted in the step: index k = k tokens
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens per target forward, bonus included (AR = 1.0); prefill's token excluded."""
+        n = sum(self.row_steps)
+        return sum(k * c for k, c in enumerate(self.accepted_hist)) / n if n else float("nan")
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """The power of two >= max(n, minimum): the padded size that keeps compiled shapes few."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], cfg: ModelConfig, max_new_tokens: int, cache_size: int | None = None,
+    window: int = 1,
+) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
+    """Right-pad prompts to a bucketed block and choose the cache size.
+
+    Returns (tokens [B, T], lengths [B], cache_size). The cache holds the padded prompt block, the
+    bucketed output budget and a tree `window`. Raises PromptTooLongError when a prompt plus
+    `max_new_tokens` exceeds the model context or an explicit `cache_size`.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (got an empty prompt or no prompts)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    lens = np.array([len(p) for p in prompts], np.int32)
+    longest = int(lens.max())
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise PromptTooLongError(
+            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
+            f"context of {cfg.max_position_embeddings} tokens; shorten the prompt or lower max_new_tokens"
+        )
+    t = bucket(longest)
+    needed = max(t, longest + max_new_tokens) + window
+    if cache_size is not None and cache_size < needed:
+        raise PromptTooLongError(
+            f"cache_size={cache_size} cannot hold a prompt of {longest} tokens plus "
+            f"max_new_tokens={max_new_tokens} and a tree window of {window}; use cache_size >= {needed} "
+            "or a shorter prompt"
+        )
+    if cache_size is None:
+        cache_size = t + bucket(max_new_tokens) + window
+    tokens = np.zeros((len(prompts), t), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    return tokens, lens, cache_size
+
+
+def generate(
+    params: Params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    drafter=None,
+    draft_params=None,
+    builder=None,
+    verifier=None,
+    eos_ids: Sequence[int] | None = None,
+    seed: int = 0,
+    loop: str = "device",
+    cache_size: int | None = None,
+) -> GenerateOutput:
+    """Generate for a batch of prompts of different lengths; speculative when a drafter is given.
+
+    `params` are device params (`specdec.models.to_device`); `drafter`/`draft_params`/`builder`
+    follow `specdec.drafters` and `specdec.trees`. `verifier` defaults to `specdec.verifiers.auto`
+    (picks the lossless verifier that fits the tree's sibling mode). `eos_ids` defaults to the
+    model's. `loop`: "device" (one `lax.while_loop`) or "python" (host loop, same jitted step).
+    """
+    spec = make_spec(cfg, sampling, drafter, builder, verifier)
+    return _run(
+        params, draft_params, spec, prompts, max_new_tokens, max_new_tokens, eos_ids, seed, loop, cache_size
+    )
+
+
+def warmup(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+           sampling: SamplingConfig = SamplingConfig(), drafter=None, draft_params=None, builder=None,
+           verifier=None, loop: str = "device", cache_size: int | None = None) -> None:  # fmt: skip
+    """Compile everything `generate` with these arguments would, running a single step."""
+    spec = make_spec(cfg, sampling, drafter, builder, verifier)
+    _run(params, draft_params, spec, prompts, max_new_tokens, 1, None, 0, loop, cache_size)
+
+
+def make_spec(cfg, sampling, drafter, builder, verifier) -> Spec:
+    if drafter is None:
+        if builder is not None or verifier is not None:
+            raise ValueError("a tree builder or verifier needs a drafter (drafter=None is AR decoding)")
+        return Spec(cfg, sampling)
+    if builder is None:
+        raise ValueError(
+            "speculative decoding needs a tree builder (e.g. specdec.trees.parse_tree('chain:4'))"
+        )
+    if verifier is None:
+        from specdec.verifiers import auto as verifier
+    vocab = getattr(drafter, "vocab_size", cfg.vocab_size)
+    if vocab != cfg.vocab_size:
+        raise ValueError(
+            f"drafter vocabulary ({vocab}) differs from the target's ({cfg.vocab_size}); a drafter must "
+            "share the target's tokenizer (or map its reduced vocabulary onto the target's)"
+        )
+    return Spec(cfg, sampling, drafter, builder, verifier)
+
+
+def _run(params, dparams, spec: Spec, prompts, max_new_tokens, limit, eos_ids, seed, loop, cache_size):
+    if loop not in ("device", "python"):
+        raise ValueError(f"loop must be 'device' or 'python', got {loop!r}")
+    window = (
+        1 if spec.drafter is None else max(spec.builder.window, spec.builder.num_nodes) + spec.max_depth + 1
+    )
+    tokens, lens, cache_size = pad_prompts(prompts, spec.cfg, max_new_tokens, cache_size, window)
+    eos = jnp.asarray(list(spec.cfg.eos_token_ids if eos_ids is None else eos_ids) or [-1], jnp.int32)
+    max_new = jnp.int32(max_new_tokens)
+    stop = jnp.int32(limit)  # loop steps; traced, so a 1-step warm-up compiles the same programs
+    state = prefill_jit(params, dparams, jnp.asarray(tokens), jnp.asarray(lens), jax.random.key(seed), eos,
+                        max_new, spec=spec, cache_size=cache_size)  # fmt: skip
+    if loop == "device":
+        state = loop_jit(params, dparams, state, eos, max_new, stop, spec=spec)
+    else:
+        while bool(_running(state, stop)):
+            state = step_jit(params, dparams, state, eos, max_new, spec=spec)
+    toks, length = np.asarray(state.tokens), np.asarray(state.length)
+    rows = [toks[i, lens[i] : length[i]].tolist() for i in range(len(prompts))]
+    eos_set = set(np.asarray(eos).tolist())
+    return GenerateOutput(
+        tokens=rows,
+        finished=[bool(r) and r[-1] in eos_set for r in rows],
+        steps=int(state.steps),
+        row_steps=np.asarray(state.row_steps).tolist(),
+        accepted_hist=np.asarray(state.accepted_hist).tolist(),
+    )

@@ -1,0 +1,51 @@
+"""Reality check on the embedded target (SmolLM2-135M-Instruct GGUF): same tokens as HF transformers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from specdec.chat import chat_ids
+from specdec.generate import generate
+from specdec.models import to_device
+
+torch = pytest.importorskip("torch")
+PROMPT = "Give me three facts about the Moon."
+
+
+def test_64_greedy_tokens_identical_to_hf(embedded, hf_embedded):
+    ids = chat_ids(embedded.tokenizer, PROMPT)
+    params = to_device(embedded.params, embedded.cfg)
+    ours = generate(params, embedded.cfg, [ids], max_new_tokens=64, eos_ids=[]).tokens[0]
+    with torch.no_grad():
+        t = torch.tensor([ids])
+        ref = hf_embedded.generate(
+            t, attention_mask=torch.ones_like(t), max_new_tokens=64, min_new_tokens=64,
+            do_sample=False, eos_token_id=None, pad_token_id=0,
+        )[0, len(ids) :].tolist()  # fmt: skip
+    assert ours == ref
+    assert "moon" in embedded.tokenizer.decode(ours).lower()
+
+
+def test_prefill_logits_match_hf(embedded, hf_embedded):
+    from specdec.cache import causal_mask
+    from specdec.models import forward
+
+    ids = chat_ids(embedded.tokenizer, PROMPT)
+    params = to_device(embedded.params, embedded.cfg)
+    t = len(ids)
+    logits, _, _ = forward(
+        params, embedded.cfg, np.asarray([ids]), np.arange(t)[None], None, causal_mask(1, t)
+    )
+    with torch.no_grad():
+        ref = hf_embedded(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(logits, ref, atol=2e-3, rtol=1e-4)
+
+
+def test_batched_chat_prompts_equal_single(embedded):
+    tok = embedded.tokenizer
+    prompts = [chat_ids(tok, p) for p in ["Hi!", "Name a prime number larger than 10.", PROMPT]]
+    params = to_device(embedded.params, embedded.cfg)
+    batched = generate(params, embedded.cfg, prompts, max_new_tokens=24).tokens
+    for p, row in zip(prompts, batched, strict=True):
+        assert generate(params, embedded.cfg, [p], max_new_tokens=24).tokens[0] == row
