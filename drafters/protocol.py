@@ -13,11 +13,12 @@ configuration, plus pure methods over its params and a state pytree. The decode 
 `ctx` is the committed history (`Context`); `prompt` the right-padded prompt block the target
 prefilled (row b's prompt is `ctx.lengths[b] - 1` tokens: the root is the first sampled token).
 `tree` is the tree under construction: the builder fills node slots in topological order, and
-`frontier[b, f]` are indices of filled nodes whose children are wanted next. A drafter that keeps a KV cache over tree nodes writes node i at its
-cache slot `root_slot + i`, where `root_slot = ctx.lengths - 1` (slot index = position for
-committed tokens), and reads tree ancestry from `specdec.tree.ancestor_mask`. `taps` are the
-target's hidden taps (`Drafter.taps`, HF numbering) at every tree node of the verification
-forward, so feature-level drafters (EAGLE, Medusa) can take the accepted nodes' features.
+`frontier[b, f]` are indices of filled nodes whose children are wanted next. A drafter that
+keeps a KV cache over tree nodes writes node i at its cache slot `root_slot + i`, where
+`root_slot = ctx.lengths - 1` (slot index = position for committed tokens), and reads tree
+ancestry from `specdec.tree.ancestor_mask`. `taps` are the target's hidden taps
+(`Drafter.taps`, HF numbering) at every tree node of the verification forward, so
+feature-level drafters (EAGLE, Medusa) can take the accepted nodes' features.
 `update` sees the new `ctx` (accepted tokens and the new root appended); a token-level drafter
 catches up there on the tokens it has not processed (at most `tree.max_depth + 1`, a static
 bound), which works for any builder, including ones that reindex their candidates.
