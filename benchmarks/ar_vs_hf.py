@@ -24,7 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("target", "smollm2-135m-instruct", "Registry name or .gguf path (HF side reads the GGUF).")
+flags.DEFINE_string(
+    "target", "smollm2-135m-instruct", "Registry name or .gguf path (HF side reads the GGUF)."
+)
 flags.DEFINE_integer("max_new_tokens", 128, "Greedy tokens per prompt.")
 flags.DEFINE_integer("repeats", 3, "Timed repeats per prompt and system (median reported).")
 flags.DEFINE_list("block_sizes", ["1", "2", "4", "8", "16", "32", "64"], "T values for the block-cost curve.")

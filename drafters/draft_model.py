@@ -19,9 +19,9 @@ import dataclasses
 import flax.struct
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
-from specdec.drafters.protocol import Context
 
 from specdec.cache import KVCache, causal_mask
+from specdec.drafters.protocol import Context
 from specdec.models.config import ModelConfig
 from specdec.models.llama import Params, forward
 from specdec.tree import Tree, ancestor_mask

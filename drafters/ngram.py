@@ -15,8 +15,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
-from specdec.drafters.protocol import Context
 
+from specdec.drafters.protocol import Context
 from specdec.tree import Tree
 
 _OFF = -1e9  # logit of every token but the proposed one: softmax gives an exact one-hot

@@ -13,7 +13,9 @@ configuration, plus pure methods over its params and a state pytree. The decode 
 `ctx` is the committed history (`Context`); `prompt` the right-padded prompt block the target
 prefilled (row b's prompt is `ctx.lengths[b] - 1` tokens: the root is the first sampled token).
 `tree` is the tree under construction: the builder fills node slots in topological order, and
-`frontier[b, f]` are indices of filled nodes whose children are wanted next. A drafter that
+`frontier[b, f]` are indices of filled nodes whose children are wanted next (with static shapes a
+frontier slot can be an invalid node, token PAD, when sampling left fewer drawable tokens than the
+tree asks for: `expand` must not fail on it, and its logits are ignored). A drafter that
 keeps a KV cache over tree nodes writes node i at its cache slot `root_slot + i`, where
 `root_slot = ctx.lengths - 1` (slot index = position for committed tokens), and reads tree
 ancestry from `specdec.tree.ancestor_mask`. `taps` are the target's hidden taps

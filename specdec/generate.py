@@ -37,6 +37,15 @@ class GenerateOutput:
         n = sum(self.row_steps)
         return sum(k * c for k, c in enumerate(self.accepted_hist)) / n if n else float("nan")
 
+    @property
+    def acceptance_per_depth(self) -> list[float]:
+        """Fraction of row-steps whose accepted path reached depth d, for d = 1..max_depth."""
+        n = sum(self.accepted_hist)
+        return [
+            sum(self.accepted_hist[d + 1 :]) / n if n else float("nan")
+            for d in range(1, len(self.accepted_hist) - 1)
+        ]
+
 
 def bucket(n: int, minimum: int = 16) -> int:
     """The power of two >= max(n, minimum): the padded size that keeps compiled shapes few."""
@@ -127,7 +136,7 @@ def make_spec(cfg, sampling, drafter, builder, verifier) -> Spec:
             "speculative decoding needs a tree builder (e.g. specdec.trees.parse_tree('chain:4'))"
         )
     if verifier is None:
-        from specdec.verifiers import auto as verifier
+        from specdec.verifiers.auto import auto_verify as verifier
     vocab = getattr(drafter, "vocab_size", cfg.vocab_size)
     if vocab != cfg.vocab_size:
         raise ValueError(

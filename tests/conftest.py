@@ -40,14 +40,14 @@ ARCHS = {
 }  # fmt: skip
 
 
-def build_tiny(arch: str, path, *, layers: int = 2, seed: int = 0):
+def build_tiny(arch: str, path, *, layers: int = 2, seed: int = 0, vocab: int = VOCAB):
     """Save a random tiny HF model of `arch` (see ARCHS) to `path`; return the torch model (eval)."""
     torch = pytest.importorskip("torch")
     import transformers
 
     spec = ARCHS[arch]
     kw = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
         tie_word_embeddings=False, bos_token_id=2, eos_token_id=1,
     )  # fmt: skip
@@ -62,7 +62,7 @@ def build_tiny(arch: str, path, *, layers: int = 2, seed: int = 0):
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
     model.save_pretrained(path)
-    _tiny_tokenizer(VOCAB).save_pretrained(path)
+    _tiny_tokenizer(vocab).save_pretrained(path)
     return model
 
 

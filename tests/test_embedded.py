@@ -49,3 +49,31 @@ def test_batched_chat_prompts_equal_single(embedded):
     batched = generate(params, embedded.cfg, prompts, max_new_tokens=24).tokens
     for p, row in zip(prompts, batched, strict=True):
         assert generate(params, embedded.cfg, [p], max_new_tokens=24).tokens[0] == row
+
+
+@pytest.mark.parametrize(
+    "drafter,tree,verifier",
+    [
+        ("ngram", "chain:4", None),
+        ("layerskip:6", "static:eagle1", "greedy"),
+        ("layerskip:4", "dynamic:depth=3,topk=2,n=6", "rrs"),
+        ("layerskip:4", "rsd:2,1", "target_only"),
+    ],
+)
+def test_speculative_greedy_equals_ar_on_embedded(embedded, drafter, tree, verifier):
+    from specdec.drafters import parse_drafter
+    from specdec.trees import parse_tree
+    from specdec.verifiers import get_verifier
+
+    tok = embedded.tokenizer
+    prompts = [chat_ids(tok, "Repeat exactly: red green blue, red green blue, red green"),
+               chat_ids(tok, PROMPT)]  # fmt: skip
+    cfg = embedded.cfg
+    params = to_device(embedded.params, cfg)
+    ar = generate(params, cfg, prompts, max_new_tokens=32).tokens
+    builder = parse_tree(tree)
+    d, dp = parse_drafter(drafter, params, cfg, max_depth=builder.max_depth)
+    out = generate(params, cfg, prompts, max_new_tokens=32, drafter=d, draft_params=dp, builder=builder,
+                   verifier=verifier and get_verifier(verifier))  # fmt: skip
+    assert out.tokens == ar
+    assert out.tau >= 1.0

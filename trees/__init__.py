@@ -1,5 +1,27 @@
-"""Tree builders: static, dynamic and recursive-sampling trees; the protocol lives in `protocol.py`."""
+"""Tree builders: static, dynamic and recursive-sampling trees; the protocol lives in `protocol.py`.
 
+from specdec.trees import parse_tree
+builder = parse_tree("dynamic:depth=5,topk=8,n=32")
+tree, draft_state = builder(drafter, params, draft_state, ctx, key, sampling)
+"""
+
+from specdec.trees.dynamic import DynamicTree, DySpecTree
+from specdec.trees.parse import TREE_FORMS, parse_tree
 from specdec.trees.protocol import TreeBuilder
+from specdec.trees.recursive import RSDBeamTree, RSDTree
+from specdec.trees.static import EAGLE1_25, MEDUSA_63, NAMED_CHOICES, StaticTree, chain
 
-__all__ = ["TreeBuilder"]
+__all__ = [
+    "EAGLE1_25",
+    "MEDUSA_63",
+    "NAMED_CHOICES",
+    "TREE_FORMS",
+    "DySpecTree",
+    "DynamicTree",
+    "RSDBeamTree",
+    "RSDTree",
+    "StaticTree",
+    "TreeBuilder",
+    "chain",
+    "parse_tree",
+]

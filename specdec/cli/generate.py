@@ -25,6 +25,15 @@ flags.DEFINE_enum(
     "dtype", "float32", ["float32", "bfloat16"], "Weights/activations (float32 is fastest on CPU)."
 )
 flags.DEFINE_enum("loop", "device", ["device", "python"], "On-device while_loop, or the host debug loop.")
+flags.DEFINE_string(
+    "drafter", None, "None = autoregressive; ngram[:n=N], layerskip:K, or a draft model path."
+)
+flags.DEFINE_string(
+    "tree", "chain:4", "Tree builder: chain:K, static:medusa63, dynamic:depth=5,topk=8,n=32, ..."
+)
+flags.DEFINE_string(
+    "verifier", "auto", "auto (lossless, fits the tree), greedy, rrs, specinfer, target_only, ..."
+)
 flags.DEFINE_bool("json", False, "Print one JSON object instead of the text.")
 
 
@@ -44,12 +53,22 @@ def main(argv):
     tok = model.tokenizer
     ids = raw_ids(tok, FLAGS.prompt) if FLAGS.raw else chat_ids(tok, FLAGS.prompt, system=FLAGS.system)
     sampling = SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-    kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampling=sampling, seed=FLAGS.seed, loop=FLAGS.loop)
+    kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampling=sampling, loop=FLAGS.loop)
+    if FLAGS.drafter:
+        from specdec.drafters import parse_drafter
+        from specdec.trees import parse_tree
+        from specdec.verifiers import get_verifier
+
+        builder = parse_tree(FLAGS.tree)
+        drafter, dparams = parse_drafter(FLAGS.drafter, params, model.cfg, max_depth=builder.max_depth)
+        kw.update(
+            drafter=drafter, draft_params=dparams, builder=builder, verifier=get_verifier(FLAGS.verifier)
+        )
     t0 = time.perf_counter()
-    warmup(params, model.cfg, [ids], max_new_tokens=FLAGS.max_new_tokens, sampling=sampling, loop=FLAGS.loop)
+    warmup(params, model.cfg, [ids], **kw)
     compile_s = time.perf_counter() - t0  # compile + one step: time the real run cleanly
     t0 = time.perf_counter()
-    out = generate(params, model.cfg, [ids], **kw)
+    out = generate(params, model.cfg, [ids], seed=FLAGS.seed, **kw)
     seconds = time.perf_counter() - t0
     new = out.tokens[0]
     text = tok.decode(new, skip_special_tokens=True)
@@ -58,12 +77,15 @@ def main(argv):
             "text": text, "tokens": new, "new_tokens": len(new), "prompt_tokens": len(ids),
             "seconds": round(seconds, 4), "tokens_per_s": round(len(new) / seconds, 2),
             "compile_seconds": round(compile_s, 2), "target": model.source,
+            "drafter": FLAGS.drafter, "tree": FLAGS.tree if FLAGS.drafter else None,
+            "tau": round(out.tau, 3), "steps": out.steps, "accepted_hist": out.accepted_hist,
             "device": str(jax.devices()[0].platform),
         }))  # fmt: skip
     else:
         print(text)
-        print(f"\n[{len(new)} tokens in {seconds:.2f} s = {len(new) / seconds:.1f} tok/s; "
-              f"compile {compile_s:.1f} s; {model.source}]")  # fmt: skip
+        rate = len(new) / seconds
+        print(f"\n[{len(new)} tokens in {seconds:.2f} s = {rate:.1f} tok/s; tau {out.tau:.2f} over "
+              f"{out.steps} steps; compile {compile_s:.1f} s; {model.source}]")  # fmt: skip
 
 
 def run():

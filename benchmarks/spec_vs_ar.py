@@ -1,0 +1,140 @@
+"""Speculative vs autoregressive decoding on the embedded target, measured in one run.
+
+For each drafter × tree configuration: tokens/s relative to AR (same loop, no drafter), τ
+(tokens per target forward, bonus included), whether the output equals AR's (greedy), compile
+time, and the per-step cost split — draft (build the tree), verify (target forward over the tree
+block) and the rest (verify + commit + drafter update) — timed as separate jitted pieces.
+
+    python benchmarks/spec_vs_ar.py --max_new_tokens 128 --out runs/spec_vs_ar.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("target", "smollm2-135m-instruct", "Registry name, HF folder or .gguf path.")
+flags.DEFINE_integer("max_new_tokens", 128, "Greedy tokens per prompt.")
+flags.DEFINE_integer("repeats", 2, "Timed repeats per prompt (median reported).")
+flags.DEFINE_list(
+    "configs",
+    ["ngram:chain:2", "ngram:chain:4", "ngram:chain:8", "layerskip:6:chain:2", "layerskip:6:chain:4",
+     "layerskip:6:dynamic:depth=3,topk=2,n=8", "layerskip:12:chain:3"],
+    "drafter:tree pairs (drafter = ngram | layerskip:K).",
+)  # fmt: skip
+flags.DEFINE_string("out", None, "Write results as JSON here.")
+
+PROMPTS = [
+    "Rewrite this sentence in the passive voice: The committee approved the new budget after a long debate.",
+    "Here is a list: apples, bananas, cherries, dates, elderberries. Repeat the list in reverse order.",
+    "Write a Python function that returns the n-th Fibonacci number, then explain it.",
+    "What are the main differences between TCP and UDP?",
+]
+
+
+def split_config(c: str) -> tuple[str, str]:
+    if c.startswith("ngram:"):
+        return "ngram", c[len("ngram:") :]
+    kind, k, tree = c.split(":", 2)
+    return f"{kind}:{k}", tree
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+
+    from specdec.chat import chat_ids
+    from specdec.decode import prefill_jit, step_jit
+    from specdec.drafters import parse_drafter
+    from specdec.generate import generate, make_spec, pad_prompts, warmup
+    from specdec.loading import load_model
+    from specdec.models import forward, to_device
+    from specdec.sampling import SamplingConfig
+    from specdec.tree import ancestor_mask, positions
+    from specdec.trees import parse_tree
+
+    model = load_model(FLAGS.target)
+    cfg, tok = model.cfg, model.tokenizer
+    params = to_device(model.params, cfg)
+    prompts = [chat_ids(tok, p) for p in PROMPTS]
+    n_new = FLAGS.max_new_tokens
+    result = {"load_avg_start": [round(x, 2) for x in os.getloadavg()], "max_new_tokens": n_new, "runs": {}}
+
+    def measure(name, **kw):
+        _, t_compile = timed(lambda: warmup(params, cfg, [prompts[0]], max_new_tokens=n_new, **kw))
+        tps, outs, taus = [], [], []
+        for _ in range(FLAGS.repeats):
+            for p in prompts:
+                o, dt = timed(lambda: generate(params, cfg, [p], max_new_tokens=n_new, **kw))
+                tps.append(len(o.tokens[0]) / dt)
+                outs.append(o.tokens[0])
+                taus.append(o.tau)
+        print(f"{name:45s} {statistics.median(tps):6.1f} tok/s  tau {statistics.mean(taus):.2f}  "
+              f"compile {t_compile:5.1f} s")  # fmt: skip
+        return dict(tokens_per_s=statistics.median(tps), tau=statistics.mean(taus), compile_s=t_compile), outs
+
+    ar, ar_outs = measure("AR")
+    result["runs"]["AR"] = ar
+    for c in FLAGS.configs:
+        dname, tname = split_config(c)
+        builder = parse_tree(tname)
+        drafter, dparams = parse_drafter(dname, params, cfg, max_depth=builder.max_depth)
+        kw = dict(drafter=drafter, draft_params=dparams, builder=builder)
+        r, outs = measure(c, **kw)
+        r["speedup"] = r["tokens_per_s"] / ar["tokens_per_s"]
+        r["identical_to_ar"] = outs == ar_outs
+        # Per-step cost split, on a state right after prefill of prompt 0.
+        spec = make_spec(cfg, SamplingConfig(), drafter, builder, None)
+        window = max(builder.window, builder.num_nodes) + builder.max_depth + 1
+        toks, lens, size = pad_prompts([prompts[0]], cfg, n_new, None, window)
+        eos = jnp.asarray([-1], jnp.int32)
+        state = prefill_jit(params, dparams, jnp.asarray(toks), jnp.asarray(lens), jax.random.key(0), eos,
+                            jnp.int32(n_new), spec=spec, cache_size=size)  # fmt: skip
+        key = jax.random.key(1)
+        draft_fn = jax.jit(lambda dp, st: builder(drafter, dp, st.draft, st.ctx, key, spec.sampling))
+        tree, _ = draft_fn(dparams, state)
+
+        def verify_fwd(ps, st, tr):
+            toks = jnp.where(tr.valid, tr.tokens, 0)
+            return forward(ps, cfg, toks, positions(tr, st.cache.lengths), st.cache, ancestor_mask(tr))[0]
+
+        verify_fn = jax.jit(verify_fwd)
+
+        def bench(fn):
+            jax.block_until_ready(fn())
+            return statistics.median(timed(lambda: jax.block_until_ready(fn()))[1] for _ in range(7))
+
+        t_draft = bench(lambda: draft_fn(dparams, state))
+        t_verify = bench(lambda: verify_fn(params, state, tree))
+        t_step = bench(lambda: step_jit(params, dparams, jax.tree.map(jnp.copy, state), eos, jnp.int32(n_new),
+                                        spec=spec))  # fmt: skip
+        rest = max(t_step - t_draft - t_verify, 0.0)
+        r["step_ms"] = {"draft": t_draft * 1e3, "verify_forward": t_verify * 1e3, "rest": rest * 1e3,
+                        "total": t_step * 1e3}  # fmt: skip
+        result["runs"][c] = r
+        print(f"{'':45s} speedup {r['speedup']:.2f}x  identical {r['identical_to_ar']}  step ms "
+              + " ".join(f"{k}={v:.1f}" for k, v in r["step_ms"].items()))  # fmt: skip
+    result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps(result, indent=2, default=float))
+    if FLAGS.out:
+        os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+        with open(FLAGS.out, "w") as f:
+            json.dump(result, f, indent=2, default=float)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,83 @@
+"""`parse_tree`: CLI strings -> tree builders. Every builder's `.spec` parses back to an equal builder."""
+
+from __future__ import annotations
+
+import ast
+
+from specdec.trees.dynamic import DynamicTree, DySpecTree
+from specdec.trees.protocol import TreeBuilder
+from specdec.trees.recursive import RSDBeamTree, RSDTree
+from specdec.trees.static import NAMED_CHOICES, StaticTree, chain
+
+TREE_FORMS = """valid tree specs:
+  chain:K                        a chain of K drafted tokens (K+1 nodes)
+  static:medusa63 | static:eagle1   Medusa's 63-path / EAGLE-1's 25-path static trees
+  static:[(0,),(1,),(0,0)]       a literal list of choice paths (ranks from the root)
+    (chain and static take an optional ",sample": Gumbel-top-k siblings at temperature > 0)
+  dynamic:depth=5,topk=8,n=32    EAGLE-2 dynamic tree (n = nodes incl. root)
+  dyspec:n=16[,topk=8][,per_call=1][,rounds=R]   DySpec greedy expansion
+  rsd:2,2,1                      RSD-C: branching factor per depth, sampled without replacement
+  rsd-beam:depth=4,beam=3        RSD-S: stochastic beam search"""
+
+
+def _fail(spec: str, why: str) -> ValueError:
+    return ValueError(f"bad tree spec {spec!r}: {why}\n{TREE_FORMS}")
+
+
+def _int(spec: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise _fail(spec, f"{text!r} is not an integer") from None
+
+
+def _kwargs(spec: str, body: str, names: dict[str, str]) -> dict[str, int]:
+    """Parse `a=1,b=2` into {field: int}; `names` maps accepted keys to dataclass fields."""
+    out: dict[str, int] = {}
+    for item in filter(None, body.split(",")):
+        k, eq, v = item.partition("=")
+        if not eq or k.strip() not in names:
+            raise _fail(spec, f"unknown or malformed option {item!r} (expected {', '.join(names)})")
+        out[names[k.strip()]] = _int(spec, v.strip())
+    return out
+
+
+def parse_tree(spec: str) -> TreeBuilder:
+    """Build the tree builder a CLI string names (forms in `TREE_FORMS`); ValueError otherwise."""
+    kind, colon, body = spec.strip().partition(":")
+    kind, body = kind.strip().lower(), body.strip()
+    if not colon or not body:
+        raise _fail(spec, "expected KIND:ARGS")
+    try:
+        if kind in ("chain", "static"):
+            sample = body.endswith(",sample")
+            body = body.removesuffix(",sample").strip()
+            if kind == "chain":
+                return chain(_int(spec, body), sample=sample)
+            if body in NAMED_CHOICES:
+                return StaticTree(NAMED_CHOICES[body], sample=sample)
+            if not body.startswith(("[", "(")):
+                raise _fail(spec, f"unknown static tree {body!r} (named: {', '.join(NAMED_CHOICES)})")
+            try:
+                choices = ast.literal_eval(body)
+            except (ValueError, SyntaxError):
+                raise _fail(spec, "the choice list is not a Python literal") from None
+            if not isinstance(choices, (list, tuple)) or not all(
+                isinstance(c, (list, tuple)) for c in choices
+            ):
+                raise _fail(spec, "choices must be a list of tuples of ranks")
+            return StaticTree(tuple(tuple(c) for c in choices), sample=sample)
+        if kind == "dynamic":
+            return DynamicTree(**_kwargs(spec, body, {"depth": "depth", "topk": "topk", "n": "num_nodes"}))
+        if kind == "dyspec":
+            names = {"n": "num_nodes", "topk": "topk", "per_call": "per_call", "rounds": "rounds"}
+            return DySpecTree(**_kwargs(spec, body, names))
+        if kind == "rsd":
+            return RSDTree(tuple(_int(spec, x.strip()) for x in body.split(",")))
+        if kind == "rsd-beam":
+            return RSDBeamTree(**_kwargs(spec, body, {"depth": "depth", "beam": "beam"}))
+    except ValueError as e:
+        if str(e).startswith("bad tree spec"):
+            raise
+        raise _fail(spec, str(e)) from None
+    raise _fail(spec, f"unknown kind {kind!r}")
