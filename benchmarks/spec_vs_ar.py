@@ -23,12 +23,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "smollm2-135m-instruct", "Registry name, HF folder or .gguf path.")
 flags.DEFINE_integer("max_new_tokens", 128, "Greedy tokens per prompt.")
 flags.DEFINE_integer("repeats", 2, "Timed repeats per prompt (median reported).")
-flags.DEFINE_list(
+flags.DEFINE_string(
     "configs",
-    ["ngram:chain:2", "ngram:chain:4", "ngram:chain:8", "layerskip:6:chain:2", "layerskip:6:chain:4",
-     "layerskip:6:dynamic:depth=3,topk=2,n=8", "layerskip:12:chain:3"],
-    "drafter:tree pairs (drafter = ngram | layerskip:K).",
-)  # fmt: skip
+    "ngram:chain:2;ngram:chain:4;ngram:chain:8;layerskip:6:chain:2;layerskip:6:chain:4;"
+    "layerskip:6:dynamic:depth=3,topk=2,n=8;layerskip:12:chain:3",
+    "';'-separated drafter:tree pairs (drafter = ngram | layerskip:K).",
+)
 flags.DEFINE_string("out", None, "Write results as JSON here.")
 
 PROMPTS = [
@@ -89,7 +89,7 @@ def main(argv):
 
     ar, ar_outs = measure("AR")
     result["runs"]["AR"] = ar
-    for c in FLAGS.configs:
+    for c in filter(None, FLAGS.configs.split(";")):
         dname, tname = split_config(c)
         builder = parse_tree(tname)
         drafter, dparams = parse_drafter(dname, params, cfg, max_depth=builder.max_depth)

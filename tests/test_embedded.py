@@ -39,7 +39,7 @@ def test_prefill_logits_match_hf(embedded, hf_embedded):
     )
     with torch.no_grad():
         ref = hf_embedded(torch.tensor([ids])).logits.numpy()
-    np.testing.assert_allclose(logits, ref, atol=2e-3, rtol=1e-4)
+    np.testing.assert_allclose(logits, ref, atol=5e-4)  # measured: 8.9e-5
 
 
 def test_batched_chat_prompts_equal_single(embedded):

@@ -1,0 +1,250 @@
+"""The MT-Bench / Spec-Bench runner: method(s) and the shared AR baseline on the same questions.
+
+Protocol (Spec-Bench `evaluation/eval.py`, adapted to a jitted JAX loop):
+  * prompts go through the target's chat template (or plain text with `raw=True`); turn t's prompt
+    holds the configuration's OWN earlier answers (the baseline's for the baseline);
+  * the baseline is `specdec.generate.generate` with no drafter: the same loop and kernels;
+  * warm-up: `warmup_runs` untimed full generations of the first question's first turn per
+    configuration; then, before any timed call whose prompt shape is new for that configuration,
+    `specdec.generate.warmup` on the exact prompts compiles it. Compile time is reported per
+    configuration and never enters a timed call: the jit caches are checked around every timed
+    call and a compile there is counted in `timed_compiles` (expected 0);
+  * wall time per turn covers prefill + decode loop (`generate` returns host arrays, so the device
+    work is finished); tokenization and detokenization are excluded;
+  * order: run → question batch → configuration → turns. Interleaving the configurations per
+    question spreads drifts in machine load evenly over the methods and the baseline;
+  * the load average is sampled at start, after every question batch and at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+
+from specdec.eval.methods import Method, target_id
+from specdec.eval.metrics import TurnRecord, throughput
+from specdec.eval.questions import Question, load_questions, select
+
+BASELINE = "baseline"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Everything that defines a run (saved verbatim in metrics.json)."""
+
+    bench: str = "mt_bench"
+    target: str = "smollm2-135m-instruct"
+    methods: tuple[Method, ...] = (Method("ngram", "chain:4", "auto"),)
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    limit: int | None = None
+    categories: tuple[str, ...] = ()
+    per_category: int | None = 2
+    runs: int = 1
+    batch_size: int = 1
+    seed: int = 0
+    raw: bool = False  # plain-text prompts (turns joined by blank lines) instead of the chat template
+    system: str | None = None  # system message (chat mode); None = the template's default
+    warmup_runs: int = 1
+    dtype: str = "float32"
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["methods"] = [m.label for m in self.methods]
+        d["categories"] = list(self.categories)
+        return d
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """What a run measured. `records[label]` / `answers[label][run][question_id]` hold every
+    configuration, the baseline under `BASELINE`; `hists[label]` sums `accepted_hist` over timed calls."""
+
+    config: EvalConfig
+    labels: list[str]  # baseline first, then the methods in order
+    methods: dict[str, Method]
+    model_ids: dict[str, str]
+    questions: list[Question]
+    records: dict[str, list[TurnRecord]]
+    answers: dict[str, dict[int, dict[int | str, list[str]]]]
+    hists: dict[str, list[int]]
+    compile_seconds: dict[str, float]
+    warmup_seconds: dict[str, float]
+    timed_compiles: dict[str, int]
+    load: dict
+    wall_seconds: float = 0.0
+    target_source: str = ""
+    tstamp: float = 0.0
+
+
+def _jit_cache_size() -> int | None:
+    """Compiled programs in the decode jits (None when this JAX has no `_cache_size`)."""
+    from specdec.decode import loop_jit, prefill_jit
+
+    try:
+        return prefill_jit._cache_size() + loop_jit._cache_size()
+    except AttributeError:
+        return None
+
+
+def _load_sample(t0: float) -> list[float]:
+    return [round(time.perf_counter() - t0, 2), *(round(x, 2) for x in os.getloadavg())]
+
+
+class _Prompter:
+    """Conversation -> token ids: the chat template, or plain text joined by blank lines (`raw`)."""
+
+    def __init__(self, tokenizer, raw: bool, system: str | None):
+        if not raw and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the target's tokenizer has no chat template; run with --raw (plain-text turns)")
+        self.tok, self.raw, self.system = tokenizer, raw, system
+
+    def __call__(self, messages: Sequence[dict]) -> list[int]:
+        from specdec.chat import chat_ids, raw_ids
+
+        if self.raw:
+            return raw_ids(self.tok, "\n\n".join(m["content"] for m in messages))
+        return chat_ids(self.tok, messages, system=self.system)
+
+
+def run_eval(config: EvalConfig, *, model=None, progress: bool = True) -> EvalResult:
+    """Run every method and the baseline on the selected questions; see the module docstring.
+
+    `model` (a `LoadedModel`) skips loading `config.target`. Raises QuestionFileError for a bad
+    question file or selection, ValueError for a bad method or a prompt that does not fit.
+    """
+    from tqdm.auto import tqdm
+
+    from specdec.generate import PromptTooLongError, bucket, generate, warmup
+    from specdec.loading import load_model
+    from specdec.models import to_device
+    from specdec.sampling import SamplingConfig
+
+    if config.runs < 1 or config.batch_size < 1 or config.warmup_runs < 0:
+        raise ValueError("runs and batch_size must be >= 1, warmup_runs >= 0")
+    questions = select(
+        load_questions(config.bench), categories=config.categories, per_category=config.per_category,
+        limit=config.limit, source=config.bench,
+    )  # fmt: skip
+    t_start, tstamp = time.perf_counter(), time.time()
+    load = {"cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "samples": []}
+    load["start"] = _load_sample(t_start)[1:]
+    model = model or load_model(config.target, dtype=config.dtype)
+    params, cfg = to_device(model.params, model.cfg), model.cfg
+    prompter = _Prompter(model.tokenizer, config.raw, config.system)
+    sampling = SamplingConfig(config.temperature, config.top_k, config.top_p)
+
+    methods = {BASELINE: Method(None, name=BASELINE)}
+    for m in config.methods:
+        if m.label in methods:
+            raise ValueError(f"method {m.label!r} is given twice (or clashes with the baseline's name)")
+        methods[m.label] = m
+    labels = list(methods)
+    engine = {lab: m.build(params, cfg) for lab, m in methods.items()}
+    tid = target_id(config.target)
+    res = EvalResult(
+        config=config, labels=labels, methods=methods,
+        model_ids={lab: m.model_id(tid) for lab, m in methods.items()}, questions=questions,
+        records={lab: [] for lab in labels}, answers={lab: {} for lab in labels},
+        hists={lab: [] for lab in labels}, compile_seconds=dict.fromkeys(labels, 0.0),
+        warmup_seconds=dict.fromkeys(labels, 0.0), timed_compiles=dict.fromkeys(labels, 0), load=load,
+        target_source=str(model.source), tstamp=tstamp,
+    )  # fmt: skip
+    gen_kw = dict(max_new_tokens=config.max_new_tokens, sampling=sampling)
+    compiled: set[tuple] = set()
+
+    def ensure_compiled(lab: str, prompts: list[list[int]]) -> None:
+        key = (lab, len(prompts), bucket(max(len(p) for p in prompts)))
+        if key in compiled:
+            return
+        before, t0 = _jit_cache_size(), time.perf_counter()
+        warmup(params, cfg, prompts, **gen_kw, **engine[lab])
+        dt, after = time.perf_counter() - t0, _jit_cache_size()
+        grew = before is None or after is None or after > before
+        res.compile_seconds[lab] += dt if grew else 0.0
+        res.warmup_seconds[lab] += 0.0 if grew else dt
+        compiled.add(key)
+
+    def timed(lab: str, prompts: list[list[int]], seed: int):
+        ensure_compiled(lab, prompts)
+        before, t0 = _jit_cache_size(), time.perf_counter()
+        out = generate(params, cfg, prompts, seed=seed, **gen_kw, **engine[lab])
+        dt = time.perf_counter() - t0
+        after = _jit_cache_size()
+        if before is not None and after is not None and after > before:
+            res.timed_compiles[lab] += 1
+        return out, dt
+
+    # Spec-Bench-style warm-up: full untimed generations of the first question's first turn.
+    first = [prompter([{"role": "user", "content": questions[0].turns[0]}])]
+    for lab in labels:
+        for _ in range(config.warmup_runs):
+            ensure_compiled(lab, first)
+            t0 = time.perf_counter()
+            generate(params, cfg, first, seed=config.seed, **gen_kw, **engine[lab])
+            res.warmup_seconds[lab] += time.perf_counter() - t0
+
+    batches = [questions[i : i + config.batch_size] for i in range(0, len(questions), config.batch_size)]
+    n_turns = sum(len(q.turns) for q in questions)
+    bar = tqdm(total=config.runs * n_turns * len(labels), unit="turn", disable=not progress,
+               desc=f"{config.bench} × {len(labels)} configs")  # fmt: skip
+    call = 0
+    for run in range(config.runs):
+        for batch in batches:
+            for lab in labels:
+                convs: list[list[dict]] = [[] for _ in batch]
+                answers = res.answers[lab].setdefault(run, {})
+                for turn in range(max(len(q.turns) for q in batch)):
+                    rows = [i for i, q in enumerate(batch) if turn < len(q.turns)]
+                    for i in rows:
+                        convs[i].append({"role": "user", "content": batch[i].turns[turn]})
+                    prompts = [prompter(convs[i]) for i in rows]
+                    try:
+                        out, dt = timed(lab, prompts, config.seed + run)
+                    except PromptTooLongError as e:
+                        ids = [batch[i].question_id for i in rows]
+                        raise ValueError(f"question(s) {ids}, turn {turn + 1}: {e}") from None
+                    call += 1
+                    _add_hist(res.hists[lab], out.accepted_hist)
+                    for j, i in enumerate(rows):
+                        q, toks = batch[i], out.tokens[j]
+                        text = model.tokenizer.decode(toks, skip_special_tokens=True).strip()
+                        convs[i].append({"role": "assistant", "content": text})
+                        answers.setdefault(q.question_id, []).append(text)
+                        res.records[lab].append(TurnRecord(
+                            run=run, question_id=q.question_id, category=q.category, turn=turn,
+                            new_tokens=len(toks), wall_time=dt, steps=int(out.row_steps[j]),
+                            step_tokens=max(len(toks) - 1, 0), tokens=tuple(toks),
+                            batch_size=len(rows), call=call,
+                        ))  # fmt: skip
+                    bar.update(len(rows))
+                    bar.set_postfix_str(_postfix(res), refresh=False)
+            load["samples"].append(_load_sample(t_start))
+    bar.close()
+    load["end"] = _load_sample(t_start)[1:]
+    res.wall_seconds = time.perf_counter() - t_start
+    return res
+
+
+def _add_hist(acc: list[int], hist: Sequence[int]) -> None:
+    acc.extend([0] * (len(hist) - len(acc)))
+    for k, c in enumerate(hist):
+        acc[k] += int(c)
+
+
+def _postfix(res: EvalResult) -> str:
+    """Running pooled tok/s per configuration (and τ for methods), for the progress bar."""
+    parts = []
+    for n, lab in enumerate(res.labels):
+        recs = res.records[lab]
+        if not recs:
+            continue
+        rate = throughput(recs)
+        steps = sum(r.steps for r in recs)
+        tau = sum(r.step_tokens for r in recs) / steps if steps else float("nan")
+        parts.append(f"base {rate:.1f}/s" if n == 0 else f"m{n} {rate:.1f}/s τ{tau:.2f}")
+    return " | ".join(parts)
