@@ -6,6 +6,7 @@ time, and the per-step cost split — draft (build the tree), verify (target for
 block) and the rest (verify + commit + drafter update) — timed as separate jitted pieces.
 
     python benchmarks/spec_vs_ar.py --max_new_tokens 128 --out runs/spec_vs_ar.json
+    python benchmarks/spec_vs_ar.py --config 'ngram|chain:4' --config 'layerskip:6|static:eagle1'
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "smollm2-135m-instruct", "Registry name, HF folder or .gguf path.")
 flags.DEFINE_integer("max_new_tokens", 128, "Greedy tokens per prompt.")
 flags.DEFINE_integer("repeats", 2, "Timed repeats per prompt (median reported).")
-flags.DEFINE_string(
-    "configs",
-    "ngram:chain:2;ngram:chain:4;ngram:chain:8;layerskip:6:chain:2;layerskip:6:chain:4;"
-    "layerskip:6:dynamic:depth=3,topk=2,n=8;layerskip:12:chain:3",
-    "';'-separated drafter:tree pairs (drafter = ngram | layerskip:K).",
-)
+flags.DEFINE_multi_string(
+    "config",
+    ["ngram|chain:2", "ngram|chain:4", "ngram:adaptive=0|chain:4", "ngram|chain:8", "layerskip:6|chain:2",
+     "layerskip:6|dynamic:depth=3,topk=2,n=8"],
+    "drafter|tree (repeatable); drafter = ngram[:n=N,adaptive=0|1] | layerskip:K.",
+)  # fmt: skip
 flags.DEFINE_string("out", None, "Write results as JSON here.")
 
 PROMPTS = [
@@ -37,13 +38,6 @@ PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number, then explain it.",
     "What are the main differences between TCP and UDP?",
 ]
-
-
-def split_config(c: str) -> tuple[str, str]:
-    if c.startswith("ngram:"):
-        return "ngram", c[len("ngram:") :]
-    kind, k, tree = c.split(":", 2)
-    return f"{kind}:{k}", tree
 
 
 def timed(fn):
@@ -89,8 +83,8 @@ def main(argv):
 
     ar, ar_outs = measure("AR")
     result["runs"]["AR"] = ar
-    for c in filter(None, FLAGS.configs.split(";")):
-        dname, tname = split_config(c)
+    for c in FLAGS.config:
+        dname, _, tname = c.partition("|")
         builder = parse_tree(tname)
         drafter, dparams = parse_drafter(dname, params, cfg, max_depth=builder.max_depth)
         kw = dict(drafter=drafter, draft_params=dparams, builder=builder)

@@ -1,7 +1,8 @@
 """Drafters: one file per family; the protocol lives in `protocol.py`.
 
 `parse_drafter` turns a CLI string into (drafter, draft params):
-  "ngram" | "ngram:n=3"      prompt lookup, matching suffixes of up to n tokens
+  "ngram" | "ngram:n=3"      prompt lookup, matching suffixes of up to n tokens (adaptive=0: draft
+                             even without a match instead of taking a plain AR step)
   "layerskip:K"              the target's first K layers + its final norm and head (no training)
   PATH                       an independent draft model (HF folder or .gguf sharing the tokenizer)
 """
@@ -33,10 +34,10 @@ def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, dtype
             kw = _kv(arg)
         except ValueError as e:
             raise ValueError(f"--drafter {spec!r}: {e}; use ngram or ngram:n=3") from None
-        n = kw.pop("n", 3)
+        n, adaptive = kw.pop("n", 3), bool(kw.pop("adaptive", 1))
         if kw:
-            raise ValueError(f"--drafter {spec!r}: unknown option(s) {sorted(kw)}; use ngram:n=3")
-        return NGram(target_cfg.vocab_size, max_depth=max(max_depth, 1), max_n=n), None
+            raise ValueError(f"--drafter {spec!r}: unknown option(s) {sorted(kw)}; use ngram:n=3,adaptive=1")
+        return NGram(target_cfg.vocab_size, max_depth=max(max_depth, 1), max_n=n, adaptive=adaptive), None
     if kind == "layerskip":
         if not arg.isdigit():
             raise ValueError(f"--drafter {spec!r}: use layerskip:K with K the number of target layers kept")

@@ -5,6 +5,8 @@ Training-free and model-free. For each row, the longest suffix of the committed 
 `max_depth` tokens that followed it are the proposal. Draft "logits" are one-hot on the proposal
 (q is a point mass, so the drafts are deterministic); where there is no match, or a frontier node
 is off the proposal, they are uniform (an honest q if a builder samples from it).
+`should_draft` lets the decode loop take a plain AR step when no row has a proposal, so a miss
+costs one T = 1 forward instead of a whole verification block.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class NGram:
     max_depth: int = 8  # proposal length
     max_n: int = 3
     min_n: int = 1
+    adaptive: bool = True  # skip drafting (AR step) when no row has a proposal
     taps: tuple[int, ...] = ()
 
     def _lookup(self, ctx: Context) -> NGramState:
@@ -64,6 +67,12 @@ class NGram:
 
     def init(self, params, ctx: Context, prompt, prefill_taps, cache_size: int) -> NGramState:
         return self._lookup(ctx)
+
+    def should_draft(self, params, state: NGramState, ctx: Context) -> Bool[Array, " B"]:
+        """Rows with a proposal; when none has one the loop takes a plain AR step (T = 1)."""
+        if not self.adaptive:
+            return jnp.ones(ctx.lengths.shape, bool)
+        return self._lookup(ctx).ok[:, 0]
 
     def begin(self, params, state: NGramState, ctx: Context):
         state = self._lookup(ctx)

@@ -117,41 +117,58 @@ def _prefill(params, dparams, prompt, prompt_lens, key, eos_ids, max_new, *, spe
 
 
 def _step(params, dparams, state: DecodeState, eos_ids, max_new, *, spec: Spec) -> DecodeState:
-    """One speculative step (or one AR step without a drafter) for every row."""
-    cfg, sampling = spec.cfg, spec.sampling
+    """One speculative step (or one AR step without a drafter) for every row.
+
+    A drafter may define `should_draft(params, state, ctx) -> Bool[B]`; when no row wants to draft
+    (e.g. n-gram lookup found no match), the step is a plain AR step (a T = 1 forward) instead of
+    paying for the whole tree block. Both branches are compiled; `lax.cond` runs one.
+    """
     key, k_draft, k_verify = jax.random.split(state.key, 3)
-    ctx = state.ctx
+    state = state.replace(key=key)
+    root_only = lambda st: _advance(params, dparams, st, Tree.chain(st.ctx.root[:, None]), k_verify, eos_ids,
+                                    max_new, spec, speculative=False)  # fmt: skip
     if spec.drafter is None:
-        tree, draft = Tree.chain(ctx.root[:, None]), None
-    else:
-        tree, draft = spec.builder(spec.drafter, dparams, state.draft, ctx, k_draft, sampling)
+        return root_only(state)
+
+    def speculate(st):
+        tree, draft = spec.builder(spec.drafter, dparams, st.draft, st.ctx, k_draft, spec.sampling)
+        return _advance(params, dparams, st.replace(draft=draft), tree, k_verify, eos_ids, max_new, spec,
+                        speculative=True)  # fmt: skip
+
+    if not hasattr(spec.drafter, "should_draft"):
+        return speculate(state)
+    wanted = spec.drafter.should_draft(dparams, state.draft, state.ctx) & ~state.done
+    return jax.lax.cond(jnp.any(wanted), speculate, root_only, state)
+
+
+def _advance(params, dparams, state: DecodeState, tree: Tree, k_verify, eos_ids, max_new, spec: Spec, *,
+             speculative: bool) -> DecodeState:  # fmt: skip
+    """Verify `tree` with one target forward, commit the accepted path, append tokens, update the
+    drafter. `speculative=False`: the tree is the root alone and the next token is sampled (AR)."""
     tokens = jnp.where(tree.valid, tree.tokens, 0)  # PAD never reaches the embedding table
     logits, taps, cache = forward(
-        params, cfg, tokens, positions(tree, state.cache.lengths), state.cache, ancestor_mask(tree),
+        params, spec.cfg, tokens, positions(tree, state.cache.lengths), state.cache, ancestor_mask(tree),
         taps=spec.taps,
     )  # fmt: skip
-    if spec.drafter is None:
-        b = tokens.shape[0]
-        zeros = jnp.zeros((b,), jnp.int32)
-        verdict = Verdict(
-            path=zeros[:, None], n_accepted=zeros, next_token=sample(k_verify, logits[:, 0], sampling)
-        )
-        cache = cache.advance(1)
-    else:
-        verdict = spec.verifier(tree, logits, k_verify, sampling)
+    if speculative:
+        verdict = spec.verifier(tree, logits, k_verify, spec.sampling)
         cache = cache.commit(verdict.path, verdict.n_accepted + 1)
+    else:
+        zeros = jnp.zeros(tokens.shape[:1], jnp.int32)
+        verdict = Verdict(zeros[:, None], zeros, sample(k_verify, logits[:, 0], spec.sampling))
+        cache = cache.advance(1)
     # Tokens emitted this step: the accepted path after the root, then the bonus/correction.
     n = verdict.n_accepted
     along_path = jnp.take_along_axis(tree.tokens, verdict.path, axis=1)  # [B, D+1]
     new = jnp.concatenate([along_path[:, 1:], verdict.next_token[:, None]], axis=1)
     new = jnp.where(jnp.arange(new.shape[1])[None, :] == n[:, None], verdict.next_token[:, None], new)
     running = ~state.done
-    state = state.replace(cache=cache, key=key, steps=state.steps + 1, row_steps=state.row_steps + running)
+    state = state.replace(cache=cache, steps=state.steps + 1, row_steps=state.row_steps + running)
     state, count = _emit(state, new, n + 1, eos_ids, max_new)
-    hist = state.accepted_hist.at[count].add(running.astype(jnp.int32))
+    state = state.replace(accepted_hist=state.accepted_hist.at[count].add(running.astype(jnp.int32)))
     if spec.drafter is not None:
-        draft = spec.drafter.update(dparams, draft, state.ctx, tree, verdict, taps)
-    return state.replace(draft=draft, accepted_hist=hist)
+        state = state.replace(draft=spec.drafter.update(dparams, state.draft, state.ctx, tree, verdict, taps))
+    return state
 
 
 def _running(state: DecodeState, stop) -> Bool[Array, ""]:
