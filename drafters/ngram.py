@@ -72,10 +72,9 @@ class NGram:
         """Rows with a proposal; when none has one the loop takes a plain AR step (T = 1)."""
         if not self.adaptive:
             return jnp.ones(ctx.lengths.shape, bool)
-        return self._lookup(ctx).ok[:, 0]
+        return state.ok[:, 0]
 
     def begin(self, params, state: NGramState, ctx: Context):
-        state = self._lookup(ctx)
         return self._logits(state.proposal[:, 0], state.ok[:, 0]), state
 
     def expand(self, params, state: NGramState, ctx: Context, tree: Tree, frontier: Int[Array, "B F"]):
@@ -91,4 +90,5 @@ class NGram:
         return self._logits(nxt, nxt_ok & on_path), state
 
     def update(self, params, state: NGramState, ctx: Context, tree: Tree, verdict, taps) -> NGramState:
-        return state
+        # One lookup per step, on the new context: `should_draft` and `begin` read it.
+        return self._lookup(ctx)
