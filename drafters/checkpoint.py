@@ -1,0 +1,184 @@
+"""Self-describing drafter checkpoints, and binding a drafter to its target's shared arrays.
+
+A checkpoint is a folder:
+
+    drafter.json         {"format": "specdec-drafter", "family": "medusa" | "eagle",
+                          "config": {...}, "target": {source, sizes, fingerprint}, "training": {...}}
+    params.safetensors   trained arrays by dotted name ("layer.wqkv"); bf16 or f32; "d2t" int32
+
+`load` checks the checkpoint against the target it is about to draft for (vocabulary, hidden size,
+layers, and a fingerprint of the embedding table) and raises `DrafterCheckpointError` naming the
+mismatch. `bind` adds the shared target arrays (embedding, head rows) by reference: they are never
+stored in a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from specdec.drafters.eagle import Eagle, EagleConfig
+from specdec.drafters.medusa import Medusa, MedusaConfig
+from specdec.models.config import ModelConfig
+
+FORMAT = "specdec-drafter"
+FAMILIES = {"medusa": (MedusaConfig, Medusa), "eagle": (EagleConfig, Eagle)}
+
+
+class DrafterCheckpointError(ValueError):
+    """A drafter checkpoint that cannot be used with this target; the message names the fix."""
+
+
+def fingerprint(target_params, cfg: ModelConfig) -> list[float]:
+    """Norms of 8 spread-out embedding rows: tells models apart, survives quantization (~1%)."""
+    rows = [(k + 1) * cfg.vocab_size // 9 for k in range(8)]
+    emb = np.asarray(target_params["embed"][np.asarray(rows)], np.float32)
+    return [round(float(x), 4) for x in np.linalg.norm(emb, axis=1)]
+
+
+def target_info(target_params, cfg: ModelConfig, source: str) -> dict:
+    return {"source": str(source), "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+            "num_layers": cfg.num_layers, "fingerprint": fingerprint(target_params, cfg)}  # fmt: skip
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _unflatten(flat):
+    out: dict = {}
+    for k, v in flat.items():
+        *parents, leaf = k.split(".")
+        d = out
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[leaf] = v
+    return out
+
+
+def save(path: os.PathLike, family: str, config, params: dict, target: dict, *, d2t=None,
+         training: dict | None = None, dtype: str = "bfloat16") -> pathlib.Path:  # fmt: skip
+    """Write a checkpoint folder (atomically: a temporary folder renamed into place)."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    store = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    flat = {k: np.asarray(v, np.float32).astype(store) for k, v in _flatten(params).items()}
+    if d2t is not None:
+        flat["d2t"] = np.asarray(d2t, np.int32)
+    save_file(flat, str(tmp / "params.safetensors"))
+    cfg = dataclasses.asdict(config)
+    meta = {"format": FORMAT, "family": family, "config": cfg, "target": target, "training": training or {}}
+    (tmp / "drafter.json").write_text(json.dumps(meta, indent=1))
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def is_checkpoint(path: os.PathLike) -> bool:
+    return (pathlib.Path(path) / "drafter.json").is_file()
+
+
+def read(path: os.PathLike) -> tuple[dict, dict]:
+    """(metadata, params as numpy f32 / int32) of a checkpoint folder."""
+    path = pathlib.Path(path)
+    try:
+        meta = json.loads((path / "drafter.json").read_text())
+        flat = load_file(str(path / "params.safetensors"))
+    except FileNotFoundError as e:
+        raise DrafterCheckpointError(
+            f"{path} is not a complete drafter checkpoint: {e.filename} is missing"
+        ) from None
+    except (json.JSONDecodeError, OSError, Exception) as e:  # safetensors raises its own error types
+        raise DrafterCheckpointError(f"{path}: corrupt drafter checkpoint ({type(e).__name__}: {e}); "
+                                     "re-train or re-copy it") from None  # fmt: skip
+    if meta.get("format") != FORMAT or meta.get("family") not in FAMILIES:
+        raise DrafterCheckpointError(
+            f"{path}/drafter.json is not a {FORMAT} file (family {meta.get('family')!r})"
+        )
+    flat = {k: (v if k == "d2t" else np.asarray(v, np.float32)) for k, v in flat.items()}
+    return meta, _unflatten(flat)
+
+
+def make_config(meta: dict):
+    cfg_cls, _ = FAMILIES[meta["family"]]
+    kw = dict(meta["config"])
+    if "taps" in kw:
+        kw["taps"] = tuple(kw["taps"])
+    return cfg_cls(**kw)
+
+
+def check_target(meta: dict, target_params, cfg: ModelConfig, path) -> None:
+    t = meta["target"]
+    for key, have in (("vocab_size", cfg.vocab_size), ("hidden_size", cfg.hidden_size),
+                      ("num_layers", cfg.num_layers)):  # fmt: skip
+        if t[key] != have:
+            raise DrafterCheckpointError(
+                f"drafter {path} was trained for {t['source']} ({key}={t[key]}), but this target has "
+                f"{key}={have}: a drafter only works with its own target; train one for this target "
+                "with specdec-train"
+            )
+    fp = fingerprint(target_params, cfg)
+    if not np.allclose(fp, t["fingerprint"], rtol=0.02):
+        raise DrafterCheckpointError(
+            f"drafter {path} was trained for {t['source']}, and this target has the same shapes but "
+            f"different weights (embedding fingerprint {fp} vs {t['fingerprint']}); train one for this "
+            "target with specdec-train"
+        )
+
+
+def target_head(target_params) -> jnp.ndarray:
+    """The target's LM head as [D, V] (tied heads: the embedding, transposed)."""
+    if "lm_head" in target_params:
+        return target_params["lm_head"]
+    return target_params["embed"].T
+
+
+def bind(family: str, config, params: dict, target_params) -> dict:
+    """Runtime params: trained arrays + the target's embedding / head (rows at d2t) by reference."""
+    p = {k: v for k, v in params.items()}
+    d2t = params.get("d2t")
+    shared_head = (family == "medusa" and not config.own_heads) or (family == "eagle" and config.version == 1)
+    if shared_head:
+        head = target_head(target_params)
+        p["head"] = head if d2t is None else jnp.take(head, jnp.asarray(d2t), axis=1)
+    if family == "eagle":
+        p["embed"] = target_params["embed"]
+        if config.version == 3:
+            p["head"] = p.pop("lm_head")
+    if d2t is not None:
+        p["d2t"] = jnp.asarray(d2t, jnp.int32)
+    return p
+
+
+def load(path: os.PathLike, target_params, cfg: ModelConfig, *, window: int = 64):
+    """(drafter, runtime params) for a checkpoint folder, checked against the target."""
+    meta, params = read(path)
+    check_target(meta, target_params, cfg, path)
+    config = make_config(meta)
+    params = {k: (v if k == "d2t" else _to_jnp(v)) for k, v in params.items()}
+    _, cls = FAMILIES[meta["family"]]
+    drafter = cls(config, window=window) if meta["family"] == "eagle" else cls(config)
+    return drafter, bind(meta["family"], config, params, target_params)
+
+
+def _to_jnp(tree):
+    if isinstance(tree, dict):
+        return {k: _to_jnp(v) for k, v in tree.items()}
+    return jnp.asarray(tree, jnp.float32)

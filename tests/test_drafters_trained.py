@@ -1,0 +1,121 @@
+"""Trained-drafter families (Medusa, EAGLE-1/2, EAGLE-3) in the loop: shapes, lossless greedy
+output with static and dynamic builders, and the EAGLE draft cache equal to a full recomputation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from specdec.cache import causal_mask
+from specdec.decode import Spec, prefill_jit, step_jit
+from specdec.drafters import checkpoint as ckpt
+from specdec.drafters import eagle, medusa
+from specdec.generate import generate, pad_prompts
+from specdec.models import forward, to_device
+from specdec.sampling import SamplingConfig
+from specdec.trees import parse_tree
+from specdec.verifiers import get_verifier
+
+pytest.importorskip("torch")
+PROMPTS = [[5, 9, 3, 5, 9, 3, 5, 9], [12, 13, 14, 12, 13], list(range(20, 45))]
+TREES = ["chain:3", "static:eagle1", "dynamic:depth=3,topk=3,n=10", "rsd:2,2,1"]
+
+
+@pytest.fixture(scope="module")
+def target(tiny_models):
+    _, loaded = tiny_models["llama"]
+    cfg = loaded.cfg.replace(eos_token_ids=())
+    params = to_device(loaded.params, cfg)
+    return params, cfg, generate(params, cfg, PROMPTS, max_new_tokens=16).tokens
+
+
+def make(kind: str, params, cfg, window: int, d2t=None):
+    key = jax.random.PRNGKey(3)
+    vd = None if d2t is None else len(d2t)
+    head = ckpt.target_head(params)
+    if kind == "medusa":
+        c = medusa.MedusaConfig.for_target(cfg, 3, vd)
+        p = medusa.init_params(c, key)
+        p["w"] = jax.random.normal(key, p["w"].shape) * 0.1  # not the identity-like init
+        d = medusa.Medusa(c)
+        fam = "medusa"
+    else:
+        c = eagle.EagleConfig.for_target(cfg, 1 if kind == "eagle" else 3, vd)
+        h = None if d2t is None else head[:, np.asarray(d2t)]
+        p = eagle.init_params(c, key, h if kind == "eagle3" else None)
+        d = eagle.Eagle(c, window=window)
+        fam = "eagle"
+    if d2t is not None:
+        p["d2t"] = np.asarray(d2t, np.int32)
+    return d, ckpt.bind(fam, c, p, params)
+
+
+@pytest.mark.parametrize("tree", TREES)
+@pytest.mark.parametrize("kind", ["medusa", "eagle", "eagle3"])
+def test_greedy_equals_ar(target, kind, tree):
+    params, cfg, ar = target
+    builder = parse_tree(tree)
+    d2t = np.arange(0, cfg.vocab_size, 2) if kind == "eagle3" else None  # a reduced draft vocabulary
+    d, dp = make(kind, params, cfg, builder.window, d2t)
+    out = generate(params, cfg, PROMPTS, max_new_tokens=16, drafter=d, draft_params=dp, builder=builder)
+    assert out.tokens == ar
+
+
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_lossless_verifiers(target, kind):
+    params, cfg, ar = target
+    builder = parse_tree("static:eagle1")
+    d, dp = make(kind, params, cfg, builder.window)
+    for v in ("rrs", "target_only"):
+        out = generate(params, cfg, PROMPTS, max_new_tokens=16, drafter=d, draft_params=dp, builder=builder,
+                       verifier=get_verifier(v))  # fmt: skip
+        assert out.tokens == ar
+
+
+@pytest.mark.parametrize("kind", ["eagle", "eagle3"])
+def test_eagle_cache_equals_full_recompute(target, kind):
+    """After prefill and several steps, the draft's root output equals running the draft layer
+    over the whole committed sequence at once with the target's teacher-forced features."""
+    params, cfg, _ = target
+    builder = parse_tree("dynamic:depth=3,topk=3,n=10")
+    d, dp = make(kind, params, cfg, builder.window)
+    spec = Spec(cfg=cfg, sampling=SamplingConfig(), drafter=d, builder=builder, verifier=get_verifier("auto"))
+    prompt, lens, size = pad_prompts(PROMPTS, cfg, 40, window=16)
+    eos = jnp.asarray([-1], jnp.int32)
+    state = prefill_jit(params, dp, jnp.asarray(prompt), jnp.asarray(lens), jax.random.PRNGKey(0), eos, 40,
+                        spec=spec, cache_size=size)  # fmt: skip
+    for step in range(4):
+        if step:
+            state = step_jit(params, dp, state, eos, 40, spec=spec)
+        toks, length = np.asarray(state.tokens), np.asarray(state.length)
+        for b in range(len(PROMPTS)):
+            n = int(length[b])  # committed tokens incl. the root at n - 1
+            seq = jnp.asarray(toks[b : b + 1, :n])
+            pos = jnp.arange(n)[None]
+            _, taps, _ = forward(params, cfg, seq, pos, None, causal_mask(1, n), taps=d.taps)
+            feat = eagle.fuse(dp, d.cfg, taps)[:, : n - 1]
+            out, _ = eagle.run_layer(dp, d.cfg, seq[:, 1:], feat, pos[:, 1:], None, causal_mask(1, n - 1))
+            np.testing.assert_allclose(state.draft.out[b, 0], out[0, -1], atol=2e-4, rtol=1e-4)
+            assert int(state.draft.cache.lengths[b]) == n - 2
+
+
+def test_medusa_feature_is_the_one_before_the_root(target):
+    params, cfg, _ = target
+    d, dp = make("medusa", params, cfg, 10)
+    spec = Spec(cfg=cfg, sampling=SamplingConfig(), drafter=d, builder=parse_tree("chain:3"),
+                verifier=get_verifier("auto"))  # fmt: skip
+    prompt, lens, size = pad_prompts(PROMPTS, cfg, 40, window=16)
+    eos = jnp.asarray([-1], jnp.int32)
+    state = prefill_jit(params, dp, jnp.asarray(prompt), jnp.asarray(lens), jax.random.PRNGKey(0), eos, 40,
+                        spec=spec, cache_size=size)  # fmt: skip
+    state = step_jit(params, dp, state, eos, 40, spec=spec)
+    for b in range(len(PROMPTS)):
+        n = int(state.length[b])
+        seq = jnp.asarray(np.asarray(state.tokens)[b : b + 1, : n - 1])
+        _, taps, _ = forward(
+            params, cfg, seq, jnp.arange(n - 1)[None], None, causal_mask(1, n - 1), taps=d.taps
+        )
+        want = medusa.head_logits(dp, d.cfg, taps[0][0, -1])
+        np.testing.assert_allclose(state.draft.logits[b], want, atol=2e-4, rtol=1e-4)

@@ -1,0 +1,201 @@
+"""Target features cached to disk once: memory-mapped shards, a manifest, resumable extraction.
+
+On a CPU the frozen target's forward (~300 tok/s for SmolLM2-135M) dominates drafter training, so
+features are extracted once and every drafter trains from the cache. Layout of `out_dir`:
+
+    manifest.json          target source + config, taps, max_len, shards done, completion flag
+    shard_00000/
+      tokens.npy           int32 [N]      the shard's sequences, concatenated
+      loss_mask.npy        bool  [N]      assistant tokens (prediction targets)
+      offsets.npy          int64 [S + 1]  sequence s is [offsets[s], offsets[s+1])
+      top1.npy             int32 [N]      the target's argmax next token after each position
+      tap_{i}.npy          f16   [N, D]   hidden tap i (HF numbering; i = L is the final normed state)
+
+A shard is written to a temporary folder and renamed, then recorded in the manifest, so an
+interrupted extraction resumes at the first missing shard and never reads a half-written one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from specdec.cache import causal_mask
+from specdec.models.config import ModelConfig
+from specdec.models.llama import forward
+from specdec.train.data import Example
+
+MANIFEST = "manifest.json"
+
+
+def default_taps(num_layers: int) -> tuple[int, ...]:
+    """EAGLE-3's low/mid/high layers (2, L//2, L-3) and the final normed state (L)."""
+    return (2, num_layers // 2, num_layers - 3, num_layers)
+
+
+class FeatureCacheError(ValueError):
+    """A feature cache that does not fit the run; the message names the fix."""
+
+
+def _target_id(source: str, cfg: ModelConfig) -> dict:
+    return {"source": str(source), "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+            "num_layers": cfg.num_layers}  # fmt: skip
+
+
+def _read_manifest(out: pathlib.Path) -> dict | None:
+    p = out / MANIFEST
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _write_manifest(out: pathlib.Path, m: dict) -> None:
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(m, indent=1))
+    os.replace(tmp, out / MANIFEST)
+
+
+def _batches(examples: Sequence[Example], tokens_per_batch: int, quantum: int = 64):
+    """Group by length (padded up to a multiple of `quantum`): few shapes, little padding."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
+    i = 0
+    while i < len(order):
+        t = -(-len(examples[order[i]].tokens) // quantum) * quantum
+        group = [j for j in order[i:] if len(examples[j].tokens) <= t][: max(1, tokens_per_batch // t)]
+        yield group, t
+        i += len(group)
+
+
+def extract(
+    params,
+    cfg: ModelConfig,
+    source: str,
+    examples: Sequence[Example],
+    out_dir: os.PathLike,
+    *,
+    taps: tuple[int, ...],
+    shard_size: int = 64,
+    tokens_per_batch: int = 2048,
+    progress: bool = True,
+) -> pathlib.Path:
+    """Run the target over `examples` and cache `taps` + argmax ids; resumes an interrupted run.
+
+    Raises `FeatureCacheError` if `out_dir` holds a cache for another target or other taps.
+    """
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    want = {"target": _target_id(source, cfg), "taps": list(taps), "num_examples": len(examples)}
+    m = _read_manifest(out)
+    if m is None:
+        m = {**want, "dtype": "float16", "shards": [], "complete": False}
+        _write_manifest(out, m)
+    elif any(m[k] != v for k, v in want.items()):
+        diff = {k: (m[k], v) for k, v in want.items() if m[k] != v}
+        raise FeatureCacheError(
+            f"{out} holds features of a different extraction (cached vs requested: {diff}); "
+            "use another --features directory or delete this one"
+        )
+
+    @jax.jit
+    def run(params, tokens):
+        b, t = tokens.shape
+        pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+        logits, hs, _ = forward(params, cfg, tokens, pos, None, causal_mask(b, t), taps=taps)
+        return jnp.argmax(logits, -1).astype(jnp.int32), tuple(h.astype(jnp.float16) for h in hs)
+
+    n_shards = -(-len(examples) // shard_size)
+    done = {s["index"] for s in m["shards"]}
+    total = sum(len(e.tokens) for e in examples)
+    bar = tqdm(total=total, unit="tok", desc="features", disable=not progress, smoothing=0.05)
+    bar.update(sum(s["tokens"] for s in m["shards"]))
+    for si in range(n_shards):
+        if si in done:
+            continue
+        exs = examples[si * shard_size : (si + 1) * shard_size]
+        top1 = [None] * len(exs)
+        feats = [None] * len(exs)
+        for group, t in _batches(exs, tokens_per_batch):
+            batch = np.zeros((len(group), t), np.int32)
+            for r, j in enumerate(group):
+                batch[r, : len(exs[j].tokens)] = exs[j].tokens
+            ids, hs = jax.device_get(run(params, jnp.asarray(batch)))
+            for r, j in enumerate(group):
+                n = len(exs[j].tokens)
+                top1[j] = ids[r, :n]
+                feats[j] = [h[r, :n] for h in hs]
+                bar.update(n)
+        tmp, final = out / f".shard_{si:05d}.tmp", out / f"shard_{si:05d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        np.save(tmp / "tokens.npy", np.concatenate([e.tokens for e in exs]).astype(np.int32))
+        np.save(tmp / "loss_mask.npy", np.concatenate([e.loss_mask for e in exs]))
+        np.save(tmp / "offsets.npy", np.cumsum([0] + [len(e.tokens) for e in exs]).astype(np.int64))
+        np.save(tmp / "top1.npy", np.concatenate(top1))
+        for k, tap in enumerate(taps):
+            np.save(tmp / f"tap_{tap}.npy", np.concatenate([f[k] for f in feats]))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        m["shards"].append({"index": si, "name": final.name, "sequences": len(exs),
+                            "tokens": int(sum(len(e.tokens) for e in exs))})  # fmt: skip
+        _write_manifest(out, m)
+    bar.close()
+    m["complete"] = True
+    _write_manifest(out, m)
+    return out
+
+
+@dataclasses.dataclass
+class FeatureSet:
+    """All cached shards, memory-mapped; sequence s of the set is `seq(s)`."""
+
+    manifest: dict
+    shards: list[dict[str, np.ndarray]]
+    index: np.ndarray  # [S, 2] (shard, sequence within shard)
+
+    @classmethod
+    def open(cls, path: os.PathLike, *, allow_partial: bool = False) -> FeatureSet:
+        path = pathlib.Path(path)
+        m = _read_manifest(path)
+        if m is None:
+            raise FeatureCacheError(
+                f"{path} has no {MANIFEST}: extract features first (specdec-train --extract)"
+            )
+        if not m["complete"] and not allow_partial:
+            raise FeatureCacheError(
+                f"{path}: feature extraction was interrupted ({len(m['shards'])} shards done); "
+                "rerun the same command to resume it"
+            )
+        shards, index = [], []
+        for s in sorted(m["shards"], key=lambda s: s["index"]):
+            d = path / s["name"]
+            arrays = {f.stem: np.load(f, mmap_mode="r") for f in d.glob("*.npy")}
+            shards.append(arrays)
+            index += [(len(shards) - 1, k) for k in range(len(arrays["offsets"]) - 1)]
+        return cls(m, shards, np.asarray(index, np.int64).reshape(-1, 2))
+
+    @property
+    def taps(self) -> tuple[int, ...]:
+        return tuple(self.manifest["taps"])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def seq(self, s: int, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        sh, k = self.index[s]
+        arrays = self.shards[sh]
+        a, b = arrays["offsets"][k], arrays["offsets"][k + 1]
+        return {key: arrays[key][a:b] for key in keys}
+
+    def token_counts(self, vocab_size: int) -> np.ndarray:
+        """How often each id is the target's argmax at an assistant position (for draft vocabs)."""
+        counts = np.zeros(vocab_size, np.int64)
+        for arrays in self.shards:
+            np.add.at(counts, arrays["top1"][arrays["loss_mask"]], 1)
+        return counts

@@ -1,0 +1,173 @@
+"""Drafter training losses over teacher-forced target features (reference notes §2).
+
+A batch (`Batch`) holds sequences of T tokens with the target's taps at every position, the
+target's argmax next token `top1` and the assistant-token mask. Position p's prediction target is
+token p + 1, whose label is the target's own argmax at p (self-distillation at T = 0: the draft
+learns what the target would say) and whose soft target is the target's distribution at p,
+restricted to the draft vocabulary. Positions whose label is outside the draft vocabulary are
+masked (as EAGLE-3 does).
+
+- Medusa: head k at p predicts p + k + 2 with label `top1[p + k + 1]`; Σ_k 0.8^k CE_k.
+- EAGLE-1: pairs (f[p-1] + U(-0.1, 0.1) noise, x_p) -> f̂_p; SmoothL1(f̂_p, f_p) + 0.1 CE(p_target, p̂).
+- EAGLE-3: training-time test over `ttt_steps` unrolled steps, step k feeding the draft's own
+  step-(k-1) outputs as features; weights 0.8^k; CE against the restricted target distribution; no
+  feature loss. Step k at position p attends to step-0 keys at positions <= p - k and to the
+  step-m key at p - k + m (m = 1..k): exactly what a depth-(k+1) chain node sees at inference.
+
+Each returns (loss, metrics) with per-head/per-step top-1 accuracy among counted positions.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from specdec.drafters import eagle, medusa
+from specdec.models.llama import _NEG_INF
+
+
+@flax.struct.dataclass
+class Batch:
+    tokens: Int[Array, "B T"]
+    loss_mask: Bool[Array, "B T"]  # token t is an assistant token (and not padding)
+    top1: Int[Array, "B T"]  # the target's argmax next token after position t
+    taps: dict  # tap index (as str) -> Float[B, T, D]
+
+
+def _soft_targets(params, batch: Batch, tap_final: str) -> Float[Array, "B T Vd"]:
+    """The target's next-token distribution at every position, restricted to the draft vocab."""
+    f = batch.taps[tap_final].astype(jnp.float32)
+    return jax.nn.softmax(jnp.dot(f, params["target_head"], preferred_element_type=jnp.float32), axis=-1)
+
+
+def _masked_mean(x, m):
+    m = m.astype(jnp.float32)
+    return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _labels(t2d, top1):
+    lab = t2d[top1]
+    return lab, lab >= 0
+
+
+def medusa_loss(params, cfg: medusa.MedusaConfig, batch: Batch, t2d, key=None):
+    del key
+    f = batch.taps[str(cfg.tap)]
+    logits = medusa.head_logits(params, cfg, f)  # [B, T, K, Vd]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    t = batch.tokens.shape[1]
+    loss, metrics = 0.0, {}
+    for k in range(cfg.num_heads):
+        s = k + 1  # head k at p: label top1[p + s] (= token p + k + 2), counted if that token is assistant's
+        n = t - s - 1
+        if n <= 0:
+            continue
+        lab, ok = _labels(t2d, batch.top1[:, s : s + n])
+        m = ok & batch.loss_mask[:, s + 1 :]
+        lp = logp[:, :n, k]
+        ce = -jnp.take_along_axis(lp, jnp.maximum(lab, 0)[..., None], axis=-1)[..., 0]
+        loss = loss + 0.8**k * _masked_mean(ce, m)
+        metrics[f"acc{k}"] = _masked_mean(jnp.argmax(lp, -1) == lab, m)
+    return loss, metrics
+
+
+def _pairs(batch: Batch):
+    """Inputs for pairs at positions 1..T-1: tokens x_p, positions p; mask of p's target (p + 1)."""
+    toks = batch.tokens[:, 1:]
+    b, n = toks.shape
+    pos = jnp.broadcast_to(jnp.arange(1, n + 1), (b, n))
+    target_mask = jnp.concatenate([batch.loss_mask[:, 2:], jnp.zeros((b, 1), bool)], axis=1)
+    return toks, pos, target_mask
+
+
+def eagle1_loss(params, cfg: eagle.EagleConfig, batch: Batch, t2d, key, noise: float = 0.1):
+    tap = str(cfg.taps[0])
+    f = batch.taps[tap].astype(jnp.float32)
+    toks, pos, tmask = _pairs(batch)
+    feat = f[:, :-1]
+    if noise:
+        feat = feat + jax.random.uniform(key, feat.shape, minval=-noise, maxval=noise)
+    n = toks.shape[1]
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)), (toks.shape[0], n, n))
+    out, _ = eagle.run_layer(params, cfg, toks, feat, pos, None, causal)
+    lab, ok = _labels(t2d, batch.top1[:, 1:])
+    m = tmask & ok
+    reg = jnp.sum(optax_smooth_l1(out - f[:, 1:]), -1)
+    logp = jax.nn.log_softmax(eagle.draft_logits(params, cfg, out), -1)
+    soft = _soft_targets(params, batch, tap)[:, 1:]
+    ce = -jnp.sum(soft * logp, -1)
+    loss = _masked_mean(reg, m) / cfg.hidden_size + 0.1 * _masked_mean(ce, m)
+    # The feature loss is summed over D in EAGLE's code with mean over tokens; we divide by D so the
+    # two terms stay comparable across hidden sizes (a constant rescaling of the learning signal).
+    return loss, {"acc0": _masked_mean(jnp.argmax(logp, -1) == lab, m), "reg": _masked_mean(reg, m)}
+
+
+def optax_smooth_l1(x, beta: float = 1.0):
+    ax = jnp.abs(x)
+    return jnp.where(ax < beta, 0.5 * ax * ax / beta, ax - 0.5 * beta)
+
+
+def _shift(x, s: int):
+    """x[:, j - s] at j (zeros for j < s) along axis 1."""
+    if s == 0:
+        return x
+    return jnp.concatenate([jnp.zeros_like(x[:, :s]), x[:, :-s]], axis=1)
+
+
+def eagle3_outputs(params, cfg: eagle.EagleConfig, tokens: Int[Array, "B T"], taps, ttt_steps: int):
+    """Draft outputs [B, T-1, D] of each training-time-test step for pairs at positions 1..T-1.
+
+    `taps`: the target taps (low, mid, high) at positions 0..T-1. Step k's output at position p is
+    what a chain node at depth k + 1 (root at p - k) computes at inference.
+    """
+    toks = tokens[:, 1:]
+    b, n = toks.shape
+    pos = jnp.broadcast_to(jnp.arange(1, n + 1), (b, n))
+    feat = eagle.fuse(params, cfg, tuple(t[:, :-1] for t in taps))
+    nkv, grp, dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    j = jnp.arange(n)
+    keys, values, outs = [], [], []  # step m's keys/values (m >= 1), unshifted
+    for k in range(ttt_steps):
+        x, resid = eagle.layer_input(params, cfg, toks, feat)
+        q, kk, vv = eagle.project(params, cfg, x, pos)
+        q = q.reshape(b, n, nkv, grp, dh) * dh**-0.5
+        if k == 0:
+            k0, v0 = kk, vv
+        else:
+            keys.append(kk)
+            values.append(vv)
+        prefix_ok = j[None, :] <= j[:, None] - k  # [n, n]: key position <= query position - k
+        s_pre = jnp.einsum("btkgd,bskd->bkgts", q, k0, preferred_element_type=jnp.float32)
+        s_pre = jnp.where(prefix_ok, s_pre, _NEG_INF)
+        # step m's key at position p - k + m (m = 1..k; m = k is the query's own key)
+        diag_k = [_shift(km, k - m) for m, km in enumerate(keys, start=1)]
+        diag_v = [_shift(vm, k - m) for m, vm in enumerate(values, start=1)]
+        s_diag = [jnp.einsum("btkgd,btkd->bkgt", q, dk, preferred_element_type=jnp.float32)[..., None]
+                  for dk in diag_k]  # fmt: skip
+        probs = jax.nn.softmax(jnp.concatenate([s_pre] + s_diag, axis=-1), axis=-1)
+        attn = jnp.einsum("bkgts,bskd->btkgd", probs[..., :n], v0)
+        for i, dv in enumerate(diag_v):
+            attn = attn + probs[..., n + i].transpose(0, 3, 1, 2)[..., None] * dv[:, :, :, None, :]
+        out = eagle.finish(params, cfg, resid, attn.reshape(b, n, -1))
+        outs.append(out)
+        feat = _shift(out, 1)  # the next step's feature at p is this step's output at p - 1
+    return outs
+
+
+def eagle3_loss(params, cfg: eagle.EagleConfig, batch: Batch, t2d, key=None, ttt_steps: int = 3,
+                tap_final: int | None = None):  # fmt: skip
+    del key
+    _, _, tmask = _pairs(batch)
+    outs = eagle3_outputs(params, cfg, batch.tokens, tuple(batch.taps[str(t)] for t in cfg.taps), ttt_steps)
+    lab, ok = _labels(t2d, batch.top1[:, 1:])
+    soft = _soft_targets(params, batch, str(tap_final))[:, 1:]
+    j = jnp.arange(tmask.shape[1])
+    loss, metrics = 0.0, {}
+    for k, out in enumerate(outs):
+        logp = jax.nn.log_softmax(eagle.draft_logits(params, cfg, out), -1)
+        m = tmask & ok & (j >= k)[None, :]  # step k needs a real pair at p - k
+        loss = loss + 0.8**k * _masked_mean(-jnp.sum(soft * logp, -1), m)
+        metrics[f"acc{k}"] = _masked_mean(jnp.argmax(logp, -1) == lab, m)
+    return loss, metrics

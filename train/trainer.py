@@ -1,0 +1,288 @@
+"""The drafter training loop: optax AdamW, orbax checkpoints with exact resume, data parallelism.
+
+`train(...)` trains one drafter family from a `FeatureSet` (cached target features):
+
+- the draft vocabulary `d2t` is the `draft_vocab` ids the target most often predicts on the
+  training split (all ids when `draft_vocab` is None), fixed before step 0 and saved with every
+  checkpoint;
+- batch `s` is a pure function of (seed, s): a seeded permutation per epoch, so a resumed run
+  sees exactly the batches an uninterrupted run would;
+- orbax saves {params, opt_state, step} every `save_every` steps; a rerun of the same command
+  restores the latest step and continues (no step lost or repeated);
+- with several devices the batch is sharded over a `("data",)` mesh and params are replicated;
+  XLA inserts the gradient all-reduce (same math as one device);
+- every `eval_every` steps the held-out split gives per-head/per-step top-1 accuracy and the chain
+  acceptance estimate τ ≈ 1 + Σ_k Π_{j<=k} acc_j (teacher-forced, so an upper-bound-ish guide).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from specdec.drafters import checkpoint as ckpt
+from specdec.drafters import eagle, medusa
+from specdec.models.config import ModelConfig
+from specdec.train import losses
+from specdec.train.features import FeatureSet
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    family: str  # "medusa" | "eagle" (EAGLE-1/2) | "eagle3"
+    steps: int = 1000
+    batch_size: int = 4
+    seq_len: int = 512
+    lr: float = 3e-4
+    warmup: int = 50
+    weight_decay: float = 0.0
+    clip: float = 0.5
+    seed: int = 0
+    heads: int = 4  # Medusa
+    own_heads: bool = False  # Medusa: per-head LM heads instead of the target's shared head
+    ttt_steps: int = 3  # EAGLE-3
+    noise: float = 0.1  # EAGLE-1 feature noise
+    draft_vocab: int | None = 8192
+    heldout: int = 32  # sequences held out (the last ones of the feature set)
+    eval_every: int = 200
+    save_every: int = 100
+
+
+def draft_vocab(counts: np.ndarray, size: int | None) -> np.ndarray | None:
+    """The `size` most frequent target ids (ascending), or None for the full vocabulary."""
+    if size is None or size >= len(counts):
+        return None
+    return np.sort(np.argsort(-counts, kind="stable")[:size]).astype(np.int32)
+
+
+def t2d_map(d2t: np.ndarray | None, vocab: int) -> np.ndarray:
+    """target id -> draft index, -1 outside the draft vocabulary."""
+    if d2t is None:
+        return np.arange(vocab, dtype=np.int32)
+    out = np.full(vocab, -1, np.int32)
+    out[d2t] = np.arange(len(d2t), dtype=np.int32)
+    return out
+
+
+class Batches:
+    """Fixed-shape batches [B, seq_len] from a feature set; batch s is a function of (seed, s)."""
+
+    def __init__(self, fs: FeatureSet, indices: np.ndarray, batch_size: int, seq_len: int, seed: int):
+        if len(indices) < batch_size:
+            raise ValueError(f"{len(indices)} training sequences, fewer than one batch of {batch_size}")
+        self.fs, self.idx, self.b, self.t, self.seed = fs, indices, batch_size, seq_len, seed
+        self.taps = [f"tap_{t}" for t in fs.taps]
+        self.per_epoch = len(indices) // batch_size
+
+    def seqs(self, step: int) -> np.ndarray:
+        epoch, i = divmod(step, self.per_epoch)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.idx)
+        return perm[i * self.b : (i + 1) * self.b]
+
+    def make(self, seqs) -> losses.Batch:
+        b, t = len(seqs), self.t
+        tokens, top1 = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+        mask = np.zeros((b, t), bool)
+        taps = {k: None for k in self.taps}
+        for r, s in enumerate(seqs):
+            d = self.fs.seq(int(s), ["tokens", "loss_mask", "top1"] + self.taps)
+            n = min(len(d["tokens"]), t)
+            tokens[r, :n], top1[r, :n], mask[r, :n] = d["tokens"][:n], d["top1"][:n], d["loss_mask"][:n]
+            for k in self.taps:
+                if taps[k] is None:
+                    taps[k] = np.zeros((b, t, d[k].shape[-1]), np.float16)
+                taps[k][r, :n] = d[k][:n]
+        return losses.Batch(tokens=tokens, loss_mask=mask, top1=top1,
+                            taps={k.removeprefix("tap_"): v for k, v in taps.items()})  # fmt: skip
+
+    def __call__(self, step: int) -> losses.Batch:
+        return self.make(self.seqs(step))
+
+
+def build(tc: TrainConfig, target_cfg: ModelConfig, target_params, d2t, key):
+    """(family, drafter config, trainable params, frozen params, loss fn(params, batch, t2d, key))."""
+    vd = None if d2t is None else len(d2t)
+    head = ckpt.target_head(target_params)
+    head_d = head if d2t is None else jnp.take(head, jnp.asarray(d2t), axis=1)
+    frozen = {"target_head": head_d}
+    if tc.family == "medusa":
+        cfg = medusa.MedusaConfig.for_target(target_cfg, tc.heads, vd, tc.own_heads)
+        params = medusa.init_params(cfg, key, head_d if tc.own_heads else None)
+        if not tc.own_heads:
+            frozen["head"] = head_d
+        return "medusa", cfg, params, frozen, functools.partial(losses.medusa_loss, cfg=cfg)
+    version = 1 if tc.family == "eagle" else 3
+    cfg = eagle.EagleConfig.for_target(target_cfg, version, vd)
+    params = eagle.init_params(cfg, key, head_d if version == 3 else None)
+    frozen["embed"] = target_params["embed"]
+    if version == 1:
+        frozen["head"] = head_d
+        fn = functools.partial(losses.eagle1_loss, cfg=cfg, noise=tc.noise)
+    else:
+        fn = functools.partial(
+            losses.eagle3_loss, cfg=cfg, ttt_steps=tc.ttt_steps, tap_final=target_cfg.num_layers
+        )
+    return "eagle", cfg, params, frozen, fn
+
+
+def _runtime(params, frozen):
+    p = {**params, **frozen}
+    if "lm_head" in p:
+        p["head"] = p.pop("lm_head")
+    return p
+
+
+def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(tc.warmup, 1), max(tc.steps, tc.warmup + 1),
+                                               end_value=tc.lr * 0.05)  # fmt: skip
+    return optax.chain(optax.clip_by_global_norm(tc.clip), optax.adamw(sched, weight_decay=tc.weight_decay))
+
+
+def tau_estimate(metrics: dict) -> float:
+    """1 + Σ_k Π_{j<=k} acc_j over the heads/steps (a chain's expected accepted length)."""
+    accs = [float(metrics[k]) for k in sorted(k for k in metrics if k.startswith("acc"))]
+    return 1.0 + float(np.sum(np.cumprod(accs)))
+
+
+def train(
+    tc: TrainConfig,
+    target_params,
+    target_cfg: ModelConfig,
+    target_source: str,
+    fs: FeatureSet,
+    out_dir: str | pathlib.Path,
+    *,
+    progress: bool = True,
+    command: str = "",
+    stop_after: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train (or resume) and write the drafter checkpoint to `out_dir/drafter`; returns the summary.
+
+    `stop_after` ends the run early after that global step (for tests of resumption).
+    """
+    out = pathlib.Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(fs)
+    if n <= tc.heldout + tc.batch_size:
+        raise ValueError(f"the feature set has {n} sequences: too few for --heldout {tc.heldout} + a batch")
+    train_idx, held_idx = np.arange(n - tc.heldout), np.arange(n - tc.heldout, n)
+    vocab_file = out / "d2t.npy"
+    if vocab_file.exists():  # resuming: the draft vocabulary is part of the run's state
+        d2t = np.load(vocab_file)
+        d2t = None if d2t.size == 0 else d2t
+    else:
+        d2t = draft_vocab(fs.token_counts(target_cfg.vocab_size), tc.draft_vocab)
+        np.save(vocab_file, np.zeros(0, np.int32) if d2t is None else d2t)
+    t2d = jnp.asarray(t2d_map(d2t, target_cfg.vocab_size))
+    family, dcfg, params, frozen, loss_fn = build(
+        tc, target_cfg, target_params, d2t, jax.random.PRNGKey(tc.seed)
+    )
+    opt = optimizer(tc)
+    state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    devices = jax.devices()
+    ndev = len(devices) if tc.batch_size % len(devices) == 0 else 1
+    mesh = Mesh(np.asarray(devices[:ndev]), ("data",))
+    rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    state = jax.device_put(state, rep)
+    frozen = jax.device_put(frozen, rep)
+
+    mngr = ocp.CheckpointManager(out / "orbax", options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    start = mngr.latest_step()
+    if start is not None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
+        state = jax.device_put(state, rep)
+        log(f"resumed from step {start} ({out / 'orbax'})")
+    start = int(start or 0)
+
+    @jax.jit
+    def step_fn(state, frozen, batch, key):
+        def f(p):
+            return loss_fn(_runtime(p, frozen), batch=batch, t2d=t2d, key=key)
+
+        (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(state["params"])
+        updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss, metrics
+
+    @jax.jit
+    def eval_fn(params, frozen, batch):
+        return loss_fn(_runtime(params, frozen), batch=batch, t2d=t2d, key=jax.random.PRNGKey(0), **(
+            {"noise": 0.0} if family == "eagle" and dcfg.version == 1 else {}))  # fmt: skip
+
+    batches = Batches(fs, train_idx, tc.batch_size, tc.seq_len, tc.seed)
+    held = Batches(fs, held_idx, tc.batch_size, tc.seq_len, tc.seed)
+
+    def evaluate(params) -> dict:
+        ms = []
+        for i in range(0, len(held_idx) - tc.batch_size + 1, tc.batch_size):
+            b = jax.device_put(held.make(held_idx[i : i + tc.batch_size]), shard)
+            loss, m = eval_fn(params, frozen, b)
+            ms.append({"loss": float(loss), **{k: float(v) for k, v in m.items()}})
+        mean = {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
+        mean["tau_est"] = tau_estimate(mean)
+        return mean
+
+    history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
+    history = [h for h in history if h["step"] <= start]
+    end = tc.steps if stop_after is None else min(tc.steps, stop_after)
+    bar = tqdm(
+        range(start, end), initial=start, total=tc.steps, desc=f"train {tc.family}", disable=not progress
+    )
+    loss = metrics = None
+    for s in bar:
+        batch = jax.device_put(batches(s), shard)
+        state, loss, metrics = step_fn(
+            state, frozen, batch, jax.random.fold_in(jax.random.PRNGKey(tc.seed), s)
+        )
+        if s % 10 == 0 or s == end - 1:
+            m = {k: float(v) for k, v in metrics.items()}
+            bar.set_postfix(
+                loss=f"{float(loss):.3f}", **{k: f"{v:.2f}" for k, v in m.items() if k.startswith("acc")}
+            )
+            history.append({"step": s + 1, "loss": float(loss), **m})
+        done = s + 1
+        if done % tc.eval_every == 0 or done == tc.steps:
+            ev = evaluate(state["params"])
+            history.append({"step": done, "heldout": ev})
+            log(f"step {done}: held-out " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+        if done % tc.save_every == 0 or done == tc.steps:  # (stop_after simulates a kill: no save)
+            mngr.save(done, args=ocp.args.StandardSave(state), force=True)
+            (out / "history.json").write_text(json.dumps(history))
+    mngr.wait_until_finished()
+    final = int(state["step"])
+    summary = {"step": final, "history": history}
+    if final >= tc.steps:
+        ev = next((h["heldout"] for h in reversed(history) if "heldout" in h), None) or evaluate(
+            state["params"]
+        )
+        training = {"command": command, "train_config": dataclasses.asdict(tc), "steps": final,
+                    "tokens_seen": final * tc.batch_size * tc.seq_len, "heldout": ev,
+                    "features": fs.manifest.get("num_examples")}  # fmt: skip
+        params_host = jax.device_get(state["params"])
+        ckpt.save(
+            out / "drafter",
+            family,
+            dcfg,
+            params_host,
+            ckpt.target_info(target_params, target_cfg, target_source),
+            d2t=d2t,
+            training=training,
+        )
+        summary["heldout"] = ev
+        summary["drafter"] = str(out / "drafter")
+    return summary
