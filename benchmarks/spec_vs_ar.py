@@ -86,7 +86,9 @@ def main(argv):
     for c in FLAGS.config:
         dname, _, tname = c.partition("|")
         builder = parse_tree(tname)
-        drafter, dparams = parse_drafter(dname, params, cfg, max_depth=builder.max_depth)
+        drafter, dparams = parse_drafter(
+            dname, params, cfg, max_depth=builder.max_depth, window=builder.window
+        )
         kw = dict(drafter=drafter, draft_params=dparams, builder=builder)
         r, outs = measure(c, **kw)
         r["speedup"] = r["tokens_per_s"] / ar["tokens_per_s"]

@@ -4,10 +4,17 @@
   "ngram" | "ngram:n=3"      prompt lookup, matching suffixes of up to n tokens (adaptive=0: draft
                              even without a match instead of taking a plain AR step)
   "layerskip:K"              the target's first K layers + its final norm and head (no training)
-  PATH                       an independent draft model (HF folder or .gguf sharing the tokenizer)
+  "medusa" | "eagle" | "eagle3"   the trained drafters shipped for the embedded target
+                             (SmolLM2-135M-Instruct); other targets: train one with specdec-train
+  PATH                       a specdec-train drafter folder (drafter.json), an official Medusa /
+                             EAGLE-1 / EAGLE-3 checkpoint folder, or an independent draft model
+                             (HF folder or .gguf sharing the tokenizer)
 """
 
 from __future__ import annotations
+
+import importlib.resources
+import pathlib
 
 from specdec.drafters.draft_model import DraftModel, layer_skip
 from specdec.drafters.ngram import NGram
@@ -26,8 +33,17 @@ def _kv(arg: str) -> dict[str, int]:
     return out
 
 
-def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, dtype: str | None = None):
-    """(drafter, draft_params) for a CLI string; `max_depth` is the tree builder's depth."""
+SHIPPED = ("medusa", "eagle", "eagle3")
+
+
+def shipped_path(name: str) -> pathlib.Path:
+    """The folder of a drafter shipped with the package (trained for SmolLM2-135M-Instruct)."""
+    return pathlib.Path(str(importlib.resources.files("specdec") / "data" / "drafters" / name))
+
+
+def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, window: int = 64,
+                  dtype: str | None = None):  # fmt: skip
+    """(drafter, draft_params) for a CLI string; `max_depth` / `window` are the tree builder's."""
     kind, _, arg = spec.partition(":")
     if kind == "ngram":
         try:
@@ -42,6 +58,24 @@ def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, dtype
         if not arg.isdigit():
             raise ValueError(f"--drafter {spec!r}: use layerskip:K with K the number of target layers kept")
         return layer_skip(target_params, target_cfg, int(arg))
+    from specdec.drafters import checkpoint, official
+
+    if kind in SHIPPED and not arg:
+        path = shipped_path(kind)
+        if not checkpoint.is_checkpoint(path):
+            raise ValueError(f"--drafter {kind}: the shipped drafter {path} is missing; reinstall specdec")
+        try:
+            return checkpoint.load(path, target_params, target_cfg, window=window)
+        except checkpoint.DrafterCheckpointError as e:
+            raise ValueError(
+                f"--drafter {kind} is the drafter shipped for SmolLM2-135M-Instruct and does not fit this "
+                f"target ({e}). Train one with `specdec-train --drafter {kind} --target ...` and pass its "
+                "folder (RUN/drafter) as --drafter"
+            ) from None
+    if checkpoint.is_checkpoint(spec):
+        return checkpoint.load(spec, target_params, target_cfg, window=window)
+    if official.is_official(spec):
+        return official.load_official(spec, target_params, target_cfg, window=window)
     from specdec.loading import CheckpointError, load_model
     from specdec.models import to_device
 
@@ -49,7 +83,8 @@ def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, dtype
         m = load_model(spec, dtype=dtype or target_cfg.dtype)
     except CheckpointError as e:
         raise ValueError(
-            f"--drafter {spec!r} is not ngram[:n=N], layerskip:K or a loadable draft model: {e}"
+            f"--drafter {spec!r} is not ngram[:n=N], layerskip:K, medusa, eagle, eagle3, a drafter "
+            f"checkpoint folder or a loadable draft model: {e}"
         ) from None
     if m.cfg.vocab_size != target_cfg.vocab_size:
         raise ValueError(

@@ -60,7 +60,9 @@ def main(argv):
         from specdec.verifiers import get_verifier
 
         builder = parse_tree(FLAGS.tree)
-        drafter, dparams = parse_drafter(FLAGS.drafter, params, model.cfg, max_depth=builder.max_depth)
+        drafter, dparams = parse_drafter(
+            FLAGS.drafter, params, model.cfg, max_depth=builder.max_depth, window=builder.window
+        )
         kw.update(
             drafter=drafter, draft_params=dparams, builder=builder, verifier=get_verifier(FLAGS.verifier)
         )

