@@ -5,7 +5,9 @@
                              even without a match instead of taking a plain AR step)
   "layerskip:K"              the target's first K layers + its final norm and head (no training)
   "medusa" | "eagle" | "eagle3"   the trained drafters shipped for the embedded target
-                             (SmolLM2-135M-Instruct); other targets: train one with specdec-train
+                             (SmolLM2-135M-Instruct); other targets: train one with specdec-train;
+                             "eagle:conf=0.5": EAGLE drafts only when its top-1 probability at
+                             the root reaches 0.5, else the loop takes a plain AR step
   PATH                       a specdec-train drafter folder (drafter.json), an official Medusa /
                              EAGLE-1 / EAGLE-3 checkpoint folder, or an independent draft model
                              (HF folder or .gguf sharing the tokenizer)
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import pathlib
 
@@ -60,12 +63,21 @@ def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, windo
         return layer_skip(target_params, target_cfg, int(arg))
     from specdec.drafters import checkpoint, official
 
-    if kind in SHIPPED and not arg:
+    if kind in SHIPPED:
+        try:
+            conf = float(arg.removeprefix("conf=")) if arg else 0.0
+        except ValueError:
+            raise ValueError(
+                f"--drafter {spec!r}: use {kind} or {kind}:conf=0.5 (draft only when confident)"
+            ) from None
+        if conf and kind == "medusa":
+            raise ValueError("--drafter medusa takes no options (conf= is for eagle and eagle3)")
         path = shipped_path(kind)
         if not checkpoint.is_checkpoint(path):
             raise ValueError(f"--drafter {kind}: the shipped drafter {path} is missing; reinstall specdec")
         try:
-            return checkpoint.load(path, target_params, target_cfg, window=window)
+            d, dp = checkpoint.load(path, target_params, target_cfg, window=window)
+            return (dataclasses.replace(d, confidence=conf) if conf else d), dp
         except checkpoint.DrafterCheckpointError as e:
             raise ValueError(
                 f"--drafter {kind} is the drafter shipped for SmolLM2-135M-Instruct and does not fit this "

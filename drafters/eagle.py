@@ -200,10 +200,21 @@ class Eagle:
 
     cfg: EagleConfig
     window: int = 64
+    confidence: float = 0.0  # > 0: draft only when the root's top-1 draft probability reaches it
 
     @property
     def taps(self) -> tuple[int, ...]:
         return self.cfg.taps
+
+    @property
+    def adaptive(self) -> bool:
+        return self.confidence > 0
+
+    def should_draft(self, params, state: EagleState, ctx: Context) -> Bool[Array, " B"]:
+        """Rows whose draft is confident about the root's child; when none is, the loop takes a
+        plain AR step (T = 1) instead of a verification block that would likely be rejected."""
+        p = jax.nn.softmax(draft_logits(params, self.cfg, state.out[:, 0]), axis=-1)
+        return jnp.max(p, axis=-1) >= self.confidence
 
     @property
     def vocab_size(self) -> int:

@@ -135,7 +135,7 @@ def _step(params, dparams, state: DecodeState, eos_ids, max_new, *, spec: Spec) 
         return _advance(params, dparams, st.replace(draft=draft), tree, k_verify, eos_ids, max_new, spec,
                         speculative=True)  # fmt: skip
 
-    if not hasattr(spec.drafter, "should_draft"):
+    if not hasattr(spec.drafter, "should_draft") or not getattr(spec.drafter, "adaptive", True):
         return speculate(state)
     wanted = spec.drafter.should_draft(dparams, state.draft, state.ctx) & ~state.done
     return jax.lax.cond(jnp.any(wanted), speculate, root_only, state)

@@ -63,6 +63,19 @@ def test_greedy_equals_ar(target, kind, tree):
     assert out.tokens == ar
 
 
+@pytest.mark.parametrize("confidence", [0.02, 0.9])
+def test_confidence_gated_eagle_equals_ar(target, confidence):
+    """`confidence`: some steps draft, others are plain AR steps (lax.cond); output unchanged."""
+    import dataclasses
+
+    params, cfg, ar = target
+    builder = parse_tree("chain:3")
+    d, dp = make("eagle", params, cfg, builder.window)
+    d = dataclasses.replace(d, confidence=confidence)
+    out = generate(params, cfg, PROMPTS, max_new_tokens=16, drafter=d, draft_params=dp, builder=builder)
+    assert out.tokens == ar
+
+
 @pytest.mark.parametrize("kind", ["medusa", "eagle"])
 def test_lossless_verifiers(target, kind):
     params, cfg, ar = target

@@ -74,13 +74,16 @@ def main(argv):
     if m is None or not m["complete"]:
         convs = data.load_sharegpt(FLAGS.data)
         print(
-            f"{len(convs)} usable conversations; tokenizing the first {FLAGS.num_conversations} (seed {FLAGS.seed})"
+            f"{len(convs)} usable conversations; tokenizing the first {FLAGS.num_conversations} "
+            f"(seed {FLAGS.seed})"
         )
         examples = data.prepare_examples(
             model.tokenizer, convs, FLAGS.num_conversations, FLAGS.max_len, FLAGS.seed
         )
-        features.extract(params, model.cfg, model.source, examples, feat_dir,
-                         taps=features.default_taps(model.cfg.num_layers), progress=FLAGS.progress)  # fmt: skip
+        taps = features.default_taps(model.cfg.num_layers)
+        features.extract(
+            params, model.cfg, model.source, examples, feat_dir, taps=taps, progress=FLAGS.progress
+        )
     fs = features.FeatureSet.open(feat_dir)
     print(f"features: {feat_dir} ({len(fs)} sequences)")
     if FLAGS.extract_only:
@@ -111,8 +114,8 @@ def _main(argv: list[str]) -> None:
     try:
         FLAGS(argv)
         main(argv)
-    except (flags.Error, app.UsageError, DataError, FeatureCacheError, CheckpointError, DrafterCheckpointError,
-            ValueError) as e:  # fmt: skip
+    except (flags.Error, app.UsageError, DataError, FeatureCacheError, CheckpointError,
+            DrafterCheckpointError, ValueError) as e:  # fmt: skip
         print(f"specdec-train: error: {e}", file=sys.stderr)
         sys.exit(2)
 
