@@ -1,6 +1,6 @@
 """specdec-eval: speedup and τ on MT-Bench (or any Spec-Bench question file), the Spec-Bench way.
 
-    specdec-eval                                   # main job: ngram|chain:4|auto, 2 questions/category
+    specdec-eval                                   # main job: ngram|chain:4 and eagle|chain:3, 2 q/category
     specdec-eval --all                             # all 80 MT-Bench questions
     specdec-eval --drafter layerskip:6 --tree dynamic:depth=3,topk=2,n=8
     specdec-eval --compare "ngram|chain:4|auto" --compare "layerskip:6|chain:2|auto"
@@ -61,6 +61,11 @@ class UsageError(ValueError):
     """Bad command line."""
 
 
+# The main job: the best training-free drafter on this CPU and the best shipped trained drafter
+# (by MT-Bench wall clock, issue 5 note), against one shared baseline.
+DEFAULT_METHODS = ("ngram|chain:4|auto", "eagle|chain:3|auto")
+
+
 def methods_from_flags():
     """The Method list: the --compare entries, or the single --drafter/--tree/--verifier method."""
     from specdec.eval.methods import Method
@@ -70,6 +75,8 @@ def methods_from_flags():
         if given:
             raise UsageError(f"--compare replaces --drafter/--tree/--verifier; drop --{', --'.join(given)}")
         return tuple(Method.parse(s) for s in FLAGS.compare)
+    if not any(FLAGS[f].present for f in ("drafter", "tree", "verifier")):
+        return tuple(Method.parse(s) for s in DEFAULT_METHODS)
     drafter = FLAGS.drafter.strip()
     if drafter.lower() in ("none", "ar", "baseline", ""):
         return (Method(None),)
