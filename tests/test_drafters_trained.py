@@ -20,7 +20,7 @@ from specdec.verifiers import get_verifier
 
 pytest.importorskip("torch")
 PROMPTS = [[5, 9, 3, 5, 9, 3, 5, 9], [12, 13, 14, 12, 13], list(range(20, 45))]
-TREES = ["chain:3", "static:eagle1", "dynamic:depth=3,topk=3,n=10", "rsd:2,2,1"]
+TREES = ["chain:3", "static:eagle1", "dynamic:depth=3,topk=3,n=10"]
 
 
 @pytest.fixture(scope="module")
