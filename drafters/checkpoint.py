@@ -105,7 +105,7 @@ def read(path: os.PathLike) -> tuple[dict, dict]:
         raise DrafterCheckpointError(
             f"{path} is not a complete drafter checkpoint: {e.filename} is missing"
         ) from None
-    except (json.JSONDecodeError, OSError, Exception) as e:  # safetensors raises its own error types
+    except Exception as e:  # json, OS and safetensors' own error types
         raise DrafterCheckpointError(f"{path}: corrupt drafter checkpoint ({type(e).__name__}: {e}); "
                                      "re-train or re-copy it") from None  # fmt: skip
     if meta.get("format") != FORMAT or meta.get("family") not in FAMILIES:

@@ -22,8 +22,10 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 from jaxtyping import Array, Bool, Float, Int
 
+from specdec.cache import causal_mask
 from specdec.drafters import eagle, medusa
 from specdec.models.llama import _NEG_INF
 
@@ -90,11 +92,10 @@ def eagle1_loss(params, cfg: eagle.EagleConfig, batch: Batch, t2d, key, noise: f
     if noise:
         feat = feat + jax.random.uniform(key, feat.shape, minval=-noise, maxval=noise)
     n = toks.shape[1]
-    causal = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)), (toks.shape[0], n, n))
-    out, _ = eagle.run_layer(params, cfg, toks, feat, pos, None, causal)
+    out, _ = eagle.run_layer(params, cfg, toks, feat, pos, None, causal_mask(toks.shape[0], n))
     lab, ok = _labels(t2d, batch.top1[:, 1:])
     m = tmask & ok
-    reg = jnp.sum(optax_smooth_l1(out - f[:, 1:]), -1)
+    reg = jnp.sum(optax.huber_loss(out, f[:, 1:], delta=1.0), -1)  # = SmoothL1 with beta 1
     logp = jax.nn.log_softmax(eagle.draft_logits(params, cfg, out), -1)
     soft = _soft_targets(params, batch, tap)[:, 1:]
     ce = -jnp.sum(soft * logp, -1)
@@ -102,11 +103,6 @@ def eagle1_loss(params, cfg: eagle.EagleConfig, batch: Batch, t2d, key, noise: f
     # The feature loss is summed over D in EAGLE's code with mean over tokens; we divide by D so the
     # two terms stay comparable across hidden sizes (a constant rescaling of the learning signal).
     return loss, {"acc0": _masked_mean(jnp.argmax(logp, -1) == lab, m), "reg": _masked_mean(reg, m)}
-
-
-def optax_smooth_l1(x, beta: float = 1.0):
-    ax = jnp.abs(x)
-    return jnp.where(ax < beta, 0.5 * ax * ax / beta, ax - 0.5 * beta)
 
 
 def _shift(x, s: int):
