@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 
 FLAGS = flags.FlagValues()
 _string = functools.partial(flags.DEFINE_string, flag_values=FLAGS)
@@ -125,24 +124,13 @@ def evaluate(argv: Sequence[str], *, model=None) -> dict:
     return m
 
 
-def _main(argv: list[str]) -> None:
-    from specdec.eval.questions import QuestionFileError
-
-    if any(a in ("-h", "--help", "-?", "--helpfull", "--helpshort") for a in argv[1:]):
-        print(__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1] + "\n")
-        print(FLAGS.get_help())
-        return
-    try:
-        evaluate(argv)
-    except (UsageError, QuestionFileError, ValueError) as e:
-        print(f"specdec-eval: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 def run() -> None:
     """Console-script entry point (`specdec-eval`)."""
-    argv = list(sys.argv)
-    app.run(lambda _: _main(argv), argv=argv[:1])
+    from specdec.cli.entry import run_console
+    from specdec.eval.questions import QuestionFileError
+
+    head = "\n\n".join(__doc__.split("\n\n")[:2]) + "\n"
+    run_console("specdec-eval", head, FLAGS, evaluate, (UsageError, QuestionFileError, ValueError))
 
 
 if __name__ == "__main__":

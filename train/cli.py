@@ -102,28 +102,22 @@ def main(argv):
     print("held-out: " + " ".join(f"{k} {v:.3f}" for k, v in summary["heldout"].items()))
 
 
-def _main(argv: list[str]) -> None:
+def _parse_and_train(argv: list[str]) -> None:
+    FLAGS(argv)
+    main(argv)
+
+
+def run() -> None:
+    """Console-script entry point (`specdec-train`)."""
+    from specdec.cli.entry import run_console
     from specdec.drafters.checkpoint import DrafterCheckpointError
     from specdec.loading import CheckpointError
     from specdec.train.data import DataError
     from specdec.train.features import FeatureCacheError
 
-    if any(a in ("-h", "--help", "-?", "--helpfull", "--helpshort") for a in argv[1:]):
-        print(__doc__ + "\n" + FLAGS.get_help())
-        return
-    try:
-        FLAGS(argv)
-        main(argv)
-    except (flags.Error, app.UsageError, DataError, FeatureCacheError, CheckpointError,
-            DrafterCheckpointError, ValueError) as e:  # fmt: skip
-        print(f"specdec-train: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def run() -> None:
-    """Console-script entry point (`specdec-train`)."""
-    argv = list(sys.argv)
-    app.run(lambda _: _main(argv), argv=argv[:1])
+    errors = (flags.Error, app.UsageError, DataError, FeatureCacheError, CheckpointError,
+              DrafterCheckpointError, ValueError)  # fmt: skip
+    run_console("specdec-train", __doc__, FLAGS, _parse_and_train, errors)
 
 
 if __name__ == "__main__":
