@@ -1,52 +1,27 @@
 """Import official Medusa and EAGLE-1 / EAGLE-3 checkpoints into specdec's drafters.
 
-Formats (reference notes `drafters.md` §5.1-5.6):
-
-- Medusa-1 heads: `medusa_lm_head.safetensors` or `medusa_lm_head.pt` + `config.json`
-  (`medusa_num_heads`, `medusa_num_layers`, optional `"version": "2"`). Head i is
-  `{i}.0.linear.{weight [H, H], bias [H]}` and its own LM head `{i}.1.weight [V, H]`; "version 2"
-  files have no own head and share the target's. Keys may carry a `medusa_head.` prefix. The head
-  count and the head kind come from the keys (the official 7B/13B/33B configs say 2 heads for files
-  holding 5); a disagreeing config only warns. Full Medusa-2 models (fine-tuned backbone) and
-  `medusa_num_layers != 1` (one ResBlock applied repeatedly) are refused.
-- EAGLE-1: `pytorch_model.bin` or `model.safetensors` + a one-layer LlamaConfig: `fc [H, 2H]` on
-  `cat(embedding, feature)`, optional `fc.bias`, `layers.0.*` without an input norm. The stored
-  `embed_tokens` is ignored (the target's is used, as the reference loader does).
-- EAGLE-3: `fc [H, 3Ht]`, `midlayer.*` (or `layers.0.*`, the vLLM "speculators" naming) with
-  `input_layernorm`, `hidden_norm` and 2H-wide q/k/v, `norm`, `lm_head [Vd, H]`, and the draft
-  vocabulary as offsets `d2t` (target id = draft id + d2t[draft id]) with a mask `t2d [V]`. The
-  layer normalises the target's embedding; only when `target_hidden_size` differs from the draft's
-  `hidden_size` does it use the file's own `embed_tokens [V, H]` (as the reference `cnets.Model`).
+Formats (reference notes `drafters.md` §5.1-5.6): Medusa heads in `official_medusa.py`, EAGLE-1 /
+EAGLE-3 in `official_eagle.py`; this module detects which one a folder holds and has the checks
+they share.
 
 The reference code loads with `strict=False`, which hides missing tensors and wrong shapes; here
 every tensor is checked and a `DrafterCheckpointError` names the tensor, the shape found and the
 shape expected, or the target mismatch and its fix. `.bin` / `.pt` files are read without torch
 (`specdec.checkpoints.tensor_files`: a restricted unpickler over the zip format; only tensors and
 dicts are accepted, so no code from the file runs); the pre-1.6 legacy torch format needs torch.
-
-Tap layers of EAGLE-3: HF `hidden_states` indices (the residual stream entering layer i), the
-numbering of `EagleConfig.taps`. Default (2, L//2, L-3) of the target, as the reference code.
-Explicit ids: `eagle_config.eagle_aux_hidden_state_layer_ids` (SGLang / SpecForge configs) count
-"the output of layer k", which SGLang captures before layer k + 1, so they are shifted by one; a
-top-level `eagle_aux_hidden_state_layer_ids` (vLLM / speculators configs) is used as is, as vLLM
-does.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
-import re
 import warnings
 
 import jax.numpy as jnp
 import numpy as np
 
 from specdec.checkpoints.tensor_files import Tensors, read_tensors
-from specdec.drafters import checkpoint
 from specdec.drafters.checkpoint import DrafterCheckpointError
-from specdec.drafters.eagle import Eagle, EagleConfig
-from specdec.drafters.medusa import Medusa, MedusaConfig
 from specdec.models.config import ModelConfig
 
 __all__ = ["is_official", "load_official", "read_tensors"]
@@ -59,12 +34,12 @@ EAGLE_FILES = ("pytorch_model.bin", "model.safetensors")  # the reference loader
 # Detection
 
 
-def _folder(path) -> pathlib.Path:
+def folder_of(path) -> pathlib.Path:
     p = pathlib.Path(path).expanduser()
     return p.parent if p.is_file() else p
 
 
-def _read_config(folder: pathlib.Path, required: bool = True) -> dict:
+def read_config(folder: pathlib.Path, required: bool = True) -> dict:
     p = folder / "config.json"
     if not p.is_file():
         if required:
@@ -87,24 +62,24 @@ def _read_config(folder: pathlib.Path, required: bool = True) -> dict:
     return d
 
 
-def _eagle_file(folder: pathlib.Path) -> pathlib.Path | None:
+def eagle_file(folder: pathlib.Path) -> pathlib.Path | None:
     return next((folder / f for f in EAGLE_FILES if (folder / f).is_file()), None)
 
 
 def is_official(path) -> str | None:
     """ "medusa" | "eagle" for a folder holding an official Medusa / EAGLE checkpoint, else None."""
-    folder = _folder(path)
+    folder = folder_of(path)
     if not folder.is_dir() or (folder / "drafter.json").is_file():
         return None
     if any((folder / f).is_file() for f in MEDUSA_FILES):
         return "medusa"
     try:
-        cfg = _read_config(folder, required=False)
+        cfg = read_config(folder, required=False)
     except DrafterCheckpointError:
         return None
     if "medusa_num_heads" in cfg or cfg.get("model_type") == "medusa":
         return "medusa"  # a full Medusa-2 model or a vLLM Medusa file: load_official says why it is refused
-    f = _eagle_file(folder)
+    f = eagle_file(folder)
     if f is None or not cfg:
         return None
     try:
@@ -117,7 +92,7 @@ def is_official(path) -> str | None:
 # Shared checks
 
 
-def _other_target(path, family: str, what: str, theirs, ours) -> DrafterCheckpointError:
+def other_target(path, family: str, what: str, theirs, ours) -> DrafterCheckpointError:
     return DrafterCheckpointError(
         f"{path}: this {family} drafter was trained for another target ({what}={theirs}), but this target "
         f"has {what}={ours}; a drafter only works with the model it was trained on: use the {family} "
@@ -125,7 +100,7 @@ def _other_target(path, family: str, what: str, theirs, ours) -> DrafterCheckpoi
     )
 
 
-def _tensor(t: Tensors, name: str, shape: tuple[int, ...], why: str = "") -> np.ndarray:
+def checked_tensor(t: Tensors, name: str, shape: tuple[int, ...], why: str = "") -> np.ndarray:
     if name not in t:
         raise DrafterCheckpointError(
             f"{t.path} has no tensor {name!r} (expected shape {list(shape)}{why}); "
@@ -138,7 +113,7 @@ def _tensor(t: Tensors, name: str, shape: tuple[int, ...], why: str = "") -> np.
     return np.asarray(t.get(name), np.float32)
 
 
-def _warn_unused(t: Tensors, used: set[str], ignored=()) -> None:
+def warn_unused(t: Tensors, used: set[str], ignored=()) -> None:
     extra = sorted(k for k in t.shapes if k not in used and k not in ignored and not k.endswith("inv_freq"))
     if extra:
         warnings.warn(
@@ -148,289 +123,10 @@ def _warn_unused(t: Tensors, used: set[str], ignored=()) -> None:
         )
 
 
-def _f32(tree):
+def to_f32(tree):
     if isinstance(tree, dict):
-        return {k: _f32(v) for k, v in tree.items()}
+        return {k: to_f32(v) for k, v in tree.items()}
     return jnp.asarray(tree, jnp.float32)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Medusa
-
-_MEDUSA_KEY = re.compile(r"(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)")
-
-
-def _load_medusa(folder: pathlib.Path, target_params, tcfg: ModelConfig):
-    cfg = _read_config(folder, required=False)
-    f = next((folder / n for n in MEDUSA_FILES if (folder / n).is_file()), None)
-    if cfg.get("model_type") == "medusa" and f is None:
-        raise DrafterCheckpointError(
-            f"{folder} is a vLLM-format Medusa checkpoint, which specdec does not import; "
-            "use the original medusa_lm_head.safetensors / .pt release"
-        )
-    if f is None:
-        raise DrafterCheckpointError(
-            f"{folder} is a full Medusa-2 model (its config has medusa_num_heads but there is no "
-            f"{' or '.join(MEDUSA_FILES)}): Medusa-2 fine-tunes the backbone, so its heads only work with "
-            "that fine-tuned model, which specdec does not import; use a Medusa-1 heads checkpoint for this "
-            "target"
-        )
-    t = read_tensors(f)
-    if any(k.startswith("model.") or k == "lm_head.weight" for k in t.shapes):
-        raise DrafterCheckpointError(
-            f"{f} holds backbone weights (a full Medusa-2 model with a fine-tuned "
-            "backbone), which specdec does not import; use a Medusa-1 heads "
-            "checkpoint for this target"
-        )
-    names = {(k[len("medusa_head.") :] if k.startswith("medusa_head.") else k): k for k in t.shapes}
-    t = t.renamed(names)
-    bad = sorted(k for k in t.shapes if not _MEDUSA_KEY.fullmatch(k))
-    if bad:
-        raise DrafterCheckpointError(
-            f"{f}: unexpected tensors {bad[:8]} in a Medusa heads file (expected "
-            "{i}.0.linear.weight, {i}.0.linear.bias, {i}.1.weight)"
-        )
-    heads = sorted({int(_MEDUSA_KEY.fullmatch(k).group(1)) for k in t.shapes})
-    k = len(heads)
-    if not k or heads != list(range(k)):
-        raise DrafterCheckpointError(f"{f}: Medusa heads are numbered {heads}, expected 0..K-1")
-    if cfg.get("medusa_num_layers", 1) != 1 or any(f"{i}.1.linear.weight" in t for i in heads):
-        raise DrafterCheckpointError(
-            f"{folder}: medusa_num_layers={cfg.get('medusa_num_layers', 1)}: each head applies one ResBlock "
-            "several times (shared weights), and specdec's Medusa has one ResBlock per head; only "
-            "medusa_num_layers=1 checkpoints (all official ones) are supported"
-        )
-    said = cfg.get("medusa_num_heads", cfg.get("num_heads"))
-    if said is not None and said != k:
-        warnings.warn(
-            f"{folder}: config.json says medusa_num_heads={said}, but {f.name} holds {k} heads; "
-            f"using the {k} heads in the file",
-            stacklevel=3,
-        )
-    own = [f"{i}.1.weight" in t for i in heads]
-    if any(own) and not all(own):
-        raise DrafterCheckpointError(
-            f"{f}: only heads {[i for i in heads if own[i]]} have their own LM head "
-            "({i}.1.weight); a Medusa file has it for every head or for none"
-        )
-    own_heads = all(own)
-    v2 = str(cfg.get("version", "1")) == "2"
-    if v2 == own_heads:
-        warnings.warn(
-            f"{folder}: config.json says version={cfg.get('version', '1')!r}, but the heads "
-            f"{'have' if own_heads else 'lack'} their own LM head; going by the file",
-            stacklevel=3,
-        )
-    d = t.shapes.get("0.0.linear.weight", (tcfg.hidden_size,))[-1]
-    if d != tcfg.hidden_size:
-        raise _other_target(folder, "Medusa", "hidden_size", d, tcfg.hidden_size)
-    if own_heads and t.shapes["0.1.weight"][0] != tcfg.vocab_size:
-        raise _other_target(folder, "Medusa", "vocab_size", t.shapes["0.1.weight"][0], tcfg.vocab_size)
-    why = f" (hidden_size {d}, vocab_size {tcfg.vocab_size})"
-    p = {
-        "w": np.stack([_tensor(t, f"{i}.0.linear.weight", (d, d), why).T for i in heads]),
-        "b": np.stack([_tensor(t, f"{i}.0.linear.bias", (d,), why) for i in heads]),
-    }
-    if own_heads:
-        p["heads"] = np.stack([_tensor(t, f"{i}.1.weight", (tcfg.vocab_size, d), why).T for i in heads])
-    config = MedusaConfig(k, d, tcfg.vocab_size, tcfg.vocab_size, own_heads, tap=tcfg.num_layers)
-    return Medusa(config), checkpoint.bind("medusa", config, _f32(p), target_params)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# EAGLE-1 / EAGLE-3
-
-
-def _eagle_taps(cfg: dict, tcfg: ModelConfig, folder) -> tuple[int, ...]:
-    L = tcfg.num_layers
-    nested = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-    top = cfg.get("eagle_aux_hidden_state_layer_ids")
-    if nested:  # SGLang / SpecForge: "output of layer k" = HF hidden_states[k + 1]
-        taps = tuple(int(i) + 1 for i in nested)
-    elif top:  # vLLM / speculators: the state entering layer k = HF hidden_states[k]
-        taps = tuple(int(i) for i in top)
-    else:  # the reference: states entering layers 2, L//2, L-3 (clamped for toy targets)
-        return tuple(min(max(i, 0), L) for i in (2, L // 2, L - 3))
-    if len(taps) != 3 or not all(0 <= i <= L for i in taps):
-        raise DrafterCheckpointError(
-            f"{folder}: eagle_aux_hidden_state_layer_ids gives taps {list(taps)}; "
-            f"EAGLE-3 takes three taps in 0..{L} for this {L}-layer target"
-        )
-    return taps
-
-
-def _load_eagle(folder: pathlib.Path, target_params, tcfg: ModelConfig, window: int):
-    cfg = _read_config(folder)
-    f = _eagle_file(folder)
-    if f is None:
-        raise DrafterCheckpointError(f"{folder} has no {' or '.join(EAGLE_FILES)}")
-    t = read_tensors(f)
-    v3 = any(k.startswith("midlayer.") or k.endswith("hidden_norm.weight") for k in t.shapes)
-    if v3 and "midlayer.hidden_norm.weight" not in t:  # speculators naming: layers.0.* -> midlayer.*
-        t = t.renamed({re.sub(r"^layers\.0\.", "midlayer.", k): k for k in t.shapes})
-    lay = "midlayer." if v3 else "layers.0."
-    family = "EAGLE-3" if v3 else "EAGLE-1"
-    if cfg.get("num_hidden_layers", 1) != 1 or any(k.startswith("layers.1.") for k in t.shapes):
-        raise DrafterCheckpointError(
-            f"{folder}: num_hidden_layers={cfg.get('num_hidden_layers')}; specdec's "
-            f"{family} drafter has one decoder layer (as every official one)"
-        )
-    qkv_bias = [k for k in t.shapes if re.fullmatch(rf"{re.escape(lay)}self_attn\.[qkvo]_proj\.bias", k)]
-    if cfg.get("qkv_bias") or cfg.get("attention_bias") or qkv_bias:
-        raise DrafterCheckpointError(
-            f"{folder}: the draft layer has q/k/v projection biases (qkv_bias, "
-            f"{qkv_bias or 'set in config.json'}), which specdec's EAGLE layer does not "
-            "support (Qwen2 EAGLE checkpoints); no other EAGLE checkpoint has them"
-        )
-    rope = dict(cfg.get("rope_parameters") or {})
-    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise DrafterCheckpointError(
-            f"{folder}: the draft layer uses RoPE scaling {scaling}, which specdec's "
-            "EAGLE layer does not support (it applies plain RoPE)"
-        )
-    for flag in ("norm_before_residual", "norm_before_fc"):
-        default = flag == "norm_before_residual" and "speculators_model_type" in cfg
-        if cfg.get(flag, default):
-            raise DrafterCheckpointError(
-                f"{folder}: {flag}=true (a speculators variant of EAGLE-3) is not "
-                "supported: specdec's layer follows the reference EAGLE-3 code"
-            )
-    try:
-        d, nh = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        ffn = int(cfg["intermediate_size"])
-    except KeyError as e:
-        raise DrafterCheckpointError(f"{folder}/config.json has no {e.args[0]!r}") from None
-    nkv = int(cfg.get("num_key_value_heads") or nh)
-    dh = int(cfg.get("head_dim") or d // nh)
-    eps = float(cfg.get("rms_norm_eps", 1e-6))  # LlamaConfig's default, as the reference loader
-    theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    dt = int(cfg.get("target_hidden_size") or d) if v3 else d
-    if dt != tcfg.hidden_size:
-        what = "target_hidden_size" if v3 and cfg.get("target_hidden_size") else "hidden_size"
-        raise _other_target(folder, family, what, dt, tcfg.hidden_size)
-    vocab = int(cfg.get("vocab_size") or tcfg.vocab_size)
-    if "t2d" in t:
-        vocab = t.shapes["t2d"][0]
-    elif not v3 and "embed_tokens.weight" in t:
-        vocab = t.shapes["embed_tokens.weight"][0]
-    if vocab != tcfg.vocab_size:
-        raise _other_target(folder, family, "vocab_size", vocab, tcfg.vocab_size)
-    why = (
-        f" (config.json: hidden_size={d}, heads={nh}, kv heads={nkv}, head_dim={dh}, intermediate_size={ffn}"
-        f"{f', target_hidden_size={dt}' if v3 else ''})"
-    )
-    din = 2 * d if v3 else d
-    get = lambda name, shape: _tensor(t, name, shape, why)
-    used = {
-        "fc.weight",
-        lay + "self_attn.q_proj.weight",
-        lay + "self_attn.k_proj.weight",
-        lay + "self_attn.v_proj.weight",
-        lay + "self_attn.o_proj.weight",
-        lay + "mlp.gate_proj.weight",
-        lay + "mlp.up_proj.weight",
-        lay + "mlp.down_proj.weight",
-        lay + "post_attention_layernorm.weight",
-    }
-    q = get(lay + "self_attn.q_proj.weight", (nh * dh, din))
-    k = get(lay + "self_attn.k_proj.weight", (nkv * dh, din))
-    v = get(lay + "self_attn.v_proj.weight", (nkv * dh, din))
-    layer = {
-        "wqkv": np.concatenate([q.T, k.T, v.T], axis=1),
-        "wo": get(lay + "self_attn.o_proj.weight", (d, nh * dh)).T,
-        "mlp_norm": get(lay + "post_attention_layernorm.weight", (d,)),
-        "w_gate_up": np.concatenate(
-            [get(lay + "mlp.gate_proj.weight", (ffn, d)).T, get(lay + "mlp.up_proj.weight", (ffn, d)).T],
-            axis=1,
-        ),
-        "w_down": get(lay + "mlp.down_proj.weight", (d, ffn)).T,
-    }
-    p: dict = {"layer": layer, "fc_w": get("fc.weight", (d, 3 * dt if v3 else 2 * d)).T}
-    d2t = own_embed = None
-    fc_bias = False
-    if v3:
-        layer["input_norm"] = get(lay + "input_layernorm.weight", (d,))
-        layer["hidden_norm"] = get(lay + "hidden_norm.weight", (d,))
-        p["norm"] = get("norm.weight", (d,))
-        vd = int(cfg.get("draft_vocab_size") or t.shapes.get("lm_head.weight", (vocab,))[0])
-        p["lm_head"] = get("lm_head.weight", (vd, d)).T
-        used |= {lay + "input_layernorm.weight", lay + "hidden_norm.weight", "norm.weight", "lm_head.weight"}
-        d2t = _draft_vocab(t, folder, vd, vocab)
-        taps = _eagle_taps(cfg, tcfg, folder)
-        if d != dt:  # the layer normalises a width-H embedding: the draft's own (reference: cnets.Model)
-            own_embed = get("embed_tokens.weight", (vocab, d))
-            used.add("embed_tokens.weight")
-    else:
-        vd = vocab
-        fc_bias = bool(cfg.get("bias", True))  # the reference: a missing key means bias=True
-        if fc_bias:
-            p["fc_b"] = _tensor(t, "fc.bias", (d,), ' (config.json has no "bias": false, so fc has a bias)')
-            used.add("fc.bias")
-        taps = (tcfg.num_layers,)
-    _warn_unused(t, used, ignored={"embed_tokens.weight", "d2t", "t2d"})
-    try:
-        config = EagleConfig(
-            version=3 if v3 else 1,
-            vocab_size=tcfg.vocab_size,
-            draft_vocab_size=vd,
-            hidden_size=d,
-            target_hidden_size=dt,
-            num_heads=nh,
-            num_kv_heads=nkv,
-            head_dim=dh,
-            intermediate_size=ffn,
-            taps=taps,
-            rms_norm_eps=eps,
-            rope_theta=theta,
-            fc_bias=fc_bias,
-        )
-        config.layer_cfg  # noqa: B018  (validates heads / head_dim)
-    except ValueError as e:
-        raise DrafterCheckpointError(f"{folder}: unsupported {family} shape: {e}") from None
-    params = _f32(p)
-    if d2t is not None:
-        params["d2t"] = d2t
-    runtime = checkpoint.bind("eagle", config, params, target_params)
-    if own_embed is not None:
-        runtime["embed"] = jnp.asarray(own_embed, jnp.float32)
-    return Eagle(config, window=window), runtime
-
-
-def _draft_vocab(t: Tensors, folder, vd: int, vocab: int) -> np.ndarray | None:
-    """Our absolute map d2t[i] = target id of draft id i (None: the identity)."""
-    if "d2t" not in t:
-        if vd != vocab:
-            raise DrafterCheckpointError(
-                f"{t.path} has a reduced draft vocabulary ({vd} of {vocab} tokens) "
-                "but no d2t tensor mapping it to the target's; re-download it"
-            )
-        return None
-    if tuple(t.shapes["d2t"]) != (vd,):
-        raise DrafterCheckpointError(
-            f"{t.path}: tensor 'd2t' has shape {list(t.shapes['d2t'])}, expected [{vd}] (draft_vocab_size)"
-        )
-    off = np.asarray(t.get("d2t"))
-    if not np.issubdtype(off.dtype, np.integer):
-        raise DrafterCheckpointError(
-            f"{t.path}: tensor 'd2t' has dtype {off.dtype}, expected integers (offsets)"
-        )
-    ids = np.arange(vd, dtype=np.int64) + off.astype(np.int64)
-    if ids.min() < 0 or ids.max() >= vocab or len(np.unique(ids)) != vd:
-        raise DrafterCheckpointError(
-            f"{t.path}: d2t maps draft ids outside 0..{vocab - 1} or twice onto one "
-            "target id (it holds offsets: target = draft + d2t[draft]); the mapping "
-            "is corrupt"
-        )
-    if "t2d" in t:
-        mask = np.asarray(t.get("t2d")).astype(bool)
-        if mask.sum() != vd or not mask[ids].all():
-            warnings.warn(
-                f"{t.path}: t2d does not mark exactly the target ids of d2t; using d2t", stacklevel=4
-            )
-    if vd == vocab and (ids == np.arange(vd)).all():
-        return None
-    return ids.astype(np.int32)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -443,14 +139,18 @@ def load_official(path, target_params, target_cfg: ModelConfig, *, window: int =
     Checked against the target (hidden size, vocabulary) and tensor by tensor; `window` is the tree
     builder's window (EAGLE's per-node state).
     """
-    folder = _folder(path)
+    folder = folder_of(path)
     if not folder.is_dir():
         raise DrafterCheckpointError(f"{path} does not exist or is not a folder")
     kind = is_official(folder)
+    # Imported here: both loaders use this module's checks.
+    from specdec.drafters.official_eagle import load_eagle
+    from specdec.drafters.official_medusa import load_medusa
+
     if kind == "medusa":
-        return _load_medusa(folder, target_params, target_cfg)
+        return load_medusa(folder, target_params, target_cfg)
     if kind == "eagle":
-        return _load_eagle(folder, target_params, target_cfg, window)
+        return load_eagle(folder, target_params, target_cfg, window)
     have = sorted(p.name for p in folder.iterdir())[:12]
     raise DrafterCheckpointError(
         f"{folder} is not an official Medusa or EAGLE checkpoint (found {have}); expected config.json with "

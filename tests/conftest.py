@@ -66,6 +66,24 @@ def build_tiny(arch: str, path, *, layers: int = 2, seed: int = 0, vocab: int = 
     return model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop every compiled executable after each test module.
+
+    XLA:CPU maps each executable's code into its own memory regions (~10 per executable). One
+    process running the whole suite compiles thousands of them and hits the kernel's
+    vm.max_map_count (65,530): LLVM then fails with "Cannot allocate memory" and the process
+    aborts. Modules share no executables, so clearing between modules costs nothing.
+    """
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """arch -> (torch model, specdec LoadedModel), built once per test session."""
