@@ -164,23 +164,27 @@ def tokenize_conversation(tokenizer, conv: Sequence[dict[str, str]], max_len: in
     return Example(np.asarray(ids, np.int32), np.asarray(mask, bool))
 
 
+def _select(tokenizer, convs, num: int, max_len: int, seed: int) -> list[tuple[Sequence[dict], Example]]:
+    order = np.random.default_rng(seed).permutation(len(convs))
+    out = []
+    for i in order:
+        if len(out) >= num:
+            break
+        ex = tokenize_conversation(tokenizer, convs[i], max_len)
+        if ex is not None:
+            out.append((convs[i], ex))
+    return out
+
+
 def select_conversations(
     tokenizer, convs: Sequence[Sequence[dict[str, str]]], num: int, max_len: int, seed: int
 ) -> list[Sequence[dict[str, str]]]:
     """The first `num` conversations with an assistant token within `max_len`, in a seeded shuffle."""
-    order = np.random.default_rng(seed).permutation(len(convs))
-    out: list[Sequence[dict[str, str]]] = []
-    for i in order:
-        if len(out) >= num:
-            break
-        if tokenize_conversation(tokenizer, convs[i], max_len) is not None:
-            out.append(convs[i])
-    return out
+    return [c for c, _ in _select(tokenizer, convs, num, max_len, seed)]
 
 
 def prepare_examples(
     tokenizer, convs: Sequence[Sequence[dict[str, str]]], num: int, max_len: int, seed: int
 ) -> list[Example]:
-    """`select_conversations`, tokenized (deterministic)."""
-    chosen = select_conversations(tokenizer, convs, num, max_len, seed)
-    return [ex for c in chosen if (ex := tokenize_conversation(tokenizer, c, max_len)) is not None]
+    """The examples of `select_conversations` (deterministic; each conversation tokenized once)."""
+    return [ex for _, ex in _select(tokenizer, convs, num, max_len, seed)]

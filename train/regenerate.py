@@ -19,15 +19,10 @@ import pathlib
 from collections.abc import Sequence
 
 from specdec.sampling import SamplingConfig
-from specdec.train.data import ROLES
+from specdec.train.data import ROLES, _ids
 
 Conversation = Sequence[dict[str, str]]
 _FROM = {"user": "human", "assistant": "gpt", "system": "system"}
-
-
-def _prompt_ids(tokenizer, messages) -> list[int]:
-    enc = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-    return [int(i) for i in (enc["input_ids"] if hasattr(enc, "keys") else enc)]
 
 
 def _read_done(path: pathlib.Path) -> dict[int, list[dict[str, str]]]:
@@ -61,7 +56,7 @@ def _regenerate_chunk(params, cfg, tokenizer, convs, *, max_len, max_new_tokens,
                 pos[i] += 1
             if pos[i] >= len(conv):
                 continue
-            ids = _prompt_ids(tokenizer, out[i])
+            ids = _ids(tokenizer, out[i], gen_prompt=True)
             if len(ids) >= max_len:  # no room left for an answer: the conversation ends here
                 continue
             prompts.append(ids)
