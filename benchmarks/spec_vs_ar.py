@@ -2,8 +2,12 @@
 
 For each drafter × tree configuration: tokens/s relative to AR (same loop, no drafter), τ
 (tokens per target forward, bonus included), whether the output equals AR's (greedy), compile
-time, and the per-step cost split — draft (build the tree), verify (target forward over the tree
-block) and the rest (verify + commit + drafter update) — timed as separate jitted pieces.
+time, and the per-step cost split, each piece jitted alone on a state right after prefill:
+draft (build the tree), verify_forward (target forward over the tree block, with taps), verifier,
+commit (cache commit + append tokens), drafter_update, and the step inside the on-device loop
+(`loop_step`: 16 steps of the while_loop / 16); `other` = loop_step - the pieces (loop overhead,
+what XLA does differently fused). `not_forward_vs_ar_step` = (loop_step - verify_forward) / the AR
+loop step: the cost of speculation beyond the target forward, as a fraction of a T = 1 step.
 
     python benchmarks/spec_vs_ar.py --max_new_tokens 128 --out runs/spec_vs_ar.json
     python benchmarks/spec_vs_ar.py --config 'ngram|chain:4' --config 'layerskip:6|static:eagle1'
@@ -26,9 +30,10 @@ flags.DEFINE_integer("max_new_tokens", 128, "Greedy tokens per prompt.")
 flags.DEFINE_integer("repeats", 2, "Timed repeats per prompt (median reported).")
 flags.DEFINE_multi_string(
     "config",
-    ["ngram|chain:2", "ngram|chain:4", "ngram:adaptive=0|chain:4", "ngram|chain:8", "layerskip:6|chain:2",
-     "layerskip:6|dynamic:depth=3,topk=2,n=8"],
-    "drafter|tree (repeatable); drafter = ngram[:n=N,adaptive=0|1] | layerskip:K.",
+    ["ngram|chain:2", "ngram|chain:4", "ngram|chain:8", "eagle|chain:3",
+     "eagle|dynamic:depth=5,topk=3,n=10", "eagle3|chain:3", "medusa|chain:2"],
+    "drafter|tree (repeatable); drafter = ngram[:n=N,adaptive=0|1] | layerskip:K | eagle | eagle3 | medusa "
+    "| a checkpoint folder.",
 )  # fmt: skip
 flags.DEFINE_string("out", None, "Write results as JSON here.")
 
@@ -38,6 +43,9 @@ PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number, then explain it.",
     "What are the main differences between TCP and UDP?",
 ]
+
+
+PIECES = ("draft", "verify_forward", "verifier", "commit", "drafter_update")
 
 
 def timed(fn):
@@ -52,7 +60,7 @@ def main(argv):
     import jax.numpy as jnp
 
     from specdec.chat import chat_ids
-    from specdec.decode import prefill_jit, step_jit
+    from specdec.decode import emit, loop_jit, prefill_jit
     from specdec.drafters import parse_drafter
     from specdec.generate import generate, make_spec, pad_prompts, warmup
     from specdec.loading import load_model
@@ -68,6 +76,10 @@ def main(argv):
     n_new = FLAGS.max_new_tokens
     result = {"load_avg_start": [round(x, 2) for x in os.getloadavg()], "max_new_tokens": n_new, "runs": {}}
 
+    def bench(fn):
+        jax.block_until_ready(fn())
+        return statistics.median(timed(lambda: jax.block_until_ready(fn()))[1] for _ in range(7))
+
     def measure(name, **kw):
         _, t_compile = timed(lambda: warmup(params, cfg, [prompts[0]], max_new_tokens=n_new, **kw))
         tps, outs, taus = [], [], []
@@ -81,8 +93,54 @@ def main(argv):
               f"compile {t_compile:5.1f} s")  # fmt: skip
         return dict(tokens_per_s=statistics.median(tps), tau=statistics.mean(taus), compile_s=t_compile), outs
 
+    def step_split(drafter, dparams, builder) -> dict[str, float]:
+        """Seconds per piece of one step on the state after prefilling prompt 0 (medians of 7)."""
+        spec = make_spec(cfg, SamplingConfig(), drafter, builder, None)
+        window = 1 if builder is None else max(builder.window, builder.num_nodes) + builder.max_depth + 1
+        toks, lens, size = pad_prompts([prompts[0]], cfg, n_new, None, window)
+        eos, max_new = jnp.asarray([-1], jnp.int32), jnp.int32(n_new)
+        state = prefill_jit(params, dparams, jnp.asarray(toks), jnp.asarray(lens), jax.random.key(0), eos,
+                            max_new, spec=spec, cache_size=size)  # fmt: skip
+        out = {}
+        loop = lambda: loop_jit(params, dparams, jax.tree.map(jnp.copy, state), eos, max_new, jnp.int32(16),
+                                spec=spec)  # fmt: skip
+        out["loop_step"] = bench(loop) / 16
+        if drafter is None:
+            return out
+        key = jax.random.key(1)
+        draft_fn = jax.jit(lambda dp, st: builder(drafter, dp, st.draft, st.ctx, key, spec.sampling))
+        tree, draft = draft_fn(dparams, state)
+
+        def verify_fwd(ps, st, tr):
+            toks = jnp.where(tr.valid, tr.tokens, 0)
+            return forward(ps, cfg, toks, positions(tr, st.cache.lengths), st.cache, ancestor_mask(tr),
+                           taps=spec.taps)  # fmt: skip
+
+        verify_fn = jax.jit(verify_fwd)
+        logits, taps, cache = verify_fn(params, state, tree)
+        verifier_fn = jax.jit(lambda tr, lg: spec.verifier(tr, lg, key, spec.sampling))
+        verdict = verifier_fn(tree, logits)
+
+        def commit(st, c, v):
+            c = c.commit(v.path, v.n_accepted + 1)
+            new = jnp.take_along_axis(tree.tokens, v.path, axis=1)
+            return emit(st.replace(cache=c), new, v.n_accepted + 1, eos, max_new)[0]
+
+        commit_fn = jax.jit(commit)
+        st2 = commit_fn(state, cache, verdict)
+        update_fn = jax.jit(lambda dp, st, v, tp: drafter.update(dp, draft, st.ctx, tree, v, tp))
+        out["draft"] = bench(lambda: draft_fn(dparams, state))
+        out["verify_forward"] = bench(lambda: verify_fn(params, state, tree))
+        out["verifier"] = bench(lambda: verifier_fn(tree, logits))
+        out["commit"] = bench(lambda: commit_fn(state, cache, verdict))
+        out["drafter_update"] = bench(lambda: update_fn(dparams, st2, verdict, taps))
+        return out
+
     ar, ar_outs = measure("AR")
+    ar["step_ms"] = {k: v * 1e3 for k, v in step_split(None, None, None).items()}
+    ar_step = ar["step_ms"]["loop_step"]
     result["runs"]["AR"] = ar
+    print(f"{'':45s} AR loop step {ar_step:.1f} ms")
     for c in FLAGS.config:
         dname, _, tname = c.partition("|")
         builder = parse_tree(tname)
@@ -93,37 +151,13 @@ def main(argv):
         r, outs = measure(c, **kw)
         r["speedup"] = r["tokens_per_s"] / ar["tokens_per_s"]
         r["identical_to_ar"] = outs == ar_outs
-        # Per-step cost split, on a state right after prefill of prompt 0.
-        spec = make_spec(cfg, SamplingConfig(), drafter, builder, None)
-        window = max(builder.window, builder.num_nodes) + builder.max_depth + 1
-        toks, lens, size = pad_prompts([prompts[0]], cfg, n_new, None, window)
-        eos = jnp.asarray([-1], jnp.int32)
-        state = prefill_jit(params, dparams, jnp.asarray(toks), jnp.asarray(lens), jax.random.key(0), eos,
-                            jnp.int32(n_new), spec=spec, cache_size=size)  # fmt: skip
-        key = jax.random.key(1)
-        draft_fn = jax.jit(lambda dp, st: builder(drafter, dp, st.draft, st.ctx, key, spec.sampling))
-        tree, _ = draft_fn(dparams, state)
-
-        def verify_fwd(ps, st, tr):
-            toks = jnp.where(tr.valid, tr.tokens, 0)
-            return forward(ps, cfg, toks, positions(tr, st.cache.lengths), st.cache, ancestor_mask(tr))[0]
-
-        verify_fn = jax.jit(verify_fwd)
-
-        def bench(fn):
-            jax.block_until_ready(fn())
-            return statistics.median(timed(lambda: jax.block_until_ready(fn()))[1] for _ in range(7))
-
-        t_draft = bench(lambda: draft_fn(dparams, state))
-        t_verify = bench(lambda: verify_fn(params, state, tree))
-        t_step = bench(lambda: step_jit(params, dparams, jax.tree.map(jnp.copy, state), eos, jnp.int32(n_new),
-                                        spec=spec))  # fmt: skip
-        rest = max(t_step - t_draft - t_verify, 0.0)
-        r["step_ms"] = {"draft": t_draft * 1e3, "verify_forward": t_verify * 1e3, "rest": rest * 1e3,
-                        "total": t_step * 1e3}  # fmt: skip
+        r["step_ms"] = {k: v * 1e3 for k, v in step_split(drafter, dparams, builder).items()}
+        r["step_ms"]["other"] = r["step_ms"]["loop_step"] - sum(r["step_ms"][k] for k in PIECES)
+        r["not_forward_vs_ar_step"] = (r["step_ms"]["loop_step"] - r["step_ms"]["verify_forward"]) / ar_step
         result["runs"][c] = r
         print(f"{'':45s} speedup {r['speedup']:.2f}x  identical {r['identical_to_ar']}  step ms "
-              + " ".join(f"{k}={v:.1f}" for k, v in r["step_ms"].items()))  # fmt: skip
+              + " ".join(f"{k}={v:.1f}" for k, v in r["step_ms"].items())
+              + f"  not-forward {r['not_forward_vs_ar_step']:.0%} of an AR step")  # fmt: skip
     result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=2, default=float))
     if FLAGS.out:

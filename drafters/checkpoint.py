@@ -26,6 +26,7 @@ from safetensors.numpy import load_file, save_file
 
 from specdec.drafters.eagle import Eagle, EagleConfig
 from specdec.drafters.medusa import Medusa, MedusaConfig
+from specdec.matmul import layout_of, pack_params, plain
 from specdec.models.config import ModelConfig
 
 FORMAT = "specdec-drafter"
@@ -144,27 +145,31 @@ def check_target(meta: dict, target_params, cfg: ModelConfig, path) -> None:
 
 
 def target_head(target_params) -> jnp.ndarray:
-    """The target's LM head as [D, V] (tied heads: the embedding, transposed)."""
+    """The target's LM head as a plain [D, V] array (tied heads: the embedding, transposed)."""
     if "lm_head" in target_params:
-        return target_params["lm_head"]
+        return plain(target_params["lm_head"])
     return target_params["embed"].T
 
 
 def bind(family: str, config, params: dict, target_params) -> dict:
-    """Runtime params: trained arrays + the target's embedding / head (rows at d2t) by reference."""
+    """Runtime params: trained arrays + the target's embedding / head (rows at d2t) by reference,
+    in the target's matmul layout (`specdec.matmul`: packed on CPU)."""
     p = {k: v for k, v in params.items()}
     d2t = params.get("d2t")
     shared_head = (family == "medusa" and not config.own_heads) or (family == "eagle" and config.version == 1)
-    if shared_head:
-        head = target_head(target_params)
-        p["head"] = head if d2t is None else jnp.take(head, jnp.asarray(d2t), axis=1)
+    if shared_head and d2t is None:
+        p["head"] = target_params.get("lm_head", None)  # shared as is, in the target's layout
+        if p["head"] is None:
+            p["head"] = target_params["embed"].T
+    elif shared_head:
+        p["head"] = jnp.take(target_head(target_params), jnp.asarray(d2t), axis=1)
     if family == "eagle":
         p["embed"] = target_params["embed"]
         if config.version == 3:
             p["head"] = p.pop("lm_head")
     if d2t is not None:
         p["d2t"] = jnp.asarray(d2t, jnp.int32)
-    return p
+    return pack_params(p, layout_of(target_params))
 
 
 def load(path: os.PathLike, target_params, cfg: ModelConfig, *, window: int = 64):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
@@ -90,7 +91,7 @@ def layer_skip(params: Params, cfg: ModelConfig, num_layers: int) -> tuple[Draft
             f"layer-skip needs 1 <= k < {cfg.num_layers} (the target's layer count), got k={num_layers}"
         )
     if cfg.scan_layers:
-        layers = {k: v[:num_layers] for k, v in params["layers"].items()}
+        layers = jax.tree.map(lambda v: v[:num_layers], params["layers"])  # PackedWeight tiles too
     else:
         layers = list(params["layers"][:num_layers])
     return DraftModel(cfg.replace(num_layers=num_layers)), {**params, "layers": layers}

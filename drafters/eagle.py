@@ -35,10 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from specdec.attention import attend, attend_cache, cache_mask
 from specdec.cache import KVCache, causal_mask
 from specdec.drafters.protocol import Context
+from specdec.matmul import PackedWeight, dense
 from specdec.models.config import ModelConfig
-from specdec.models.llama import _attend, _full_mask, rms_norm
+from specdec.models.llama import rms_norm
 from specdec.models.rope import apply_rope, rope_tables
 from specdec.tree import Tree, ancestor_mask
 
@@ -122,7 +124,7 @@ def fuse(params, cfg: EagleConfig, taps) -> Float[Array, "B T D"]:
     """The draft's input feature from target taps (v1: tap L as is; v3: fc over three taps)."""
     if cfg.version == 1:
         return taps[0]
-    return jnp.concatenate([t.astype(jnp.float32) for t in taps], axis=-1) @ params["fc_w"]
+    return dense(jnp.concatenate([t.astype(jnp.float32) for t in taps], axis=-1), params["fc_w"])
 
 
 def layer_input(params, cfg: EagleConfig, tokens: Int[Array, "B T"], feat: Float[Array, "B T D"]):
@@ -130,7 +132,7 @@ def layer_input(params, cfg: EagleConfig, tokens: Int[Array, "B T"], feat: Float
     emb = params["embed"][tokens].astype(jnp.float32)
     feat = feat.astype(jnp.float32)
     if cfg.version == 1:
-        x = jnp.concatenate([emb, feat], axis=-1) @ params["fc_w"]
+        x = dense(jnp.concatenate([emb, feat], axis=-1), params["fc_w"])
         if "fc_b" in params:
             x = x + params["fc_b"]
         return x, x
@@ -143,7 +145,7 @@ def project(params, cfg: EagleConfig, x, positions):
     """RoPE'd q [B,T,Hq,Dh], k, v [B,T,Hkv,Dh] of the draft layer."""
     b, t = x.shape[:2]
     nq, nkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qkv = x @ params["layer"]["wqkv"]
+    qkv = dense(x, params["layer"]["wqkv"])
     cos, sin = rope_tables(cfg.layer_cfg, positions)
     q = apply_rope(qkv[..., : nq * dh].reshape(b, t, nq, dh), cos, sin)
     k = apply_rope(qkv[..., nq * dh : (nq + nkv) * dh].reshape(b, t, nkv, dh), cos, sin)
@@ -154,16 +156,16 @@ def project(params, cfg: EagleConfig, x, positions):
 def finish(params, cfg: EagleConfig, resid, attn: Float[Array, "B T HD"]) -> Float[Array, "B T D"]:
     """Output projection, residual and MLP: the draft layer's output feature."""
     lp = params["layer"]
-    h = resid + attn @ lp["wo"]
-    gate, up = jnp.split(rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps) @ lp["w_gate_up"], 2, axis=-1)
-    return h + (jax.nn.silu(gate) * up) @ lp["w_down"]
+    h = resid + dense(attn, lp["wo"])
+    gate, up = jnp.split(dense(rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps), lp["w_gate_up"]), 2, axis=-1)
+    return h + dense(jax.nn.silu(gate) * up, lp["w_down"])
 
 
 def draft_logits(params, cfg: EagleConfig, out: Float[Array, "... D"]) -> Float[Array, "... Vd"]:
     """Logits over the draft vocabulary."""
     if cfg.version == 3:
         out = rms_norm(out, params["norm"], cfg.rms_norm_eps)
-    return jnp.dot(out, params["head"], preferred_element_type=jnp.float32)
+    return dense(out, params["head"])
 
 
 def to_target_vocab(logits: Float[Array, "... Vd"], d2t: Int[Array, " Vd"] | None, vocab: int):
@@ -179,13 +181,14 @@ def run_layer(params, cfg: EagleConfig, tokens, feat, positions, cache: KVCache 
     x, resid = layer_input(params, cfg, tokens, feat)
     q, k, v = project(params, cfg, x, positions)
     lc = cfg.layer_cfg
-    mask = _full_mask(lc, positions, cache, block_mask, slots)
+    mask = cache_mask(lc, positions, cache, block_mask, slots)
     if cache is None:
-        keys, values = k, v
+        attn = attend(q, k, v, mask, lc)
     else:
         cache = cache.write(0, k, v, slots)
-        keys, values = cache.k[0], cache.v[0]
-    return finish(params, cfg, resid, _attend(q, keys, values, mask, lc)), cache
+        kernel = isinstance(params["layer"]["wqkv"], PackedWeight)
+        attn = attend_cache(q, cache, 0, mask, lc, kernel=kernel)
+    return finish(params, cfg, resid, attn), cache
 
 
 @flax.struct.dataclass

@@ -27,6 +27,7 @@ from jaxtyping import Array, Float, Int
 
 from specdec.drafters.eagle import to_target_vocab
 from specdec.drafters.protocol import Context
+from specdec.matmul import dense
 from specdec.tree import Tree
 
 
@@ -63,7 +64,7 @@ def head_logits(params, cfg: MedusaConfig, feat: Float[Array, "... D"]) -> Float
                                    params["w"]) + params["b"])  # fmt: skip
     if cfg.own_heads:
         return jnp.einsum("...kd,kdv->...kv", h, params["heads"], preferred_element_type=jnp.float32)
-    return jnp.dot(h, params["head"], preferred_element_type=jnp.float32)
+    return dense(h, params["head"])
 
 
 @flax.struct.dataclass

@@ -70,7 +70,7 @@ class Spec:
         return () if self.drafter is None else tuple(self.drafter.taps)
 
 
-def _emit(state: DecodeState, new: Int[Array, "B K"], count: Int[Array, " B"], eos_ids, max_new):
+def emit(state: DecodeState, new: Int[Array, "B K"], count: Int[Array, " B"], eos_ids, max_new):
     """Append `new[b, :count[b]]` to each running row, stopping after EOS or at max_new."""
     b, k = new.shape
     j = jnp.arange(k)[None, :]
@@ -108,7 +108,7 @@ def _prefill(params, dparams, prompt, prompt_lens, key, eos_ids, max_new, *, spe
         row_steps=jnp.zeros((b,), jnp.int32),
         accepted_hist=jnp.zeros((spec.max_depth + 2,), jnp.int32),
     )
-    state, _ = _emit(state, sample(sub, logits[:, 0], spec.sampling)[:, None], jnp.ones((b,), jnp.int32),
+    state, _ = emit(state, sample(sub, logits[:, 0], spec.sampling)[:, None], jnp.ones((b,), jnp.int32),
                      eos_ids, max_new)  # fmt: skip
     if spec.drafter is not None:
         draft = spec.drafter.init(dparams, state.ctx, prompt, taps, cache_size)
@@ -164,7 +164,7 @@ def _advance(params, dparams, state: DecodeState, tree: Tree, k_verify, eos_ids,
     new = jnp.where(jnp.arange(new.shape[1])[None, :] == n[:, None], verdict.next_token[:, None], new)
     running = ~state.done
     state = state.replace(cache=cache, steps=state.steps + 1, row_steps=state.row_steps + running)
-    state, count = _emit(state, new, n + 1, eos_ids, max_new)
+    state, count = emit(state, new, n + 1, eos_ids, max_new)
     state = state.replace(accepted_hist=state.accepted_hist.at[count].add(running.astype(jnp.int32)))
     if spec.drafter is not None:
         state = state.replace(draft=spec.drafter.update(dparams, state.draft, state.ctx, tree, verdict, taps))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from specdec import kernels, matmul
 from specdec.chat import chat_ids
 from specdec.generate import generate
 from specdec.models import to_device
@@ -15,7 +16,8 @@ PROMPT = "Give me three facts about the Moon."
 
 def test_64_greedy_tokens_identical_to_hf(embedded, hf_embedded):
     ids = chat_ids(embedded.tokenizer, PROMPT)
-    params = to_device(embedded.params, embedded.cfg)
+    params = to_device(embedded.params, embedded.cfg)  # packed layout + CPU kernels where built
+    assert matmul.layout_of(params) == ("packed" if kernels.available() else "plain")
     ours = generate(params, embedded.cfg, [ids], max_new_tokens=64, eos_ids=[]).tokens[0]
     with torch.no_grad():
         t = torch.tensor([ids])

@@ -24,6 +24,7 @@ from specdec.drafters import eagle, medusa  # noqa: E402
 from specdec.drafters.checkpoint import DrafterCheckpointError  # noqa: E402
 from specdec.drafters.official import is_official, load_official, read_tensors  # noqa: E402
 from specdec.generate import generate  # noqa: E402
+from specdec.matmul import plain  # noqa: E402
 from specdec.models import to_device  # noqa: E402
 from specdec.trees import parse_tree  # noqa: E402
 
@@ -222,7 +223,7 @@ def test_eagle1_numerics(target, tmp_path, fmt, bias):
     assert d.cfg.version == 1 and d.cfg.taps == (cfg.num_layers,) and d.cfg.fc_bias == bias
     tokens, (feat,), pos = inputs(cfg.vocab_size)
     emb = torch.from_numpy(np.array(params["embed"]))[tokens]
-    head = torch.from_numpy(np.array(params["lm_head"]))
+    head = torch.from_numpy(np.array(plain(params["lm_head"])))
     assert_close(ours(d, dp, tokens, [feat], pos), t_eagle1(sd, emb, feat, pos, head))
 
 
@@ -292,7 +293,7 @@ def test_medusa_numerics(target, tmp_path, own, fmt, prefix):
     sd = {k[len(prefix) :]: v.float() for k, v in sd.items()}
     feat = torch.randn(2, 5, H, generator=torch.Generator().manual_seed(3))
     got = np.asarray(medusa.head_logits(dp, d.cfg, j(feat)))  # [2, 5, K, V]
-    head = None if own else torch.from_numpy(np.array(params["lm_head"]))
+    head = None if own else torch.from_numpy(np.array(plain(params["lm_head"])))
     for k in range(3):
         assert_close(got[..., k, :], t_medusa(sd, feat, k, head))
 

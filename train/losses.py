@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Bool, Float, Int
 
+from specdec.attention import NEG_INF
 from specdec.cache import causal_mask
 from specdec.drafters import eagle, medusa
-from specdec.models.llama import _NEG_INF
 
 
 @flax.struct.dataclass
@@ -136,7 +136,7 @@ def eagle3_outputs(params, cfg: eagle.EagleConfig, tokens: Int[Array, "B T"], ta
             values.append(vv)
         prefix_ok = j[None, :] <= j[:, None] - k  # [n, n]: key position <= query position - k
         s_pre = jnp.einsum("btkgd,bskd->bkgts", q, k0, preferred_element_type=jnp.float32)
-        s_pre = jnp.where(prefix_ok, s_pre, _NEG_INF)
+        s_pre = jnp.where(prefix_ok, s_pre, NEG_INF)
         # step m's key at position p - k + m (m = 1..k; m = k is the query's own key)
         diag_k = [_shift(km, k - m) for m, km in enumerate(keys, start=1)]
         diag_v = [_shift(vm, k - m) for m, vm in enumerate(values, start=1)]

@@ -21,17 +21,24 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from specdec.attention import attend, attend_cache, cache_mask, visible_limit
 from specdec.cache import KVCache
+from specdec.matmul import PackedWeight, choose_layout, dense, pack, pack_params
 from specdec.models.config import ModelConfig
 from specdec.models.rope import apply_rope, rope_tables
 
 Params = dict[str, Any]
-_NEG_INF = -1e30  # finite, so a fully masked row cannot produce NaN
 
 
-def to_device(params: Params, cfg: ModelConfig) -> Params:
-    """Cast host params to `cfg.dtype` on device; stack the layers when `cfg.scan_layers`."""
+def to_device(params: Params, cfg: ModelConfig, layout: str | None = None) -> Params:
+    """Cast host params to `cfg.dtype` on device; stack the layers when `cfg.scan_layers`.
+
+    `layout` is the dense weights' layout (`specdec.matmul`): None chooses per backend ("packed" on
+    CPU with the kernel built, "plain" elsewhere). A packed tied model gets a packed `lm_head`
+    (the embedding transposed) beside the plain `embed` it still gathers from.
+    """
     dtype = jnp.dtype(cfg.dtype)
+    layout = layout or choose_layout(dtype)
     cast = lambda x: jnp.asarray(x, dtype)
     out = {k: cast(v) for k, v in params.items() if k != "layers"}
     layers = params["layers"]
@@ -39,7 +46,9 @@ def to_device(params: Params, cfg: ModelConfig) -> Params:
         out["layers"] = {k: cast(np.stack([lp[k] for lp in layers])) for k in layers[0]}
     else:
         out["layers"] = jax.tree.map(cast, layers)
-    return out
+    if layout == "packed" and "lm_head" not in out:
+        out["lm_head"] = pack(out["embed"].T)
+    return pack_params(out, layout)
 
 
 def rms_norm(x: Float[Array, "... D"], w: Float[Array, " D"], eps: float) -> Float[Array, "... D"]:
@@ -49,23 +58,14 @@ def rms_norm(x: Float[Array, "... D"], w: Float[Array, " D"], eps: float) -> Flo
     return w * x32.astype(x.dtype)
 
 
-def _attend(q, k, v, mask: Bool[Array, "B T S"], cfg: ModelConfig):
-    """GQA attention of q [B,T,Hq,Dh] over k, v [B,S,Hkv,Dh] under mask [B,T,S] -> [B,T,Hq*Dh]."""
-    b, t = q.shape[:2]
-    q = q.reshape(b, t, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (cfg.head_dim**-0.5)
-    scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, cfg.num_heads * cfg.head_dim)
+def _layer(lp, h, cos, sin, mask, limit, cache: KVCache | None, slots, layer_idx, cfg: ModelConfig):
+    """One decoder layer; writes this layer's new keys/values into `cache` (when given).
 
-
-def _layer(lp, h, cos, sin, mask, cache: KVCache | None, slots, layer_idx, cfg: ModelConfig):
-    """One decoder layer; writes this layer's new keys/values into `cache` (when given)."""
+    Packed weights (the CPU layout) also select the CPU attention kernel over the cache prefix.
+    """
     b, t, _ = h.shape
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
-    qkv = x @ lp["wqkv"]
+    qkv = dense(x, lp["wqkv"]).astype(h.dtype)
     if "bqkv" in lp:
         qkv = qkv + lp["bqkv"]
     nq, nkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -74,34 +74,16 @@ def _layer(lp, h, cos, sin, mask, cache: KVCache | None, slots, layer_idx, cfg: 
     v = qkv[..., (nq + nkv) * dh :].reshape(b, t, nkv, dh)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is None:
-        keys, values = k, v  # no cache: the block attends to itself only
+        attn = attend(q, k, v, mask, cfg)  # no cache: the block attends to itself only
     else:
         cache = cache.write(layer_idx, k, v, slots)
-        keys, values = cache.k[layer_idx], cache.v[layer_idx]
-    h = h + _attend(q, keys, values, mask, cfg) @ lp["wo"]
+        kernel = isinstance(lp["wqkv"], PackedWeight)
+        attn = attend_cache(q, cache, layer_idx, mask, cfg, kernel=kernel, limit=limit)
+    h = h + dense(attn.astype(h.dtype), lp["wo"]).astype(h.dtype)
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate, up = jnp.split(x @ lp["w_gate_up"], 2, axis=-1)
-    h = h + (jax.nn.silu(gate) * up) @ lp["w_down"]
+    gate, up = jnp.split(dense(x, lp["w_gate_up"]).astype(h.dtype), 2, axis=-1)
+    h = h + dense(jax.nn.silu(gate) * up, lp["w_down"]).astype(h.dtype)
     return h, cache
-
-
-def _full_mask(cfg, positions, cache: KVCache | None, block_mask, slots):
-    """[B,T,S] visibility over the cache (or [B,T,T] without one), with Mistral's sliding window."""
-    if cache is None:
-        mask, key_pos = block_mask, positions
-    else:
-        mask = cache.attention_mask(block_mask)
-        # Committed slot j holds position j; block slot lengths + i holds positions[:, i]. With
-        # explicit slots (a drafter expanding tree nodes) window slots are taken as their index,
-        # which overestimates a tree node's position by < W: the window may shrink by that much.
-        slot = jnp.arange(cache.size)[None, :]
-        key_pos = slot
-        if slots is None:
-            rel = jnp.clip(slot - cache.lengths[:, None], 0, positions.shape[1] - 1)
-            key_pos = jnp.where(slot < cache.lengths[:, None], slot, jnp.take_along_axis(positions, rel, 1))
-    if cfg.sliding_window is not None:
-        mask = mask & (positions[:, :, None] - key_pos[:, None, :] < cfg.sliding_window)
-    return mask
 
 
 def forward(
@@ -128,7 +110,8 @@ def forward(
     """
     h = params["embed"][tokens]
     cos, sin = rope_tables(cfg, positions)
-    mask = _full_mask(cfg, positions, cache, block_mask, slots)
+    mask = cache_mask(cfg, positions, cache, block_mask, slots)
+    limit = visible_limit(mask) if cache is not None else None
     n = cfg.num_layers
     tapped: dict[int, Array] = {}
     if cfg.scan_layers:
@@ -137,7 +120,7 @@ def forward(
             h, c = carry
             lp, i = xs
             h_in = h
-            h, c = _layer(lp, h, cos, sin, mask, c, slots, i, cfg)
+            h, c = _layer(lp, h, cos, sin, mask, limit, c, slots, i, cfg)
             return (h, c), h_in
 
         (h, cache), stream = jax.lax.scan(body, (h, cache), (params["layers"], jnp.arange(n)))
@@ -146,7 +129,7 @@ def forward(
         for i, lp in enumerate(params["layers"]):
             if i in taps:
                 tapped[i] = h
-            h, cache = _layer(lp, h, cos, sin, mask, cache, slots, i, cfg)
+            h, cache = _layer(lp, h, cos, sin, mask, limit, cache, slots, i, cfg)
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     tapped[n] = h
     if logits_idx is not None:
@@ -158,5 +141,5 @@ def forward(
 def lm_head(params: Params, h: Float[Array, "... D"]) -> Float[Array, "... V"]:
     """Project normed hidden states to float32 vocabulary logits (tied or untied head)."""
     if "lm_head" in params:
-        return jnp.dot(h, params["lm_head"], preferred_element_type=jnp.float32)
+        return dense(h, params["lm_head"])
     return jnp.einsum("...d,vd->...v", h, params["embed"], preferred_element_type=jnp.float32)

@@ -1,0 +1,144 @@
+"""Hardware-aware tree choice (Sequoia-style): acceptance per depth × this machine's step cost.
+
+For each drafter, one deep chain run on MT-Bench first turns measures the acceptance per depth
+a(d) = P(accepted path reaches depth d). A chain of k drafts accepts min(accepted, k) of the same
+drafts, so its τ is predicted exactly in expectation: τ(k) = 1 + Σ_{d ≤ k} a(d). The step cost of
+chain:k is measured on this machine (16 steps of the on-device loop / 16, after prefill), and the
+predicted speedup is τ(k) / (step(k) / AR step). Dynamic and static trees cannot be predicted
+from a chain, so their τ and step are measured directly on the same prompts. Everything in one
+run, against one AR baseline; `specdec-eval` on all of MT-Bench is the direct check of a choice.
+For the adaptive n-gram drafter (an AR step when nothing matches) the step cost on prompt 0 is a
+mix of both kinds of step, so its prediction is rougher.
+
+    python benchmarks/choose_trees.py --out runs/choose_trees.json
+    python benchmarks/choose_trees.py --drafter eagle --max_chain 6 --tree "dynamic:depth=4,topk=2,n=8"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("drafter", ["ngram", "eagle", "eagle3", "medusa"], "Drafters to size trees for.")
+flags.DEFINE_integer("max_chain", 6, "Longest chain predicted (ngram: 2x this; medusa: its head count).")
+flags.DEFINE_multi_string(
+    "tree",
+    ["dynamic:depth=3,topk=2,n=6", "dynamic:depth=4,topk=2,n=8", "dynamic:depth=5,topk=3,n=10",
+     "dynamic:depth=5,topk=4,n=16"],
+    "Non-chain trees measured directly for the trained drafters (repeatable).",
+)  # fmt: skip
+flags.DEFINE_integer("questions", 8, "MT-Bench first turns used (one per category, then the next).")
+flags.DEFINE_integer("max_new_tokens", 96, "Greedy tokens per prompt.")
+flags.DEFINE_string("out", None, "Write the results as JSON here.")
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+
+    from specdec.chat import chat_ids
+    from specdec.decode import loop_jit, prefill_jit
+    from specdec.drafters import parse_drafter
+    from specdec.eval.questions import load_questions
+    from specdec.generate import generate, make_spec, pad_prompts
+    from specdec.loading import load_model
+    from specdec.models import to_device
+    from specdec.sampling import SamplingConfig
+    from specdec.trees import parse_tree
+
+    model = load_model("smollm2-135m-instruct")
+    cfg, tok = model.cfg, model.tokenizer
+    params = to_device(model.params, cfg)
+    qs = load_questions("mt_bench")
+    by_cat: dict[str, list] = {}
+    for q in qs:
+        by_cat.setdefault(q.category, []).append(q)
+    picked = [q for rank in range(10) for c in by_cat.values() if rank < len(c) for q in [c[rank]]]
+    prompts = [chat_ids(tok, q.turns[0]) for q in picked[: FLAGS.questions]]
+    n_new = FLAGS.max_new_tokens
+    result = {
+        "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+        "prompts": len(prompts),
+        "drafters": {},
+    }
+
+    def step_ms(drafter, dparams, builder) -> float:
+        """ms per step of the on-device loop (16 steps after prefilling prompt 0; median of 5)."""
+        spec = make_spec(cfg, SamplingConfig(), drafter, builder, None)
+        window = 1 if builder is None else max(builder.window, builder.num_nodes) + builder.max_depth + 1
+        toks, lens, size = pad_prompts([prompts[0]], cfg, n_new, None, window)
+        eos, max_new = jnp.asarray([-1], jnp.int32), jnp.int32(n_new)
+        state = prefill_jit(params, dparams, jnp.asarray(toks), jnp.asarray(lens), jax.random.key(0), eos,
+                            max_new, spec=spec, cache_size=size)  # fmt: skip
+        run = lambda: jax.block_until_ready(
+            loop_jit(params, dparams, jax.tree.map(jnp.copy, state), eos, max_new, jnp.int32(16), spec=spec)
+        )
+        run()
+        return statistics.median(timed(run)[1] for _ in range(5)) / 16 * 1e3
+
+    def tau_and_hist(**kw):
+        outs = [generate(params, cfg, [p], max_new_tokens=n_new, **kw) for p in prompts]
+        hist = [sum(o.accepted_hist[i] for o in outs) for i in range(len(outs[0].accepted_hist))]
+        steps = sum(sum(o.row_steps) for o in outs)
+        return sum(k * c for k, c in enumerate(hist)) / steps, hist
+
+    ar_step = step_ms(None, None, None)
+    result["ar_step_ms"] = ar_step
+    print(f"AR step {ar_step:.1f} ms")
+    for name in FLAGS.drafter:
+        k_max = {"ngram": 2 * FLAGS.max_chain, "medusa": 4}.get(name, FLAGS.max_chain)
+        deep = parse_tree(f"chain:{k_max}")
+        drafter, dparams = parse_drafter(name, params, cfg, max_depth=deep.max_depth, window=deep.window)
+        tau_deep, hist = tau_and_hist(drafter=drafter, draft_params=dparams, builder=deep)
+        n = sum(hist)
+        accept = [sum(hist[d + 1 :]) / n for d in range(1, k_max + 1)]  # a(d), d = 1..k_max
+        rows = {}
+        for k in range(1, k_max + 1):
+            tree = parse_tree(f"chain:{k}")
+            d, dp = parse_drafter(name, params, cfg, max_depth=tree.max_depth, window=tree.window)
+            tau = 1 + sum(accept[:k])
+            ms = step_ms(d, dp, tree)
+            rows[f"chain:{k}"] = {
+                "tau_predicted": tau,
+                "step_ms": ms,
+                "speedup_predicted": tau * ar_step / ms,
+            }
+            print(f"{name:7s} chain:{k:<2d} tau {tau:.2f} (pred)  step {ms:5.1f} ms  "
+                  f"speedup {tau * ar_step / ms:.2f}x (pred)")  # fmt: skip
+        if name != "ngram":
+            for spec_ in FLAGS.tree:
+                tree = parse_tree(spec_)
+                d, dp = parse_drafter(name, params, cfg, max_depth=tree.max_depth, window=tree.window)
+                tau, _ = tau_and_hist(drafter=d, draft_params=dp, builder=tree)
+                ms = step_ms(d, dp, tree)
+                rows[spec_] = {"tau_measured": tau, "step_ms": ms, "speedup_predicted": tau * ar_step / ms}
+                print(f"{name:7s} {spec_:28s} tau {tau:.2f} (meas) step {ms:5.1f} ms  "
+                      f"speedup {tau * ar_step / ms:.2f}x")  # fmt: skip
+        best = max(rows, key=lambda r: rows[r]["speedup_predicted"])
+        result["drafters"][name] = {"acceptance_per_depth": accept, "tau_chain_deep": tau_deep, "trees": rows,
+                                    "best": best}  # fmt: skip
+        print(f"{name:7s} best on this machine: {best} ({rows[best]['speedup_predicted']:.2f}x predicted)")
+    result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps(result, indent=2))
+    if FLAGS.out:
+        os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+        with open(FLAGS.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)

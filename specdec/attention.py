@@ -1,0 +1,88 @@
+"""Attention of a block of new tokens over the KV cache: XLA's einsum, or the CPU kernel.
+
+`cache_mask` builds the `[B, T, S]` visibility of cache slots once per forward; `attend` is the
+plain GQA attention (any backend, any dtype); `attend_cache` runs `specdec/kernels/cache_attention.cc`
+on CPU — it reads only the filled prefix of the cache (`visible_limit`) and no head-major copy of
+K and V — and falls back to `attend` where the kernel is not used. Both give float32 softmax.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from specdec import kernels
+from specdec.cache import KVCache
+
+if TYPE_CHECKING:  # the models import attention; attention only needs the config's type
+    from specdec.models.config import ModelConfig
+
+NEG_INF = -1e30  # finite, so a fully masked row cannot produce NaN
+
+
+def attend(q: Float[Array, "B T Hq Dh"], k: Float[Array, "B S Hkv Dh"], v: Float[Array, "B S Hkv Dh"],
+           mask: Bool[Array, "B T S"], cfg: ModelConfig) -> Float[Array, "B T HqDh"]:  # fmt: skip
+    """GQA attention of q over k, v under `mask` (XLA einsums)."""
+    b, t = q.shape[:2]
+    q = q.reshape(b, t, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (cfg.head_dim**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, cfg.num_heads * cfg.head_dim)
+
+
+def cache_mask(
+    cfg: ModelConfig,
+    positions: Int[Array, "B T"],
+    cache: KVCache | None,
+    block_mask: Bool[Array, "B T W"],
+    slots: Int[Array, "B T"] | None,
+) -> Bool[Array, "B T S"]:
+    """[B,T,S] visibility over the cache (or [B,T,T] without one), with Mistral's sliding window."""
+    if cache is None:
+        mask, key_pos = block_mask, positions
+    else:
+        mask = cache.attention_mask(block_mask)
+        # Committed slot j holds position j; block slot lengths + i holds positions[:, i]. With
+        # explicit slots (a drafter expanding tree nodes) window slots are taken as their index,
+        # which overestimates a tree node's position by < W: the window may shrink by that much.
+        slot = jnp.arange(cache.size)[None, :]
+        key_pos = slot
+        if slots is None:
+            rel = jnp.clip(slot - cache.lengths[:, None], 0, positions.shape[1] - 1)
+            key_pos = jnp.where(slot < cache.lengths[:, None], slot, jnp.take_along_axis(positions, rel, 1))
+    if cfg.sliding_window is not None:
+        mask = mask & (positions[:, :, None] - key_pos[:, None, :] < cfg.sliding_window)
+    return mask
+
+
+def visible_limit(mask: Bool[Array, "B T S"]) -> Int[Array, " B"]:
+    """Per row, 1 + the last slot any block token sees (0 if none): the kernel reads no further."""
+    seen = jnp.any(mask, axis=1)
+    return jnp.max(jnp.where(seen, jnp.arange(1, mask.shape[-1] + 1, dtype=jnp.int32), 0), axis=-1)
+
+
+def attend_cache(q: Float[Array, "B T Hq Dh"], cache: KVCache, layer: int | Int[Array, ""],
+                 mask: Bool[Array, "B T S"], cfg: ModelConfig, *, kernel: bool,
+                 limit: Int[Array, " B"] | None = None) -> Float[Array, "B T HqDh"]:  # fmt: skip
+    """Attention over layer `layer` of `cache` (after the block was written into it).
+
+    `kernel=True` uses the CPU kernel for float32 caches when it is built; `limit` (from
+    `visible_limit(mask)`, computed once per forward) bounds the slots it reads.
+    """
+    if not (kernel and cache.k.dtype == jnp.float32 and kernels.available()):
+        return attend(q, cache.k[layer], cache.v[layer], mask, cfg)
+    b, t = q.shape[:2]
+    limit = visible_limit(mask) if limit is None else limit
+    out = jax.ShapeDtypeStruct((b, t, cfg.num_heads * cfg.head_dim), jnp.float32)
+    call = jax.ffi.ffi_call(kernels.CACHE_ATTENTION, out, vmap_method="sequential")
+    layer = jnp.asarray(layer, jnp.int32)
+    scale = np.float32(cfg.head_dim**-0.5)
+    return call(q.astype(jnp.float32), cache.k, cache.v, layer, mask, limit.astype(jnp.int32), scale=scale,
+                threads=np.int64(0))  # fmt: skip

@@ -1,0 +1,166 @@
+// GQA attention of a block of T new tokens over one layer of the KV cache, on CPU (XLA FFI).
+//
+//   out[b, t, hq, :] = softmax_j(q[b, t, hq] . k[layer, b, j, h] * scale | mask[b, t, j]) @ v[..]
+//
+// with h = hq / G (G query heads per KV head). Only slots j < limit[b] are read: a cache of 2,048
+// slots holding a 200-token conversation costs 200 slots, not 2,048 (XLA's einsum reads them all,
+// after copying K and V to a head-major layout on every layer).
+//
+// Vectorisation: the rows of one KV head (t, g) are the 16 lanes of a vector for q.k and the
+// softmax (each lane one row), and the head dimension is the lanes for p @ v. Numerics: each row's
+// scores, max, exponentials, sum (j ascending) and output are computed in the same order whatever
+// T, the other rows or the lane they sit in, so a row's result does not depend on the block it is
+// part of (greedy speculative = AR). Masked slots contribute exactly nothing; a row that sees no
+// slot gets zeros.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef float vf_u __attribute__((vector_size(64), aligned(4)));  // in scratch buffers: unaligned
+
+struct Problem {
+  const float* q;        // [B, T, Hq, D]
+  const float* k;        // [L, B, S, Hkv, D]
+  const float* v;        // [L, B, S, Hkv, D]
+  const bool* mask;      // [B, T, S]
+  const int32_t* limit;  // [B]
+  float* out;            // [B, T, Hq * D]
+  int64_t b, t, hq, hkv, d, s, layer;
+  float scale;
+};
+
+// exp for x <= 0 (x = score - row max), lane-wise: Cody-Waite reduction and a degree-6 polynomial
+// (relative error ~2 ulp); always this function, so every row gets identical exponentials.
+static inline vf vexp(vf x) {
+  x = x < -87.0f ? vf{} - 87.0f : x;  // exp(-87) ~ 1.6e-38: still a normal float
+  const vf magic = vf{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vf n = (x * 1.44269504f + magic) - magic;
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = vf{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = (p * r) * r + r + 1.0f;
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+// One task: KV head h of row b, block rows r0 .. r0+nr-1 (row r = t * G + g), nr <= 16.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void attend_rows(
+    const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t nr, std::vector<float>& buf) {
+  const int64_t g_per = p.hq / p.hkv, d = p.d;
+  const int64_t lim = std::min<int64_t>(std::max<int32_t>(p.limit[b], 0), p.s);
+  buf.resize((d + lim) * kLanes);
+  vf_u* qt = reinterpret_cast<vf_u*>(buf.data());  // q transposed: qt[i][lane] = q[row lane][i] * scale
+  vf_u* sc = qt + d;                                // scores, then exponentials: sc[j][lane]
+  int64_t trow[kLanes];
+  for (int lane = 0; lane < kLanes; ++lane) trow[lane] = lane < nr ? (r0 + lane) / g_per : -1;
+  for (int64_t i = 0; i < d; ++i) {
+    vf col{};
+    for (int lane = 0; lane < nr; ++lane) {
+      const int64_t r = r0 + lane, hq = h * g_per + r % g_per;
+      col[lane] = p.q[((b * p.t + r / g_per) * p.hq + hq) * d + i] * p.scale;
+    }
+    qt[i] = col;
+  }
+  const int64_t stride = p.hkv * d;
+  const float* kb = p.k + ((p.layer * p.b + b) * p.s) * stride + h * d;
+  const float* vb = p.v + ((p.layer * p.b + b) * p.s) * stride + h * d;
+  const bool* mb = p.mask + b * p.t * p.s;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  vf mx = vf{} + neg_inf;
+  for (int64_t j = 0; j < lim; ++j) {
+    const float* kr = kb + j * stride;
+    vf s{};
+    for (int64_t i = 0; i < d; ++i) s += qt[i] * kr[i];
+    vi vis{};
+    for (int lane = 0; lane < nr; ++lane) vis[lane] = mb[trow[lane] * p.s + j] ? -1 : 0;
+    s = vis ? s : vf{} + neg_inf;
+    sc[j] = s;
+    mx = s > mx ? s : mx;
+  }
+  vf sum{};
+  const vi none = mx == neg_inf;  // rows that see no slot
+  const vf mx0 = none ? vf{} : mx;
+  for (int64_t j = 0; j < lim; ++j) {
+    const vf s = sc[j];
+    const vf e = s == neg_inf ? vf{} : vexp(s - mx0);
+    sc[j] = e;
+    sum += e;
+  }
+  std::vector<float> acc(d);
+  for (int lane = 0; lane < nr; ++lane) {
+    const int64_t r = r0 + lane, hq = h * g_per + r % g_per;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t j = 0; j < lim; ++j) {
+      const float pj = sc[j][lane];
+      if (pj == 0.f) continue;  // masked: adds exactly nothing
+      const float* vr = vb + j * stride;
+      for (int64_t i = 0; i < d; ++i) acc[i] += pj * vr[i];
+    }
+    float* o = p.out + ((b * p.t + r / g_per) * p.hq + hq) * d;
+    const float inv = sum[lane] > 0.f ? 1.f / sum[lane] : 0.f;
+    for (int64_t i = 0; i < d; ++i) o[i] = acc[i] * inv;
+  }
+}
+
+ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer,
+                              ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> limit,
+                              ffi::ResultBuffer<ffi::F32> out, float scale, int64_t threads_attr) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), md = mask.dimensions();
+  if (qd.size() != 4 || kd.size() != 5 || md.size() != 3 ||
+      !std::equal(kd.begin(), kd.end(), v.dimensions().begin(), v.dimensions().end()))
+    return ffi::Error::InvalidArgument("cache_attention: want q [B,T,Hq,D], k/v [L,B,S,Hkv,D], mask [B,T,S]");
+  Problem p{q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), limit.typed_data(),
+            out->typed_data(), qd[0], qd[1], qd[2], kd[3], qd[3], kd[2], layer.typed_data()[0], scale};
+  if (kd[1] != p.b || kd[4] != p.d || p.hq % p.hkv || md[0] != p.b || md[1] != p.t || md[2] != p.s)
+    return ffi::Error::InvalidArgument("cache_attention: shapes of q, k/v and mask disagree");
+  if (p.layer < 0 || p.layer >= kd[0]) return ffi::Error::InvalidArgument("cache_attention: layer out of range");
+  const int64_t rows = p.t * (p.hq / p.hkv), groups = (rows + kLanes - 1) / kLanes;
+  const int64_t tasks = p.b * p.hkv * groups;
+  int64_t work = 0;
+  for (int64_t b = 0; b < p.b; ++b) work += p.limit[b];
+  // A helper is worth its wake-up only for enough work (rows x slots x head dim).
+  const int64_t threads =
+      threads_attr > 0 ? threads_attr : (work * rows * p.hkv * p.d > (1 << 20) ? pool.num_threads() : 1);
+  specdec::parallel_for(pool, tasks, std::min<int64_t>(threads, 2), [&](int64_t i) {
+    thread_local std::vector<float> buf;
+    const int64_t g = i % groups, h = (i / groups) % p.hkv, b = i / (groups * p.hkv);
+    attend_rows(p, b, h, g * kLanes, std::min<int64_t>(kLanes, rows - g * kLanes), buf);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CacheAttention, CacheAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k cache
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v cache
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // layer (scalar)
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // limit
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("threads"));

@@ -1,0 +1,192 @@
+"""The dense projection `x @ w` of every model and drafter, with a packed weight layout for CPU.
+
+XLA:CPU runs a matmul of one row as a memory-bound GEMV but a matmul of 2-16 rows as a general GEMM
+that re-packs the weight on every call, so a speculative verification block of T tokens cost 2-4x
+a one-token step. Here weights are packed once, when params go to the device (`pack_params`), as
+column tiles `[ceil(N/16), K, 16]`, and a small C++ kernel (`specdec/kernels/packed_matmul.cc`, an
+XLA FFI custom call, AVX-512 or AVX2) streams each weight once per call whatever the row count.
+
+Layouts (chosen per backend, a property of the device params; drafters, builders and verifiers
+never see it): `"packed"` on CPU when the kernel is built, `"plain"` otherwise (GPU/TPU, where
+XLA's own matmuls are memory-bound-efficient, non-f32 weights, or no kernel: then specdec says so
+once in the log). `SPECDEC_MATMUL=plain|packed` overrides the automatic choice.
+
+Numerics: each output element of the packed kernel is one FMA chain over k in order, so a row's
+result does not depend on the other rows of the call (a T-token block gives each row exactly the
+logits a one-token step would); it differs from XLA's dot by f32 rounding only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from specdec import kernels
+
+TILE = 16
+# The weight names that are dense [K, N] projections, in target and drafter params alike.
+DENSE_KEYS = frozenset({"wqkv", "wo", "w_gate_up", "w_down", "lm_head", "fc_w", "head"})
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+    """A `[K, N]` weight as column tiles `tiles [..., ceil(N/16), K, 16]` (zero padded past N).
+
+    Leading axes (stacked layers under `lax.scan`) are sliced like any array; `n` is static.
+    """
+
+    tiles: Float[Array, "... NB K 16"]
+    n: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the plain weight this packs, `[..., K, N]`."""
+        return self.tiles.shape[:-3] + (self.tiles.shape[-2], self.n)
+
+    @property
+    def dtype(self):
+        return self.tiles.dtype
+
+
+def pack(w: Float[Array, "... K N"]) -> PackedWeight:
+    """Column tiles of `w` (host or device array; leading axes kept)."""
+    w = jnp.asarray(w, jnp.float32)
+    *lead, k, n = w.shape
+    nb = -(-n // TILE)
+    w = jnp.pad(w, [(0, 0)] * len(lead) + [(0, 0), (0, nb * TILE - n)])
+    tiles = jnp.swapaxes(w.reshape(*lead, k, nb, TILE), -3, -2)
+    return PackedWeight(tiles, n)
+
+
+def unpack(p: PackedWeight) -> Float[Array, "... K N"]:
+    """The plain `[..., K, N]` weight back from its tiles."""
+    *lead, nb, k, _ = p.tiles.shape
+    return jnp.swapaxes(p.tiles, -3, -2).reshape(*lead, k, nb * TILE)[..., : p.n]
+
+
+def plain(w: Array | PackedWeight) -> Array:
+    """`w` in the plain layout, whichever layout it has."""
+    return unpack(w) if isinstance(w, PackedWeight) else w
+
+
+# ---- the kernel -------------------------------------------------------------------------------
+
+
+def _call(x2: Float[Array, "M K"], p: PackedWeight) -> Float[Array, "M N"]:
+    if not kernels.available():  # registers the custom call on first use
+        raise RuntimeError(
+            "a PackedWeight needs specdec's CPU kernels, which are not built: use the "
+            "plain layout (to_device(..., layout='plain'))"
+        )
+    out = jax.ShapeDtypeStruct((x2.shape[0], p.n), jnp.float32)
+    call = jax.ffi.ffi_call(kernels.PACKED_MATMUL, out)
+    return call(x2, p.tiles, isa=np.int64(kernels.isa_cap()), threads=np.int64(0))
+
+
+@jax.custom_batching.custom_vmap
+def _packed_2d(x2: Float[Array, "M K"], tiles: Float[Array, "NB K 16"], n_ref: Float[Array, " N"]):
+    return _call(x2, PackedWeight(tiles, n_ref.shape[0]))
+
+
+@_packed_2d.def_vmap
+def _packed_2d_vmap(axis_size, in_batched, x2, tiles, n_ref):
+    x_b, w_b, _ = in_batched
+    if w_b:  # a batch of weights: one call per weight
+        x2 = x2 if x_b else jnp.broadcast_to(x2, (axis_size,) + x2.shape)
+        return jax.lax.map(lambda a: _packed_2d(a[0], a[1], n_ref), (x2, tiles)), True
+    if not x_b:
+        return _packed_2d(x2, tiles, n_ref), False
+    # Batched rows against one weight: fold the batch into the rows, one pass over the weight.
+    b, m, k = x2.shape
+    return _packed_2d(x2.reshape(b * m, k), tiles, n_ref).reshape(b, m, -1), True
+
+
+def _packed_dense(x: Float[Array, "... K"], p: PackedWeight) -> Float[Array, "... N"]:
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    # n travels as the shape of a dummy operand: custom_vmap takes arrays only.
+    y = _packed_2d(x2, p.tiles, jnp.zeros((p.n,), jnp.float32))
+    return y.reshape(*lead, p.n)
+
+
+@jax.custom_vjp
+def _dense_packed_vjp(x, p):
+    return _packed_dense(x, p)
+
+
+def _fwd(x, p):
+    return _packed_dense(x, p), p
+
+
+def _bwd(p, g):
+    # Packed weights are frozen inference params: d/dx only (d/dw is zero by construction).
+    dx = jnp.einsum("...n,kn->...k", g, unpack(p))
+    return dx, jax.tree.map(jnp.zeros_like, p)
+
+
+_dense_packed_vjp.defvjp(_fwd, _bwd)
+
+
+def dense(x: Float[Array, "... K"], w: Float[Array, "K N"] | PackedWeight) -> Float[Array, "... N"]:
+    """`x @ w` in float32 for a plain `[K, N]` weight or a `PackedWeight` (the CPU kernel)."""
+    if isinstance(w, PackedWeight):
+        return _dense_packed_vjp(x, w)
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+# ---- layout selection -------------------------------------------------------------------------
+
+
+def choose_layout(dtype: Any = jnp.float32, backend: str | None = None) -> str:
+    """`"packed"` on a CPU backend with the kernel built and f32 weights, else `"plain"`."""
+    forced = os.environ.get("SPECDEC_MATMUL", "")
+    if forced not in ("", "plain", "packed"):
+        raise ValueError(f"SPECDEC_MATMUL={forced!r}: use plain or packed (or leave it unset)")
+    if forced == "plain":
+        return "plain"
+    backend = backend or jax.default_backend()
+    if backend != "cpu" or jnp.dtype(dtype) != jnp.float32:
+        if forced == "packed":
+            raise ValueError("SPECDEC_MATMUL=packed needs the CPU backend and float32 weights")
+        return "plain"
+    if not kernels.available():
+        if forced == "packed":
+            raise ValueError("SPECDEC_MATMUL=packed but the CPU kernel is not built; reinstall specdec")
+        return "plain"
+    return "packed"
+
+
+def pack_params(tree: Any, layout: str) -> Any:
+    """Pack every dense projection (`DENSE_KEYS`, float32, ≥ 2-D) of a params tree for `layout`."""
+    if layout == "plain":
+        return tree
+    if layout != "packed":
+        raise ValueError(f"unknown matmul layout {layout!r}: use plain or packed")
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: (_pack_leaf(v) if k in DENSE_KEYS else walk(v)) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(walk(v) for v in node)
+        return node
+
+    return walk(tree)
+
+
+def _pack_leaf(v):
+    if isinstance(v, PackedWeight) or getattr(v, "ndim", 0) < 2 or jnp.dtype(v.dtype) != jnp.float32:
+        return v
+    return pack(v)
+
+
+def layout_of(tree: Any) -> str:
+    """`"packed"` when any leaf of `tree` is a `PackedWeight`, else `"plain"`."""
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, PackedWeight))
+    return "packed" if any(isinstance(x, PackedWeight) for x in leaves) else "plain"
