@@ -44,7 +44,7 @@ struct Problem {
 
 // exp for x <= 0 (x = score - row max), lane-wise: Cody-Waite reduction and a degree-6 polynomial
 // (relative error ~2 ulp); always this function, so every row gets identical exponentials.
-static inline vf vexp(vf x) {
+__attribute__((always_inline)) static inline vf vexp(vf x) {
   x = x < -87.0f ? vf{} - 87.0f : x;  // exp(-87) ~ 1.6e-38: still a normal float
   const vf magic = vf{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const vf n = (x * 1.44269504f + magic) - magic;
@@ -86,39 +86,74 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   const float* vb = p.v + ((p.layer * p.b + b) * p.s) * stride + h * d;
   const bool* mb = p.mask + b * p.t * p.s;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  vf mx = vf{} + neg_inf;
-  for (int64_t j = 0; j < lim; ++j) {
-    const float* kr = kb + j * stride;
-    vf s{};
-    for (int64_t i = 0; i < d; ++i) s += qt[i] * kr[i];
+  auto visible = [&](int64_t j) __attribute__((always_inline)) {
     vi vis{};
     for (int lane = 0; lane < nr; ++lane) vis[lane] = mb[trow[lane] * p.s + j] ? -1 : 0;
-    s = vis ? s : vf{} + neg_inf;
-    sc[j] = s;
-    mx = s > mx ? s : mx;
+    return vis;
+  };
+  // q . k: four slots at a time (four independent FMA chains share each q load); each score is
+  // still one chain over i in order.
+  vf mx = vf{} + neg_inf;
+  int64_t j = 0;
+  for (; j + 4 <= lim; j += 4) {
+    const float *k0 = kb + j * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
+    vf s0{}, s1{}, s2{}, s3{};
+    for (int64_t i = 0; i < d; ++i) {
+      const vf q = qt[i];
+      s0 += q * k0[i];
+      s1 += q * k1[i];
+      s2 += q * k2[i];
+      s3 += q * k3[i];
+    }
+    const vf s4[4] = {s0, s1, s2, s3};
+    for (int u = 0; u < 4; ++u) {
+      const vf sv = visible(j + u) ? s4[u] : vf{} + neg_inf;
+      sc[j + u] = sv;
+      mx = sv > mx ? sv : mx;
+    }
+  }
+  for (; j < lim; ++j) {
+    const float* kr = kb + j * stride;
+    vf sv{};
+    for (int64_t i = 0; i < d; ++i) sv += qt[i] * kr[i];
+    sv = visible(j) ? sv : vf{} + neg_inf;
+    sc[j] = sv;
+    mx = sv > mx ? sv : mx;
   }
   vf sum{};
   const vi none = mx == neg_inf;  // rows that see no slot
   const vf mx0 = none ? vf{} : mx;
-  for (int64_t j = 0; j < lim; ++j) {
-    const vf s = sc[j];
-    const vf e = s == neg_inf ? vf{} : vexp(s - mx0);
+  for (j = 0; j < lim; ++j) {
+    const vf sv = sc[j];
+    const vf e = sv == neg_inf ? vf{} : vexp(sv - mx0);
     sc[j] = e;
     sum += e;
   }
-  std::vector<float> acc(d);
+  // p @ v with rows as lanes: 8 output columns at a time, each one chain over j in order.
+  const vf inv = sum > 0.f ? 1.f / sum : vf{};
+  float* outs[kLanes];
   for (int lane = 0; lane < nr; ++lane) {
-    const int64_t r = r0 + lane, hq = h * g_per + r % g_per;
-    std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t j = 0; j < lim; ++j) {
-      const float pj = sc[j][lane];
-      if (pj == 0.f) continue;  // masked: adds exactly nothing
-      const float* vr = vb + j * stride;
-      for (int64_t i = 0; i < d; ++i) acc[i] += pj * vr[i];
+    const int64_t r = r0 + lane;
+    outs[lane] = p.out + ((b * p.t + r / g_per) * p.hq + h * g_per + r % g_per) * d;
+  }
+  constexpr int kCols = 8;
+  for (int64_t c = 0; c < d; c += kCols) {
+    const int64_t nc = std::min<int64_t>(kCols, d - c);
+    vf acc[kCols] = {};
+    if (nc == kCols) {
+      for (j = 0; j < lim; ++j) {
+        const vf pj = sc[j];
+        const float* vr = vb + j * stride + c;
+        for (int u = 0; u < kCols; ++u) acc[u] += pj * vr[u];
+      }
+    } else {
+      for (j = 0; j < lim; ++j)
+        for (int u = 0; u < nc; ++u) acc[u] += sc[j] * vb[j * stride + c + u];
     }
-    float* o = p.out + ((b * p.t + r / g_per) * p.hq + hq) * d;
-    const float inv = sum[lane] > 0.f ? 1.f / sum[lane] : 0.f;
-    for (int64_t i = 0; i < d; ++i) o[i] = acc[i] * inv;
+    for (int u = 0; u < nc; ++u) {
+      const vf o = acc[u] * inv;
+      for (int lane = 0; lane < nr; ++lane) outs[lane][c + u] = o[lane];
+    }
   }
 }
 
@@ -141,7 +176,7 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   for (int64_t b = 0; b < p.b; ++b) work += p.limit[b];
   // A helper is worth its wake-up only for enough work (rows x slots x head dim).
   const int64_t threads =
-      threads_attr > 0 ? threads_attr : (work * rows * p.hkv * p.d > (1 << 20) ? pool.num_threads() : 1);
+      threads_attr > 0 ? threads_attr : (work * rows * p.hkv * p.d > (1 << 18) ? pool.num_threads() : 1);
   specdec::parallel_for(pool, tasks, std::min<int64_t>(threads, 2), [&](int64_t i) {
     thread_local std::vector<float> buf;
     const int64_t g = i % groups, h = (i / groups) % p.hkv, b = i / (groups * p.hkv);
