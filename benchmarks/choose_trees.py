@@ -11,7 +11,7 @@ For the adaptive n-gram drafter (an AR step when nothing matches) the step cost 
 mix of both kinds of step, so its prediction is rougher.
 
     python benchmarks/choose_trees.py --out runs/choose_trees.json
-    python benchmarks/choose_trees.py --drafter eagle --max_chain 6 --tree "dynamic:depth=4,topk=2,n=8"
+    python benchmarks/choose_trees.py --drafter eagle --chains 1,2,3,4 --tree "dynamic:depth=4,topk=2,n=8"
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("drafter", ["ngram", "eagle", "eagle3", "medusa"], "Drafters to size trees for.")
-flags.DEFINE_integer("max_chain", 6, "Longest chain predicted (ngram: 2x this; medusa: its head count).")
+flags.DEFINE_list("chains", ["1", "2", "3", "4", "5", "6", "8"], "Chain lengths k whose step is timed.")
 flags.DEFINE_multi_string(
     "tree",
-    ["dynamic:depth=3,topk=2,n=6", "dynamic:depth=4,topk=2,n=8", "dynamic:depth=5,topk=3,n=10",
-     "dynamic:depth=5,topk=4,n=16"],
+    ["dynamic:depth=3,topk=2,n=6", "dynamic:depth=4,topk=2,n=8", "dynamic:depth=5,topk=3,n=12"],
     "Non-chain trees measured directly for the trained drafters (repeatable).",
 )  # fmt: skip
 flags.DEFINE_integer("questions", 8, "MT-Bench first turns used (one per category, then the next).")
@@ -100,14 +99,18 @@ def main(argv):
     result["ar_step_ms"] = ar_step
     print(f"AR step {ar_step:.1f} ms")
     for name in FLAGS.drafter:
-        k_max = {"ngram": 2 * FLAGS.max_chain, "medusa": 4}.get(name, FLAGS.max_chain)
+        # XLA:CPU maps every executable into memory regions; one process compiling ~50 of these
+        # loops reaches vm.max_map_count ("LLVM compilation error: Cannot allocate memory").
+        jax.clear_caches()
+        ks = [int(k) for k in FLAGS.chains if name != "medusa" or int(k) <= 4]  # Medusa: 4 heads
+        k_max = max(ks)
         deep = parse_tree(f"chain:{k_max}")
         drafter, dparams = parse_drafter(name, params, cfg, max_depth=deep.max_depth, window=deep.window)
         tau_deep, hist = tau_and_hist(drafter=drafter, draft_params=dparams, builder=deep)
         n = sum(hist)
         accept = [sum(hist[d + 1 :]) / n for d in range(1, k_max + 1)]  # a(d), d = 1..k_max
         rows = {}
-        for k in range(1, k_max + 1):
+        for k in ks:
             tree = parse_tree(f"chain:{k}")
             d, dp = parse_drafter(name, params, cfg, max_depth=tree.max_depth, window=tree.window)
             tau = 1 + sum(accept[:k])

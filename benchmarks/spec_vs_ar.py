@@ -142,6 +142,7 @@ def main(argv):
     result["runs"]["AR"] = ar
     print(f"{'':45s} AR loop step {ar_step:.1f} ms")
     for c in FLAGS.config:
+        jax.clear_caches()  # many compiled loops in one process reach vm.max_map_count otherwise
         dname, _, tname = c.partition("|")
         builder = parse_tree(tname)
         drafter, dparams = parse_drafter(

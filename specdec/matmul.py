@@ -87,7 +87,7 @@ def _call(x2: Float[Array, "M K"], p: PackedWeight) -> Float[Array, "M N"]:
         )
     out = jax.ShapeDtypeStruct((x2.shape[0], p.n), jnp.float32)
     call = jax.ffi.ffi_call(kernels.PACKED_MATMUL, out)
-    return call(x2, p.tiles, isa=np.int64(kernels.isa_cap()), threads=np.int64(int(os.environ.get("SPECDEC_CPU_THREADS", "0"))))
+    return call(x2, p.tiles, isa=np.int64(kernels.isa_cap()), threads=np.int64(0))
 
 
 @jax.custom_batching.custom_vmap

@@ -19,19 +19,12 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from specdec.sampling import SamplingConfig
-from specdec.tree import Tree
-from specdec.verifiers._walk import NodeView, first_true, walk
+from specdec.tree import Tree, child_mask, root_paths
+from specdec.verifiers._walk import first_true
 from specdec.verifiers.protocol import Verdict
 
 LOSSLESS = True
 SIBLING_MODES = ("deterministic", "without_replacement", "iid")
-_GREEDY = SamplingConfig()  # temperature 0: the walk emits the argmax of the one-hot residual
-
-
-def _greedy_node(view: NodeView):
-    best = jnp.argmax(view.logits)  # same tie rule as the AR baseline
-    child = first_true(view.cand & (view.tokens == best))
-    return child, jax.nn.one_hot(best, view.logits.shape[0], dtype=jnp.float32)
 
 
 def greedy_verify(
@@ -41,6 +34,35 @@ def greedy_verify(
 
     tree: any sibling mode; target_logits[b, i]: target logits after node i. Returns a Verdict with
     path[B, max_depth + 1], n_accepted[B] and next_token[B].
+
+    The same descent as `_walk.walk` (surviving equal-token candidates included) on the argmax
+    tokens alone: one argmax per node up front, then integer work, no vocabulary-sized vectors in
+    the loop (on CPU the generic walk cost ~1.3 ms per step, 7% of a one-token step).
     """
-    del sampling  # greedy by definition: the emitted token is the argmax whatever the config says
-    return walk(tree, target_logits, key, _GREEDY, _greedy_node)
+    del key, sampling  # greedy by definition: the emitted token is the argmax whatever the config says
+    best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, N], same tie rule as AR
+    real = tree.valid & (tree.tokens >= 0)  # PAD (-1) is never a candidate, even if marked valid
+    tokens = jnp.where(real, tree.tokens, 0)
+    kids = child_mask(tree) & real[:, None, :]
+    n = tokens.shape[1]
+
+    def row(tok, kid, top):
+        def cond(s):
+            return ~s[3] & (s[2] <= tree.max_depth)
+
+        def body(s):
+            node, surv, n_acc, _ = s
+            cand = jnp.any(kid & surv[:, None], axis=0)
+            child = first_true(cand & (tok == top[node]))
+            acc = child >= 0
+            c = jnp.maximum(child, 0)
+            new_surv = cand & (tok == tok[c])  # the accepted child and its equal-token fellows
+            return jnp.where(acc, c, node), jnp.where(acc, new_surv, surv), n_acc + acc, ~acc
+
+        init = (jnp.int32(0), jnp.arange(n) == 0, jnp.int32(0), jnp.bool_(False))
+        node, _, n_acc, _ = jax.lax.while_loop(cond, body, init)
+        return node, n_acc, top[node]
+
+    node, n_acc, next_token = jax.vmap(row)(tokens, kids, best)
+    path = jnp.take_along_axis(root_paths(tree), node[:, None, None], axis=1)[:, 0]
+    return Verdict(path=path, n_accepted=n_acc, next_token=next_token)
