@@ -17,7 +17,6 @@ Needs the test extra (torch, accelerate) for the HF side.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -25,6 +24,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from absl import app, flags  # noqa: E402
+from common import cpu_model, load_avg, timed, write_json  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -43,20 +43,6 @@ PROMPTS = [
     "What are three tips for staying focused while studying?",
     "Summarize the causes of the French Revolution in a paragraph.",
 ]
-
-
-def load_avg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-
-        return platform.processor() or platform.machine()
 
 
 def stream_bandwidth(mb: int = 512) -> dict[str, float]:
@@ -83,12 +69,6 @@ def stream_bandwidth(mb: int = 512) -> dict[str, float]:
         out[name] = round(nbytes / statistics.median(dts) / 1e9, 2)
     del big, packed
     return out
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
 
 
 def main(argv):
@@ -219,11 +199,7 @@ def main(argv):
         result["scan_tokens_per_s_median"] = round(statistics.median(scan_tps), 2)
     result["load_avg_end"] = load_avg()
 
-    print(json.dumps(result, indent=2))
-    if FLAGS.out:
-        os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-        with open(FLAGS.out, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(result, FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,12 @@ mix of both kinds of step, so its prediction is rougher.
 
 from __future__ import annotations
 
-import json
 import os
-import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from absl import app, flags  # noqa: E402
+from common import load_avg, loop_step_seconds, write_json  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("drafter", ["ngram", "eagle", "eagle3", "medusa"], "Drafters to size trees for.")
@@ -38,25 +36,16 @@ flags.DEFINE_integer("max_new_tokens", 96, "Greedy tokens per prompt.")
 flags.DEFINE_string("out", None, "Write the results as JSON here.")
 
 
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
 def main(argv):
     del argv
     import jax
-    import jax.numpy as jnp
 
     from specdec.chat import chat_ids
-    from specdec.decode import loop_jit, prefill_jit
     from specdec.drafters import parse_drafter
     from specdec.eval.questions import load_questions
-    from specdec.generate import generate, make_spec, pad_prompts
+    from specdec.generate import generate
     from specdec.loading import load_model
     from specdec.models import to_device
-    from specdec.sampling import SamplingConfig
     from specdec.trees import parse_tree
 
     model = load_model("smollm2-135m-instruct")
@@ -76,18 +65,7 @@ def main(argv):
     }
 
     def step_ms(drafter, dparams, builder) -> float:
-        """ms per step of the on-device loop (16 steps after prefilling prompt 0; median of 5)."""
-        spec = make_spec(cfg, SamplingConfig(), drafter, builder, None)
-        window = 1 if builder is None else max(builder.window, builder.num_nodes) + builder.max_depth + 1
-        toks, lens, size = pad_prompts([prompts[0]], cfg, n_new, None, window)
-        eos, max_new = jnp.asarray([-1], jnp.int32), jnp.int32(n_new)
-        state = prefill_jit(params, dparams, jnp.asarray(toks), jnp.asarray(lens), jax.random.key(0), eos,
-                            max_new, spec=spec, cache_size=size)  # fmt: skip
-        run = lambda: jax.block_until_ready(
-            loop_jit(params, dparams, jax.tree.map(jnp.copy, state), eos, max_new, jnp.int32(16), spec=spec)
-        )
-        run()
-        return statistics.median(timed(run)[1] for _ in range(5)) / 16 * 1e3
+        return loop_step_seconds(params, cfg, prompts[0], n_new, drafter, dparams, builder) * 1e3
 
     def tau_and_hist(**kw):
         outs = [generate(params, cfg, [p], max_new_tokens=n_new, **kw) for p in prompts]
@@ -135,12 +113,8 @@ def main(argv):
         result["drafters"][name] = {"acceptance_per_depth": accept, "tau_chain_deep": tau_deep, "trees": rows,
                                     "best": best}  # fmt: skip
         print(f"{name:7s} best on this machine: {best} ({rows[best]['speedup_predicted']:.2f}x predicted)")
-    result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-    print(json.dumps(result, indent=2))
-    if FLAGS.out:
-        os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-        with open(FLAGS.out, "w") as f:
-            json.dump(result, f, indent=2)
+    result["load_avg_end"] = load_avg()
+    write_json(result, FLAGS.out)
 
 
 if __name__ == "__main__":

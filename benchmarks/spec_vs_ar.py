@@ -15,14 +15,13 @@ loop step: the cost of speculation beyond the target forward, as a fraction of a
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from absl import app, flags  # noqa: E402
+from common import load_avg, loop_step_seconds, prefilled, timed, write_json  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "smollm2-135m-instruct", "Registry name, HF folder or .gguf path.")
@@ -48,24 +47,17 @@ PROMPTS = [
 PIECES = ("draft", "verify_forward", "verifier", "commit", "drafter_update")
 
 
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
 def main(argv):
     del argv
     import jax
     import jax.numpy as jnp
 
     from specdec.chat import chat_ids
-    from specdec.decode import emit, loop_jit, prefill_jit
+    from specdec.decode import emit
     from specdec.drafters import parse_drafter
-    from specdec.generate import generate, make_spec, pad_prompts, warmup
+    from specdec.generate import generate, warmup
     from specdec.loading import load_model
     from specdec.models import forward, to_device
-    from specdec.sampling import SamplingConfig
     from specdec.tree import ancestor_mask, positions
     from specdec.trees import parse_tree
 
@@ -74,7 +66,7 @@ def main(argv):
     params = to_device(model.params, cfg)
     prompts = [chat_ids(tok, p) for p in PROMPTS]
     n_new = FLAGS.max_new_tokens
-    result = {"load_avg_start": [round(x, 2) for x in os.getloadavg()], "max_new_tokens": n_new, "runs": {}}
+    result = {"load_avg_start": load_avg(), "max_new_tokens": n_new, "runs": {}}
 
     def bench(fn):
         jax.block_until_ready(fn())
@@ -95,18 +87,10 @@ def main(argv):
 
     def step_split(drafter, dparams, builder) -> dict[str, float]:
         """Seconds per piece of one step on the state after prefilling prompt 0 (medians of 7)."""
-        spec = make_spec(cfg, SamplingConfig(), drafter, builder, None)
-        window = 1 if builder is None else max(builder.window, builder.num_nodes) + builder.max_depth + 1
-        toks, lens, size = pad_prompts([prompts[0]], cfg, n_new, None, window)
-        eos, max_new = jnp.asarray([-1], jnp.int32), jnp.int32(n_new)
-        state = prefill_jit(params, dparams, jnp.asarray(toks), jnp.asarray(lens), jax.random.key(0), eos,
-                            max_new, spec=spec, cache_size=size)  # fmt: skip
-        out = {}
-        loop = lambda: loop_jit(params, dparams, jax.tree.map(jnp.copy, state), eos, max_new, jnp.int32(16),
-                                spec=spec)  # fmt: skip
-        out["loop_step"] = bench(loop) / 16
+        out = {"loop_step": loop_step_seconds(params, cfg, prompts[0], n_new, drafter, dparams, builder)}
         if drafter is None:
             return out
+        spec, state, eos, max_new = prefilled(params, cfg, prompts[0], n_new, drafter, dparams, builder)
         key = jax.random.key(1)
         draft_fn = jax.jit(lambda dp, st: builder(drafter, dp, st.draft, st.ctx, key, spec.sampling))
         tree, draft = draft_fn(dparams, state)
@@ -159,12 +143,8 @@ def main(argv):
         print(f"{'':45s} speedup {r['speedup']:.2f}x  identical {r['identical_to_ar']}  step ms "
               + " ".join(f"{k}={v:.1f}" for k, v in r["step_ms"].items())
               + f"  not-forward {r['not_forward_vs_ar_step']:.0%} of an AR step")  # fmt: skip
-    result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-    print(json.dumps(result, indent=2, default=float))
-    if FLAGS.out:
-        os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-        with open(FLAGS.out, "w") as f:
-            json.dump(result, f, indent=2, default=float)
+    result["load_avg_end"] = load_avg()
+    write_json(result, FLAGS.out)
 
 
 if __name__ == "__main__":

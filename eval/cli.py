@@ -60,8 +60,10 @@ class UsageError(ValueError):
     """Bad command line."""
 
 
-# The main job: the best training-free drafter on this CPU and the best shipped trained drafter
-# (by MT-Bench wall clock, issue 5 note), against one shared baseline.
+# The main job: the best training-free drafter on this CPU and the best shipped trained drafter,
+# against one shared baseline. Chosen by measurement with the CPU kernels (docs/cpu.md): MT-Bench
+# all 80, T=0: ngram chain:4 1.62x (chain:8 1.61x), eagle chain:3 1.21x; benchmarks/choose_trees.py
+# predicted no larger chain or dynamic tree of the shipped drafters doing better on this CPU.
 DEFAULT_METHODS = ("ngram|chain:4|auto", "eagle|chain:3|auto")
 
 
