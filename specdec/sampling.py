@@ -54,15 +54,27 @@ def process_logits(logits: Float[Array, "... V"], s: SamplingConfig) -> Float[Ar
     return x
 
 
+def argmax(logits: Float[Array, "... V"]) -> Int[Array, "..."]:
+    """`jnp.argmax(logits, -1)` (the first maximum) as two plain reductions, max then min index.
+
+    XLA:CPU runs argmax as a variadic (value, index) reduce, ~4x slower than this over a 49k
+    vocabulary (0.66 vs 0.15 ms for a 5-node block). Same result for any non-NaN logits, so AR
+    sampling and greedy verification, which both use it, keep the same tie rule.
+    """
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    v = logits.shape[-1]
+    return jnp.min(jnp.where(logits == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
 def probabilities(logits: Float[Array, "... V"], s: SamplingConfig) -> Float[Array, "... V"]:
     """The distribution tokens are drawn from: softmax of processed logits, one-hot argmax if greedy."""
     if s.greedy:
-        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+        return jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=jnp.float32)
     return jax.nn.softmax(process_logits(logits, s), axis=-1)
 
 
 def sample(key: PRNGKeyArray, logits: Float[Array, "... V"], s: SamplingConfig) -> Int[Array, "..."]:
     """Draw one token per leading index (argmax when greedy)."""
     if s.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
     return jax.random.categorical(key, process_logits(logits, s), axis=-1).astype(jnp.int32)

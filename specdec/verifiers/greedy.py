@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from specdec.sampling import SamplingConfig
+from specdec.sampling import SamplingConfig, argmax
 from specdec.tree import Tree, child_mask, root_paths
 from specdec.verifiers._walk import first_true
 from specdec.verifiers.protocol import Verdict
@@ -40,7 +40,7 @@ def greedy_verify(
     the loop (on CPU the generic walk cost ~1.3 ms per step, 7% of a one-token step).
     """
     del key, sampling  # greedy by definition: the emitted token is the argmax whatever the config says
-    best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, N], same tie rule as AR
+    best = argmax(target_logits)  # [B, N], the AR baseline's own tie rule
     real = tree.valid & (tree.tokens >= 0)  # PAD (-1) is never a candidate, even if marked valid
     tokens = jnp.where(real, tree.tokens, 0)
     kids = child_mask(tree) & real[:, None, :]
