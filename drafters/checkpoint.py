@@ -157,10 +157,8 @@ def bind(family: str, config, params: dict, target_params) -> dict:
     p = {k: v for k, v in params.items()}
     d2t = params.get("d2t")
     shared_head = (family == "medusa" and not config.own_heads) or (family == "eagle" and config.version == 1)
-    if shared_head and d2t is None:
-        p["head"] = target_params.get("lm_head", None)  # shared as is, in the target's layout
-        if p["head"] is None:
-            p["head"] = target_params["embed"].T
+    if shared_head and d2t is None:  # the target's own head, shared in its layout
+        p["head"] = target_params["lm_head"] if "lm_head" in target_params else target_params["embed"].T
     elif shared_head:
         p["head"] = jnp.take(target_head(target_params), jnp.asarray(d2t), axis=1)
     if family == "eagle":

@@ -19,6 +19,7 @@ logits a one-token step would); it differs from XLA's dot by f32 rounding only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -90,30 +91,32 @@ def _call(x2: Float[Array, "M K"], p: PackedWeight) -> Float[Array, "M N"]:
     return call(x2, p.tiles, isa=np.int64(kernels.isa_cap()), threads=np.int64(0))
 
 
-@jax.custom_batching.custom_vmap
-def _packed_2d(x2: Float[Array, "M K"], tiles: Float[Array, "NB K 16"], n_ref: Float[Array, " N"]):
-    return _call(x2, PackedWeight(tiles, n_ref.shape[0]))
+@functools.cache
+def _packed_2d(n: int):
+    """`x2 [M, K] @ tiles -> [M, n]` for one output width, with its vmap rule (n is static)."""
 
+    @jax.custom_batching.custom_vmap
+    def mm(x2: Float[Array, "M K"], tiles: Float[Array, "NB K 16"]):
+        return _call(x2, PackedWeight(tiles, n))
 
-@_packed_2d.def_vmap
-def _packed_2d_vmap(axis_size, in_batched, x2, tiles, n_ref):
-    x_b, w_b, _ = in_batched
-    if w_b:  # a batch of weights: one call per weight
-        x2 = x2 if x_b else jnp.broadcast_to(x2, (axis_size,) + x2.shape)
-        return jax.lax.map(lambda a: _packed_2d(a[0], a[1], n_ref), (x2, tiles)), True
-    if not x_b:
-        return _packed_2d(x2, tiles, n_ref), False
-    # Batched rows against one weight: fold the batch into the rows, one pass over the weight.
-    b, m, k = x2.shape
-    return _packed_2d(x2.reshape(b * m, k), tiles, n_ref).reshape(b, m, -1), True
+    @mm.def_vmap
+    def _(axis_size, in_batched, x2, tiles):
+        x_b, w_b = in_batched
+        if w_b:  # a batch of weights: one call per weight
+            x2 = x2 if x_b else jnp.broadcast_to(x2, (axis_size,) + x2.shape)
+            return jax.lax.map(lambda a: mm(a[0], a[1]), (x2, tiles)), True
+        if not x_b:
+            return mm(x2, tiles), False
+        # Batched rows against one weight: fold the batch into the rows, one pass over the weight.
+        b, m, k = x2.shape
+        return mm(x2.reshape(b * m, k), tiles).reshape(b, m, -1), True
+
+    return mm
 
 
 def _packed_dense(x: Float[Array, "... K"], p: PackedWeight) -> Float[Array, "... N"]:
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    # n travels as the shape of a dummy operand: custom_vmap takes arrays only.
-    y = _packed_2d(x2, p.tiles, jnp.zeros((p.n,), jnp.float32))
-    return y.reshape(*lead, p.n)
+    y = _packed_2d(p.n)(x.reshape(-1, x.shape[-1]).astype(jnp.float32), p.tiles)
+    return y.reshape(*x.shape[:-1], p.n)
 
 
 @jax.custom_vjp

@@ -23,7 +23,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from specdec.attention import attend, attend_cache, cache_mask, visible_limit
 from specdec.cache import KVCache
-from specdec.matmul import PackedWeight, choose_layout, dense, pack, pack_params
+from specdec.matmul import choose_layout, dense, layout_of, pack_params
 from specdec.models.config import ModelConfig
 from specdec.models.rope import apply_rope, rope_tables
 
@@ -47,7 +47,7 @@ def to_device(params: Params, cfg: ModelConfig, layout: str | None = None) -> Pa
     else:
         out["layers"] = jax.tree.map(cast, layers)
     if layout == "packed" and "lm_head" not in out:
-        out["lm_head"] = pack(out["embed"].T)
+        out["lm_head"] = out["embed"].T  # packed below, like every dense weight
     return pack_params(out, layout)
 
 
@@ -61,7 +61,7 @@ def rms_norm(x: Float[Array, "... D"], w: Float[Array, " D"], eps: float) -> Flo
 def _layer(lp, h, cos, sin, mask, limit, cache: KVCache | None, slots, layer_idx, cfg: ModelConfig):
     """One decoder layer; writes this layer's new keys/values into `cache` (when given).
 
-    Packed weights (the CPU layout) also select the CPU attention kernel over the cache prefix.
+    `limit` (the slots the block sees, `visible_limit`) is given when the CPU attention kernel runs.
     """
     b, t, _ = h.shape
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
@@ -77,8 +77,7 @@ def _layer(lp, h, cos, sin, mask, limit, cache: KVCache | None, slots, layer_idx
         attn = attend(q, k, v, mask, cfg)  # no cache: the block attends to itself only
     else:
         cache = cache.write(layer_idx, k, v, slots)
-        kernel = isinstance(lp["wqkv"], PackedWeight)
-        attn = attend_cache(q, cache, layer_idx, mask, cfg, kernel=kernel, limit=limit)
+        attn = attend_cache(q, cache, layer_idx, mask, cfg, kernel=limit is not None, limit=limit)
     h = h + dense(attn.astype(h.dtype), lp["wo"]).astype(h.dtype)
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     gate, up = jnp.split(dense(x, lp["w_gate_up"]).astype(h.dtype), 2, axis=-1)
@@ -111,7 +110,9 @@ def forward(
     h = params["embed"][tokens]
     cos, sin = rope_tables(cfg, positions)
     mask = cache_mask(cfg, positions, cache, block_mask, slots)
-    limit = visible_limit(mask) if cache is not None else None
+    # Packed weights (the CPU layout) also select the CPU attention kernel over the cache prefix.
+    kernel = cache is not None and layout_of(params["layers"]) == "packed"
+    limit = visible_limit(mask) if kernel else None
     n = cfg.num_layers
     tapped: dict[int, Array] = {}
     if cfg.scan_layers:
