@@ -54,6 +54,11 @@ flags.DEFINE_enum(
     "dtype", "float32", ["float32", "bfloat16"], "Target dtype (float32: fastest on CPU).", flag_values=FLAGS
 )
 _bool("progress", True, "Show the progress bar.")
+_bool(
+    "restart", False,
+    "Discard <out>/progress.jsonl and start over (by default a rerun resumes an interrupted run of the "
+    "same configuration, skipping finished questions).",
+)  # fmt: skip
 
 
 class UsageError(ValueError):
@@ -115,7 +120,9 @@ def evaluate(argv: Sequence[str], *, model=None) -> dict:
     from specdec.eval.mtbench import run_eval
     from specdec.eval.report import tables, write_all
 
-    res = run_eval(config_from_flags(), model=model, progress=FLAGS.progress)
+    journal = os.path.join(FLAGS.out, "progress.jsonl")
+    res = run_eval(config_from_flags(), model=model, progress=FLAGS.progress, journal=journal,
+                   restart=FLAGS.restart)  # fmt: skip
     m = write_all(res, FLAGS.out)
     mach = m["machine"]
     print()
@@ -129,10 +136,9 @@ def evaluate(argv: Sequence[str], *, model=None) -> dict:
 def run() -> None:
     """Console-script entry point (`specdec-eval`)."""
     from specdec.cli.entry import run_console
-    from specdec.eval.questions import QuestionFileError
 
     head = "\n\n".join(__doc__.split("\n\n")[:2]) + "\n"
-    run_console("specdec-eval", head, FLAGS, evaluate, (UsageError, QuestionFileError, ValueError))
+    run_console("specdec-eval", head, FLAGS, evaluate)
 
 
 if __name__ == "__main__":

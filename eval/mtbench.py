@@ -13,13 +13,19 @@ Protocol (Spec-Bench `evaluation/eval.py`, adapted to a jitted JAX loop):
     work is finished); tokenization and detokenization are excluded;
   * order: run → question batch → configuration → turns. Interleaving the configurations per
     question spreads drifts in machine load evenly over the methods and the baseline;
-  * the load average is sampled at start, after every question batch and at the end.
+  * the load average is sampled at start, after every question batch and at the end;
+  * resumable: with a `journal` (the CLI's `<out>/progress.jsonl`) every finished question batch is
+    appended (answers, turn records, acceptance histograms, its wall time and load); a rerun of the
+    same configuration skips the batches already there and says so, and a different configuration
+    is refused (`restart=True` discards the journal instead).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import pathlib
 import time
 from collections.abc import Sequence
 
@@ -79,6 +85,7 @@ class EvalResult:
     wall_seconds: float = 0.0
     target_source: str = ""
     tstamp: float = 0.0
+    resumed_batches: int = 0  # question batches restored from the journal (not rerun)
 
 
 def _jit_cache_size() -> int | None:
@@ -111,11 +118,58 @@ class _Prompter:
         return chat_ids(self.tok, messages, system=self.system)
 
 
-def run_eval(config: EvalConfig, *, model=None, progress: bool = True) -> EvalResult:
+class Journal:
+    """Append-only record of finished question batches (JSON lines), keyed by (run, question ids).
+
+    Line 1 holds the configuration; a journal of another configuration is refused. A line cut off
+    by a kill is dropped (that batch is rerun).
+    """
+
+    def __init__(self, path: os.PathLike, config: EvalConfig, question_ids: list, *, restart: bool = False):
+        self.path = pathlib.Path(path)
+        head = json.loads(json.dumps({"config": config.as_dict(), "question_ids": question_ids}))
+        self.done: dict[tuple, dict] = {}
+        if restart and self.path.exists():
+            self.path.unlink()
+        if self.path.exists():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            old = json.loads(lines[0]) if lines else None
+            if old is not None and old != head:
+                diff = sorted(k for k in head["config"] if old["config"].get(k) != head["config"][k])
+                raise ValueError(
+                    f"{self.path} belongs to an evaluation with another configuration (differs in: "
+                    f"{', '.join(diff) or 'question selection'}); use another --out, or --restart to "
+                    "discard it"
+                )
+            good = lines[:1]
+            for line in lines[1:]:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # cut off by a kill
+                    break
+                self.done[(rec["run"], tuple(rec["question_ids"]))] = rec
+                good.append(line)
+            self.path.write_text("".join(x + "\n" for x in good), encoding="utf-8")
+        if not self.path.exists() or not self.path.read_text(encoding="utf-8").strip():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(head) + "\n", encoding="utf-8")
+
+    def append(self, rec: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def run_eval(
+    config: EvalConfig, *, model=None, progress: bool = True, journal: os.PathLike | None = None,
+    restart: bool = False,
+) -> EvalResult:  # fmt: skip
     """Run every method and the baseline on the selected questions; see the module docstring.
 
-    `model` (a `LoadedModel`) skips loading `config.target`. Raises QuestionFileError for a bad
-    question file or selection, ValueError for a bad method or a prompt that does not fit.
+    `model` (a `LoadedModel`) skips loading `config.target`. `journal` makes the run resumable.
+    Raises QuestionFileError for a bad question file or selection, ValueError for a bad method, a
+    prompt that does not fit or a journal of another configuration.
     """
     from tqdm.auto import tqdm
 
@@ -145,6 +199,8 @@ def run_eval(config: EvalConfig, *, model=None, progress: bool = True) -> EvalRe
         methods[m.label] = m
     labels = list(methods)
     engine = {lab: m.build(params, cfg) for lab, m in methods.items()}
+    jr = None if journal is None else Journal(journal, config, [q.question_id for q in questions],
+                                               restart=restart)  # fmt: skip
     tid = target_id(config.target)
     res = EvalResult(
         config=config, labels=labels, methods=methods,
@@ -190,14 +246,29 @@ def run_eval(config: EvalConfig, *, model=None, progress: bool = True) -> EvalRe
 
     batches = [questions[i : i + config.batch_size] for i in range(0, len(questions), config.batch_size)]
     n_turns = sum(len(q.turns) for q in questions)
+    done = {} if jr is None else jr.done
+    if done:
+        print(f"resuming {jr.path}: {len(done)} of {config.runs * len(batches)} question batches already "
+              "done with this configuration; skipping them")  # fmt: skip
     bar = tqdm(total=config.runs * n_turns * len(labels), unit="turn", disable=not progress,
                desc=f"{config.bench} × {len(labels)} configs")  # fmt: skip
-    call = 0
+    call = max((r["call"] for rec in done.values() for lab in rec["labels"]
+                for r in rec["labels"][lab]["records"]), default=0)  # fmt: skip
+    prior_seconds = 0.0
     for run in range(config.runs):
         for batch in batches:
+            key = (run, tuple(q.question_id for q in batch))
+            if key in done:
+                prior_seconds += _restore(res, done[key], run)
+                bar.update(sum(len(q.turns) for q in batch) * len(labels))
+                continue
+            t_batch = time.perf_counter()
+            rec = {"run": run, "question_ids": list(key[1]), "labels": {}}
             for lab in labels:
                 convs: list[list[dict]] = [[] for _ in batch]
                 answers = res.answers[lab].setdefault(run, {})
+                hist: list[int] = []
+                new_records: list[TurnRecord] = []
                 for turn in range(max(len(q.turns) for q in batch)):
                     rows = [i for i, q in enumerate(batch) if turn < len(q.turns)]
                     for i in rows:
@@ -209,25 +280,48 @@ def run_eval(config: EvalConfig, *, model=None, progress: bool = True) -> EvalRe
                         ids = [batch[i].question_id for i in rows]
                         raise ValueError(f"question(s) {ids}, turn {turn + 1}: {e}") from None
                     call += 1
-                    _add_hist(res.hists[lab], out.accepted_hist)
+                    _add_hist(hist, out.accepted_hist)
                     for j, i in enumerate(rows):
                         q, toks = batch[i], out.tokens[j]
                         text = model.tokenizer.decode(toks, skip_special_tokens=True).strip()
                         convs[i].append({"role": "assistant", "content": text})
                         answers.setdefault(q.question_id, []).append(text)
-                        res.records[lab].append(TurnRecord(
+                        new_records.append(TurnRecord(
                             run=run, question_id=q.question_id, category=q.category, turn=turn,
                             new_tokens=len(toks), wall_time=dt, steps=int(out.row_steps[j]),
                             step_tokens=max(len(toks) - 1, 0), tokens=tuple(toks),
                             batch_size=len(rows), call=call,
                         ))  # fmt: skip
                     bar.update(len(rows))
-                    bar.set_postfix_str(_postfix(res), refresh=False)
-            load["samples"].append(_load_sample(t_start))
+                res.records[lab] += new_records
+                _add_hist(res.hists[lab], hist)
+                bar.set_postfix_str(_postfix(res), refresh=False)
+                rec["labels"][lab] = {
+                    "answers": [[q.question_id, answers[q.question_id]] for q in batch],
+                    "records": [dataclasses.asdict(r) for r in new_records], "hist": hist,
+                }  # fmt: skip
+            sample = _load_sample(t_start)
+            load["samples"].append(sample)
+            if jr is not None:
+                jr.append({**rec, "seconds": time.perf_counter() - t_batch, "load": sample})
     bar.close()
     load["end"] = _load_sample(t_start)[1:]
-    res.wall_seconds = time.perf_counter() - t_start
+    res.wall_seconds = time.perf_counter() - t_start + prior_seconds
+    res.resumed_batches = sum(1 for run in range(config.runs) for b in batches
+                              if (run, tuple(q.question_id for q in b)) in done)  # fmt: skip
     return res
+
+
+def _restore(res: EvalResult, rec: dict, run: int) -> float:
+    """Put a journal batch back into `res`; return its wall seconds."""
+    for lab, d in rec["labels"].items():
+        answers = res.answers[lab].setdefault(run, {})
+        for qid, texts in d["answers"]:
+            answers[qid] = list(texts)
+        res.records[lab] += [TurnRecord(**{**r, "tokens": tuple(r["tokens"])}) for r in d["records"]]
+        _add_hist(res.hists[lab], d["hist"])
+    res.load["samples"].append(rec["load"])
+    return float(rec["seconds"])
 
 
 def _add_hist(acc: list[int], hist: Sequence[int]) -> None:

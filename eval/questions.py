@@ -4,9 +4,11 @@ A question file has one JSON object per line:
 
     {"question_id": 81, "category": "writing", "turns": ["...", "..."], "reference": ["..."]}
 
-`question_id` (int or str, unique), `category` (str), `turns` (non-empty list of str) are required;
-`reference` is optional and only carried along. Blank lines are skipped. Every malformed line raises
-`QuestionFileError` naming the file and the 1-based line number.
+`question_id` (int or str, unique), `category` (str), `turns` (non-empty list of str) are required.
+Everything else is carried along untouched: `reference` may be any JSON (FastChat: a list of
+strings; Spec-Bench's RAG questions: a list of lists), other fields land in `Question.extra`.
+Blank lines are skipped. Every malformed line raises `QuestionFileError` naming the file and the
+1-based line number.
 
 Selection (`select`) is deterministic and keeps file order: categories filter, then the first N per
 category, then the first `limit` overall.
@@ -19,6 +21,7 @@ import importlib.resources
 import json
 import pathlib
 from collections.abc import Sequence
+from typing import Any
 
 BUNDLED = {"mt_bench": "mt_bench_question.jsonl"}  # --bench name -> file in specdec/data
 
@@ -34,7 +37,8 @@ class Question:
     question_id: int | str
     category: str
     turns: tuple[str, ...]
-    reference: tuple[str, ...] | None = None
+    reference: Any = None  # any JSON value, as in the file
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)  # other fields
 
 
 def bench_path(bench: str) -> pathlib.Path:
@@ -75,10 +79,8 @@ def _parse_line(text: str, where: str) -> Question:
         raise QuestionFileError(f"{where}: category must be a string, got {cat!r}")
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
         raise QuestionFileError(f"{where}: turns must be a non-empty list of strings, got {turns!r}")
-    ref = rec.get("reference")
-    if ref is not None and not (isinstance(ref, list) and all(isinstance(r, str) for r in ref)):
-        raise QuestionFileError(f"{where}: reference, when present, must be a list of strings")
-    return Question(qid, cat, tuple(turns), None if ref is None else tuple(ref))
+    extra = {k: v for k, v in rec.items() if k not in ("question_id", "category", "turns", "reference")}
+    return Question(qid, cat, tuple(turns), rec.get("reference"), extra)
 
 
 def load_questions(bench: str) -> list[Question]:

@@ -112,6 +112,7 @@ def build_metrics(res: EvalResult) -> dict:
         },
         "target_source": res.target_source,
         "wall_seconds": res.wall_seconds,
+        "resumed_batches": res.resumed_batches,  # question batches restored from progress.jsonl
         "tstamp": res.tstamp,
     }
     return _clean(out)
@@ -223,7 +224,12 @@ def write_report_md(m: dict, out: pathlib.Path) -> pathlib.Path:
         f"usable), JAX {mach['jax']}. Load average (1/5/15 min) at start {mach['loadavg_start']}, at end "
         f"{mach['loadavg_end']}; 1-min load sampled after each question: mean "
         f"{_pm(mach['loadavg_1min_mean'], None)}, max {_pm(mach['loadavg_1min_max'], None)}. "
-        f"Total wall time {m['wall_seconds']:.0f} s."
+        f"Total wall time {m['wall_seconds']:.0f} s"
+        + (
+            f" ({m['resumed_batches']} question batches restored from progress.jsonl)."
+            if m.get("resumed_batches")
+            else "."
+        )
     )
     text = "\n\n".join([
         f"# {c['bench']} evaluation: speculative decoding vs autoregressive",

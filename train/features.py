@@ -172,13 +172,19 @@ class FeatureSet:
                 f"{path}: feature extraction was interrupted ({len(m['shards'])} shards done); "
                 "rerun the same command to resume it"
             )
-        shards, index = [], []
+        shards, index, order = [], [], []
         for s in sorted(m["shards"], key=lambda s: s["index"]):
             d = path / s["name"]
             arrays = {f.stem: np.load(f, mmap_mode="r") for f in d.glob("*.npy")}
             shards.append(arrays)
-            index += [(len(shards) - 1, k) for k in range(len(arrays["offsets"]) - 1)]
-        return cls(m, shards, np.asarray(index, np.int64).reshape(-1, 2))
+            n = len(arrays["offsets"]) - 1
+            index += [(len(shards) - 1, k) for k in range(n)]
+            # Regenerated shards hold conversations in completion order: sort by input order.
+            order += (
+                list(arrays["conv_index"]) if "conv_index" in arrays else range(len(order), len(order) + n)
+            )
+        index = np.asarray(index, np.int64).reshape(-1, 2)[np.argsort(order, kind="stable")]
+        return cls(m, shards, index)
 
     @property
     def taps(self) -> tuple[int, ...]:

@@ -15,10 +15,18 @@ def run_console(
     helptext: str,
     flag_values: flags.FlagValues,
     body: Callable[[list[str]], object],
-    errors: tuple[type[BaseException], ...],
+    errors: tuple[type[BaseException], ...] = (),
 ) -> None:
-    """Run `body(argv)` under absl; `errors` print as `prog: error: ...` and exit with status 2."""
+    """Run `body(argv)` under absl; bad input prints one line, `prog: error: ...`, and exits with 2.
+
+    Bad input is a flag error, a `ValueError` (every specdec input error derives from it: bad
+    checkpoints, data, question files, trees, prompts that do not fit), an `OSError` (missing or
+    unreadable files) or one of `errors`. `SPECDEC_TRACEBACK=1` re-raises instead (debugging).
+    """
+    import os
+
     argv = list(sys.argv)
+    caught = (flags.Error, app.UsageError, ValueError, OSError, *errors)
 
     def main(_):
         if any(a in HELP_FLAGS for a in argv[1:]):
@@ -26,8 +34,11 @@ def run_console(
             return
         try:
             body(argv)
-        except errors as e:
-            print(f"{prog}: error: {e}", file=sys.stderr)
+        except caught as e:
+            if os.environ.get("SPECDEC_TRACEBACK"):
+                raise
+            msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message
+            print(f"{prog}: error: {msg}", file=sys.stderr)
             sys.exit(2)
 
     app.run(main, argv=argv[:1])

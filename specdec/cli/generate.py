@@ -90,8 +90,25 @@ def main(argv):
               f"{out.steps} steps; compile {compile_s:.1f} s; {model.source}]")  # fmt: skip
 
 
+def _parse_and_generate(argv: list[str]) -> None:
+    if FLAGS.is_parsed():  # a second call in one process (tests) starts from the defaults
+        FLAGS.unparse_flags()
+    try:
+        rest = FLAGS(argv)
+    except flags.Error:
+        FLAGS.unparse_flags()
+        FLAGS(argv[:1])  # leave the flags parsed (absl reads its own after main returns)
+        raise
+    if len(rest) > 1:
+        raise app.UsageError(f"unexpected arguments {rest[1:]} (all options are --flags)")
+    main(rest)
+
+
 def run():
-    app.run(main)
+    """Console-script entry point (`specdec-generate`)."""
+    from specdec.cli.entry import run_console
+
+    run_console("specdec-generate", __doc__, FLAGS, _parse_and_generate)
 
 
 if __name__ == "__main__":
