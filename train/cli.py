@@ -35,6 +35,7 @@ _int("num_conversations", 1500, "Conversations to use (train + held-out).", lowe
 _int("max_len", 512, "Tokens per conversation at most (truncated).", lower_bound=16)
 _string("features", None, "Feature cache folder (default: <out>/../features-<target>-<n>-<max_len>).")
 _bool("extract_only", False, "Stop after the feature cache is complete.")
+_int("max_sequences", 0, "Train on the first N sequences of the cache (input order; 0 = all).", lower_bound=0)
 _bool(
     "regenerate", False,
     "Self-distillation: the target rewrites every assistant turn and the feature cache is written from "
@@ -62,6 +63,11 @@ _int("heads", 4, "Medusa heads.")
 _bool("own_heads", False, "Medusa: one LM head per head (paper) instead of the target's shared head.")
 _int("ttt_steps", 3, "EAGLE-3 training-time-test steps (paper: 7).")
 _float("noise", 0.1, "EAGLE-1 feature noise U(-a, a).")
+flags.DEFINE_enum(
+    "loss", "ce", ["ce", "tv", "lk"],
+    "Divergence to the target's distribution: ce (cross-entropy, EAGLE/Medusa), tv (total variation = "
+    "1 - acceptance), lk (LK hybrid KL/TV, arXiv 2602.23881).", flag_values=FLAGS,
+)  # fmt: skip
 _int("draft_vocab", 8192, "Draft vocabulary (most frequent target predictions); 0 = the full vocabulary.")
 _int("heldout", 32, "Sequences held out for evaluation.")
 _int("eval_every", 200, "Held-out evaluation period (steps).")
@@ -130,6 +136,8 @@ def main(argv):
 
         print(f"regenerated set exported to {export(feat_dir, FLAGS.export_regenerated)}")
     fs = features.FeatureSet.open(feat_dir)
+    if FLAGS.max_sequences:
+        fs = fs.head(FLAGS.max_sequences)
     print(f"features: {feat_dir} ({len(fs)} sequences)")
     if FLAGS.extract_only:
         return
@@ -137,6 +145,7 @@ def main(argv):
         family=FLAGS.drafter, steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.max_len,
         lr=FLAGS.lr, warmup=FLAGS.warmup, weight_decay=FLAGS.weight_decay, clip=FLAGS.clip, seed=FLAGS.seed,
         heads=FLAGS.heads, own_heads=FLAGS.own_heads, ttt_steps=FLAGS.ttt_steps, noise=FLAGS.noise,
+        loss=FLAGS.loss,
         draft_vocab=FLAGS.draft_vocab or None, heldout=FLAGS.heldout, eval_every=FLAGS.eval_every,
         save_every=FLAGS.save_every,
     )  # fmt: skip

@@ -8,7 +8,8 @@ features are extracted once and every drafter trains from the cache. Layout of `
       tokens.npy           int32 [N]      the shard's sequences, concatenated
       loss_mask.npy        bool  [N]      assistant tokens (prediction targets)
       offsets.npy          int64 [S + 1]  sequence s is [offsets[s], offsets[s+1])
-      top1.npy             int32 [N]      the target's argmax next token after each position
+      top1.npy             int32 [N]      the target's argmax next token after each position (-1 where
+                                          not computed: regenerated prompt positions predict no label)
       tap_{i}.npy          f16   [N, D]   hidden tap i (HF numbering; i = L is the final normed state)
 
 A shard is written to a temporary folder and renamed, then recorded in the manifest, so an
@@ -186,6 +187,12 @@ class FeatureSet:
         index = np.asarray(index, np.int64).reshape(-1, 2)[np.argsort(order, kind="stable")]
         return cls(m, shards, index)
 
+    def head(self, n: int) -> FeatureSet:
+        """The first `n` sequences (input order): equal-budget subsets, e.g. for ablations."""
+        if n > len(self):
+            raise FeatureCacheError(f"--max_sequences {n} exceeds the {len(self)} sequences of the cache")
+        return FeatureSet(self.manifest, self.shards, self.index[:n])
+
     @property
     def taps(self) -> tuple[int, ...]:
         return tuple(self.manifest["taps"])
@@ -203,5 +210,6 @@ class FeatureSet:
         """How often each id is the target's argmax at an assistant position (for draft vocabs)."""
         counts = np.zeros(vocab_size, np.int64)
         for arrays in self.shards:
-            np.add.at(counts, arrays["top1"][arrays["loss_mask"]], 1)
+            ids = arrays["top1"][arrays["loss_mask"]]
+            np.add.at(counts, ids[ids >= 0], 1)
         return counts

@@ -14,6 +14,15 @@ masked (as EAGLE-3 does).
   feature loss. Step k at position p attends to step-0 keys at positions <= p - k and to the
   step-m key at p - k + m (m = 1..k): exactly what a depth-(k+1) chain node sees at inference.
 
+`loss` picks the divergence to the target's (draft-vocabulary) distribution p from the draft's q:
+- "ce": cross-entropy -Σ p log q (KL up to a constant; EAGLE's objective; Medusa: hard labels);
+- "tv": total variation ½ Σ |p - q| = 1 - α, α = Σ min(p, q) the probability that speculative
+  sampling accepts the draft token: minimising it maximises acceptance directly, but its gradient
+  vanishes where q has no mass;
+- "lk": the LK hybrid (arXiv 2602.23881) λ KL(p‖q) + (1 - λ) TV with λ = exp(-3 α), α the current
+  acceptance at that position (no gradient through λ): KL's useful gradients while the draft is far
+  off, TV's acceptance objective once it is close.
+
 Each returns (loss, metrics) with per-head/per-step top-1 accuracy among counted positions.
 """
 
@@ -44,23 +53,42 @@ def _soft_targets(params, batch: Batch, tap_final: str) -> Float[Array, "B T Vd"
     return jax.nn.softmax(jnp.dot(f, params["target_head"], preferred_element_type=jnp.float32), axis=-1)
 
 
+LOSSES = ("ce", "tv", "lk")
+
+
+def divergence(p: Float[Array, "... V"], logq: Float[Array, "... V"], kind: str) -> Float[Array, "..."]:
+    """Per-position divergence of the draft (log-probs `logq`) from the target `p` (see module doc)."""
+    if kind == "ce":
+        return -jnp.sum(p * logq, -1)
+    tv = 0.5 * jnp.sum(jnp.abs(p - jnp.exp(logq)), -1)
+    if kind == "tv":
+        return tv
+    if kind == "lk":
+        kl = jnp.sum(jax.scipy.special.xlogy(p, p) - p * logq, -1)
+        lam = jnp.exp(-3.0 * jax.lax.stop_gradient(1.0 - tv))
+        return lam * kl + (1.0 - lam) * tv
+    raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+
+
 def _masked_mean(x, m):
     m = m.astype(jnp.float32)
     return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
 def _labels(t2d, top1):
-    lab = t2d[top1]
-    return lab, lab >= 0
+    """Draft-vocabulary labels and where they count (-1 top1 = not computed, e.g. prompt positions)."""
+    lab = t2d[jnp.maximum(top1, 0)]
+    return lab, (lab >= 0) & (top1 >= 0)
 
 
-def medusa_loss(params, cfg: medusa.MedusaConfig, batch: Batch, t2d, key=None):
+def medusa_loss(params, cfg: medusa.MedusaConfig, batch: Batch, t2d, key=None, loss: str = "ce"):
     del key
     f = batch.taps[str(cfg.tap)]
+    soft = None if loss == "ce" else _soft_targets(params, batch, str(cfg.tap))
     logits = medusa.head_logits(params, cfg, f)  # [B, T, K, Vd]
     logp = jax.nn.log_softmax(logits, axis=-1)
     t = batch.tokens.shape[1]
-    loss, metrics = 0.0, {}
+    total, metrics = 0.0, {}
     for k in range(cfg.num_heads):
         s = k + 1  # head k at p: label top1[p + s] (= token p + k + 2), counted if that token is assistant's
         n = t - s - 1
@@ -69,10 +97,13 @@ def medusa_loss(params, cfg: medusa.MedusaConfig, batch: Batch, t2d, key=None):
         lab, ok = _labels(t2d, batch.top1[:, s : s + n])
         m = ok & batch.loss_mask[:, s + 1 :]
         lp = logp[:, :n, k]
-        ce = -jnp.take_along_axis(lp, jnp.maximum(lab, 0)[..., None], axis=-1)[..., 0]
-        loss = loss + 0.8**k * _masked_mean(ce, m)
+        if soft is None:
+            d = -jnp.take_along_axis(lp, jnp.maximum(lab, 0)[..., None], axis=-1)[..., 0]
+        else:  # the target's distribution of token p + k + 2, at position p + k + 1
+            d = divergence(soft[:, s : s + n], lp, loss)
+        total = total + 0.8**k * _masked_mean(d, m)
         metrics[f"acc{k}"] = _masked_mean(jnp.argmax(lp, -1) == lab, m)
-    return loss, metrics
+    return total, metrics
 
 
 def _pairs(batch: Batch):
@@ -84,7 +115,7 @@ def _pairs(batch: Batch):
     return toks, pos, target_mask
 
 
-def eagle1_loss(params, cfg: eagle.EagleConfig, batch: Batch, t2d, key, noise: float = 0.1):
+def eagle1_loss(params, cfg: eagle.EagleConfig, batch: Batch, t2d, key, noise: float = 0.1, loss: str = "ce"):
     tap = str(cfg.taps[0])
     f = batch.taps[tap].astype(jnp.float32)
     toks, pos, tmask = _pairs(batch)
@@ -98,11 +129,11 @@ def eagle1_loss(params, cfg: eagle.EagleConfig, batch: Batch, t2d, key, noise: f
     reg = jnp.sum(optax.huber_loss(out, f[:, 1:], delta=1.0), -1)  # = SmoothL1 with beta 1
     logp = jax.nn.log_softmax(eagle.draft_logits(params, cfg, out), -1)
     soft = _soft_targets(params, batch, tap)[:, 1:]
-    ce = -jnp.sum(soft * logp, -1)
-    loss = _masked_mean(reg, m) / cfg.hidden_size + 0.1 * _masked_mean(ce, m)
+    d = divergence(soft, logp, loss)
+    total = _masked_mean(reg, m) / cfg.hidden_size + 0.1 * _masked_mean(d, m)
     # The feature loss is summed over D in EAGLE's code with mean over tokens; we divide by D so the
     # two terms stay comparable across hidden sizes (a constant rescaling of the learning signal).
-    return loss, {"acc0": _masked_mean(jnp.argmax(logp, -1) == lab, m), "reg": _masked_mean(reg, m)}
+    return total, {"acc0": _masked_mean(jnp.argmax(logp, -1) == lab, m), "reg": _masked_mean(reg, m)}
 
 
 def _shift(x, s: int):
@@ -153,17 +184,17 @@ def eagle3_outputs(params, cfg: eagle.EagleConfig, tokens: Int[Array, "B T"], ta
 
 
 def eagle3_loss(params, cfg: eagle.EagleConfig, batch: Batch, t2d, key=None, ttt_steps: int = 3,
-                tap_final: int | None = None):  # fmt: skip
+                tap_final: int | None = None, loss: str = "ce"):  # fmt: skip
     del key
     _, _, tmask = _pairs(batch)
     outs = eagle3_outputs(params, cfg, batch.tokens, tuple(batch.taps[str(t)] for t in cfg.taps), ttt_steps)
     lab, ok = _labels(t2d, batch.top1[:, 1:])
     soft = _soft_targets(params, batch, str(tap_final))[:, 1:]
     j = jnp.arange(tmask.shape[1])
-    loss, metrics = 0.0, {}
+    total, metrics = 0.0, {}
     for k, out in enumerate(outs):
         logp = jax.nn.log_softmax(eagle.draft_logits(params, cfg, out), -1)
         m = tmask & ok & (j >= k)[None, :]  # step k needs a real pair at p - k
-        loss = loss + 0.8**k * _masked_mean(-jnp.sum(soft * logp, -1), m)
+        total = total + 0.8**k * _masked_mean(divergence(soft, logp, loss), m)
         metrics[f"acc{k}"] = _masked_mean(jnp.argmax(logp, -1) == lab, m)
-    return loss, metrics
+    return total, metrics

@@ -93,24 +93,25 @@ def decode_step(params, cache: KVCache, tokens, active, conv, key, *, cfg: Model
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "taps"), donate_argnames=("cache",))
-def prefill_rows(params, cache: KVCache, rows, tokens, n, reset, conv, key, *, cfg: ModelConfig,
+def prefill_rows(params, cache: KVCache, rows, tokens, n, heads, reset, conv, key, *, cfg: ModelConfig,
                  sampling: SamplingConfig, taps: tuple[int, ...]):  # fmt: skip
     """Append `tokens[i, :n[i]]` to slot `rows[i]` (emptied first where `reset[i]`).
 
-    `rows` may hold the out-of-range index B for padding rows (ignored). Returns (the token sampled
-    after each row's block [b], argmax at every block position [b, T], taps [b, T, n_taps, D] f16,
-    cache).
+    `rows` may hold the out-of-range index B for padding rows (ignored). `heads: [b, K]` are the
+    block positions that need the target's argmax (the last one, n - 1, is sampled from): prompt
+    positions predict no training label, and the LM head over every position would be a fifth of
+    the prefill's work. Returns (the token sampled after each row's block [b], argmax at `heads`
+    [b, K], taps [b, T, n_taps, D] f16, cache).
     """
     b, t = tokens.shape
     lengths = jnp.where(reset, 0, cache.lengths.at[rows].get(mode="clip"))
     sub = KVCache(k=cache.k.at[:, rows].get(mode="clip"), v=cache.v.at[:, rows].get(mode="clip"),
                   lengths=lengths)  # fmt: skip
     pos = lengths[:, None] + jnp.arange(t)[None, :]
-    logits, hs, sub = forward(params, cfg, tokens, pos, sub, causal_mask(b, t), taps=taps)
+    logits, hs, sub = forward(params, cfg, tokens, pos, sub, causal_mask(b, t), taps=taps, logits_idx=heads)
     sub = sub.advance(n)
-    last = jnp.take_along_axis(logits, jnp.maximum(n - 1, 0)[:, None, None], axis=1)[:, 0]
     keys = _row_keys(key, conv, sub.lengths)
-    nxt = jax.vmap(lambda k, x: sample(k, x, sampling))(keys, last)
+    nxt = jax.vmap(lambda k, x: sample(k, x, sampling))(keys, logits[:, -1])
     cache = KVCache(k=cache.k.at[:, rows].set(sub.k, mode="drop"),
                     v=cache.v.at[:, rows].set(sub.v, mode="drop"),
                     lengths=cache.lengths.at[rows].set(sub.lengths, mode="drop"))  # fmt: skip
@@ -167,6 +168,7 @@ class _Run:
         self.buffer: list[_Flight] = []
         self.skipped: list[int] = []
         self.tokens_done = 0
+        self.t_shard = time.perf_counter()  # wall time per shard (compiles included), for the cost
         self.clock = {"prefill": [0.0, 0], "decode": [0.0, 0]}  # seconds, tokens (compiles included)
 
     # -- conversation logic (host) -----------------------------------------------------------------
@@ -249,12 +251,17 @@ class _Run:
         rows = np.full(b, self.rc.slots, np.int32)
         toks, n = np.zeros((b, t), np.int32), np.zeros(b, np.int32)
         reset, conv = np.zeros(b, bool), np.zeros(b, np.int32)
+        k = len(self.tail) + 1
+        heads = np.zeros((b, k), np.int32)
         for r, s in enumerate(group):
             f = self.slots[s]
-            d = f.delta[0]
+            d, dm = f.delta
             rows[r], toks[r, : len(d)], n[r], reset[r], conv[r] = s, d, len(d), not f.ids, f.index
+            # labels are needed where the next token is an answer token, and at the answer's tail
+            need = sorted({i for i in range(len(d) - 1) if dm[i] or dm[i + 1]} | {len(d) - 1})
+            heads[r] = (need + [len(d) - 1] * k)[-k:] if len(need) > k else (need + [len(d) - 1] * k)[:k]
         nxt, top1, hs, self.cache = prefill_rows(
-            self.prefill_params, self.cache, rows, toks, n, reset, conv, self.key,
+            self.prefill_params, self.cache, rows, toks, n, heads, reset, conv, self.key,
             cfg=self.prefill_cfg, sampling=self.rc.sampling, taps=self.taps,
         )  # fmt: skip
         nxt, top1, hs = jax.device_get((nxt, top1, hs))
@@ -265,7 +272,10 @@ class _Run:
             d, dm = f.delta
             f.ids += d
             f.mask += dm
-            f.top1 += top1[r, : len(d)].tolist()
+            t1 = [-1] * len(d)  # -1: not computed (a prompt position that predicts no label)
+            for i, v in zip(heads[r], top1[r], strict=True):
+                t1[i] = int(v)
+            f.top1 += t1
             f.taps.append(hs[r, : len(d)])
             f.delta = None
             self.tokens_done += len(d)
@@ -337,7 +347,10 @@ class _Run:
                 fh.write(json.dumps(f.record()) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        shard = {"index": si, "name": final.name, "sequences": len(fl), "tokens": sum(len(f.ids) for f in fl)}
+        now = time.perf_counter()
+        shard = {"index": si, "name": final.name, "sequences": len(fl), "tokens": sum(len(f.ids) for f in fl),
+                 "seconds": round(now - self.t_shard, 2)}  # fmt: skip
+        self.t_shard = now
         self.m["shards"].append({**shard, "conversations": [f.index for f in fl], "skipped": self.skipped})
         _write_manifest(self.out, self.m)
         self.buffer, self.skipped = [], []
@@ -454,7 +467,11 @@ def regenerate(
     finally:
         bar.close()
     m["complete"] = True
-    m["regenerated"]["tokens"] = int(sum(sh["tokens"] for sh in m["shards"]))
+    cost = m["regenerated"]
+    cost["tokens"] = int(sum(sh["tokens"] for sh in m["shards"]))
+    cost["seconds"] = round(sum(sh.get("seconds", 0.0) for sh in m["shards"]), 1)
+    cost["tokens_per_s"] = round(cost["tokens"] / max(cost["seconds"], 1e-9), 1)
+    cost["bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     _write_manifest(out, m)
     return out
 

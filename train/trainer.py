@@ -54,6 +54,7 @@ class TrainConfig:
     own_heads: bool = False  # Medusa: per-head LM heads instead of the target's shared head
     ttt_steps: int = 3  # EAGLE-3
     noise: float = 0.1  # EAGLE-1 feature noise
+    loss: str = "ce"  # divergence to the target distribution: ce | tv | lk (losses.py)
     draft_vocab: int | None = 8192
     heldout: int = 32  # sequences held out (the last ones of the feature set)
     eval_every: int = 200
@@ -122,17 +123,17 @@ def build(tc: TrainConfig, target_cfg: ModelConfig, target_params, d2t, key):
         params = medusa.init_params(cfg, key, head_d if tc.own_heads else None)
         if not tc.own_heads:
             frozen["head"] = head_d
-        return "medusa", cfg, params, frozen, functools.partial(losses.medusa_loss, cfg=cfg)
+        return "medusa", cfg, params, frozen, functools.partial(losses.medusa_loss, cfg=cfg, loss=tc.loss)
     version = 1 if tc.family == "eagle" else 3
     cfg = eagle.EagleConfig.for_target(target_cfg, version, vd)
     params = eagle.init_params(cfg, key, head_d if version == 3 else None)
     frozen["embed"] = target_params["embed"]
     if version == 1:
         frozen["head"] = head_d
-        fn = functools.partial(losses.eagle1_loss, cfg=cfg, noise=tc.noise)
+        fn = functools.partial(losses.eagle1_loss, cfg=cfg, noise=tc.noise, loss=tc.loss)
     else:
         fn = functools.partial(
-            losses.eagle3_loss, cfg=cfg, ttt_steps=tc.ttt_steps, tap_final=target_cfg.num_layers
+            losses.eagle3_loss, cfg=cfg, ttt_steps=tc.ttt_steps, tap_final=target_cfg.num_layers, loss=tc.loss
         )
     return "eagle", cfg, params, frozen, fn
 
