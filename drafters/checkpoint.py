@@ -2,7 +2,7 @@
 
 A checkpoint is a folder:
 
-    drafter.json         {"format": "specdec-drafter", "family": "medusa" | "eagle",
+    drafter.json         {"format": "specdec-drafter", "family": "medusa" | "eagle" | "dflash",
                           "config": {...}, "target": {source, sizes, fingerprint}, "training": {...}}
     params.safetensors   trained arrays by dotted name ("layer.wqkv"); bf16 or f32; "d2t" int32
 
@@ -24,13 +24,14 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from specdec.drafters.dflash import DFlash, DFlashConfig
 from specdec.drafters.eagle import Eagle, EagleConfig
 from specdec.drafters.medusa import Medusa, MedusaConfig
 from specdec.matmul import layout_of, pack_params, plain
 from specdec.models.config import ModelConfig
 
 FORMAT = "specdec-drafter"
-FAMILIES = {"medusa": (MedusaConfig, Medusa), "eagle": (EagleConfig, Eagle)}
+FAMILIES = {"medusa": (MedusaConfig, Medusa), "eagle": (EagleConfig, Eagle), "dflash": (DFlashConfig, DFlash)}
 
 
 class DrafterCheckpointError(ValueError):
@@ -156,15 +157,19 @@ def bind(family: str, config, params: dict, target_params) -> dict:
     in the target's matmul layout (`specdec.matmul`: packed on CPU)."""
     p = {k: v for k, v in params.items()}
     d2t = params.get("d2t")
-    shared_head = (family == "medusa" and not config.own_heads) or (family == "eagle" and config.version == 1)
+    shared_head = (
+        (family == "medusa" and not config.own_heads)
+        or (family == "eagle" and config.version == 1)
+        or family == "dflash"
+    )
     if shared_head and d2t is None:  # the target's own head, shared in its layout
         p["head"] = target_params["lm_head"] if "lm_head" in target_params else target_params["embed"].T
     elif shared_head:
         p["head"] = jnp.take(target_head(target_params), jnp.asarray(d2t), axis=1)
-    if family == "eagle":
+    if family in ("eagle", "dflash"):
         p["embed"] = target_params["embed"]
-        if config.version == 3:
-            p["head"] = p.pop("lm_head")
+    if family == "eagle" and config.version == 3:
+        p["head"] = p.pop("lm_head")
     if d2t is not None:
         p["d2t"] = jnp.asarray(d2t, jnp.int32)
     return pack_params(p, layout_of(target_params))
@@ -177,7 +182,9 @@ def load(path: os.PathLike, target_params, cfg: ModelConfig, *, window: int = 64
     config = make_config(meta)
     params = {k: (v if k == "d2t" else _to_jnp(v)) for k, v in params.items()}
     _, cls = FAMILIES[meta["family"]]
-    drafter = cls(config, window=window) if meta["family"] == "eagle" else cls(config)
+    drafter = (
+        cls(config, window=window) if meta["family"] == "eagle" else cls(config)
+    )  # window: EAGLE's node KV
     return drafter, bind(meta["family"], config, params, target_params)
 
 

@@ -1,5 +1,6 @@
-"""Trained-drafter families (Medusa, EAGLE-1/2, EAGLE-3) in the loop: shapes, lossless greedy
-output with static and dynamic builders, and the EAGLE draft cache equal to a full recomputation."""
+"""Trained-drafter families (Medusa, EAGLE-1/2, EAGLE-3, DFlash) in the loop: shapes, lossless
+greedy output with chain, static and dynamic builders, the EAGLE and DFlash draft caches equal to a
+full recomputation, DFlash's anchored-block training mask."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from specdec.cache import causal_mask
 from specdec.decode import Spec, prefill_jit, step_jit
 from specdec.drafters import checkpoint as ckpt
-from specdec.drafters import eagle, medusa
+from specdec.drafters import dflash, eagle, medusa
 from specdec.generate import generate, pad_prompts
 from specdec.models import forward, to_device
 from specdec.sampling import SamplingConfig
@@ -41,6 +42,10 @@ def make(kind: str, params, cfg, window: int, d2t=None):
         p["w"] = jax.random.normal(key, p["w"].shape) * 0.1  # not the identity-like init
         d = medusa.Medusa(c)
         fam = "medusa"
+    elif kind == "dflash":
+        c = dflash.DFlashConfig.for_target(cfg, num_layers=2, block_size=5, draft_vocab_size=vd, taps=(1, 2))
+        p = dflash.init_params(c, key)
+        d, fam = dflash.DFlash(c), "dflash"
     else:
         c = eagle.EagleConfig.for_target(cfg, 1 if kind == "eagle" else 3, vd)
         h = None if d2t is None else head[:, np.asarray(d2t)]
@@ -53,11 +58,12 @@ def make(kind: str, params, cfg, window: int, d2t=None):
 
 
 @pytest.mark.parametrize("tree", TREES)
-@pytest.mark.parametrize("kind", ["medusa", "eagle", "eagle3"])
+@pytest.mark.parametrize("kind", ["medusa", "eagle", "eagle3", "dflash"])
 def test_greedy_equals_ar(target, kind, tree):
     params, cfg, ar = target
     builder = parse_tree(tree)
-    d2t = np.arange(0, cfg.vocab_size, 2) if kind == "eagle3" else None  # a reduced draft vocabulary
+    reduced = kind == "eagle3" or (kind == "dflash" and tree == "chain:3")
+    d2t = np.arange(0, cfg.vocab_size, 2) if reduced else None  # a reduced draft vocabulary
     d, dp = make(kind, params, cfg, builder.window, d2t)
     out = generate(params, cfg, PROMPTS, max_new_tokens=16, drafter=d, draft_params=dp, builder=builder)
     assert out.tokens == ar
@@ -76,7 +82,7 @@ def test_confidence_gated_eagle_equals_ar(target, confidence):
     assert out.tokens == ar
 
 
-@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+@pytest.mark.parametrize("kind", ["medusa", "eagle", "dflash"])
 def test_lossless_verifiers(target, kind):
     params, cfg, ar = target
     builder = parse_tree("static:eagle1")
@@ -138,3 +144,45 @@ def test_medusa_feature_is_the_one_before_the_root(target):
         )
         want = medusa.head_logits(dp, d.cfg, taps[0][0, -1])
         np.testing.assert_allclose(state.draft.logits[b], want, atol=2e-4, rtol=1e-4)
+
+
+def test_dflash_cache_equals_full_recompute(target):
+    """After prefill and several steps, the block anchored at the root (drafted from the cached
+    context K/V) equals the no-cache training forward over the committed sequence with the target's
+    teacher-forced taps, anchor = the root."""
+    params, cfg, _ = target
+    builder = parse_tree("dynamic:depth=3,topk=3,n=10")
+    d, dp = make("dflash", params, cfg, builder.window)
+    spec = Spec(cfg=cfg, sampling=SamplingConfig(), drafter=d, builder=builder, verifier=get_verifier("auto"))
+    prompt, lens, size = pad_prompts(PROMPTS, cfg, 40, window=16)
+    eos = jnp.asarray([-1], jnp.int32)
+    state = prefill_jit(params, dp, jnp.asarray(prompt), jnp.asarray(lens), jax.random.PRNGKey(0), eos, 40,
+                        spec=spec, cache_size=size)  # fmt: skip
+
+    @jax.jit
+    def recompute(seq, anchor):  # [1, N], [1, 1] -> block logits [1, 1, K, Vd]
+        n = seq.shape[1]
+        _, taps, _ = forward(params, cfg, seq, jnp.arange(n)[None], None, causal_mask(1, n), taps=d.taps)
+        return dflash.draft_logits(dp, d.cfg, dflash.train_forward(dp, d.cfg, seq, taps, anchor))
+
+    for step in range(4):
+        if step:
+            state = step_jit(params, dp, state, eos, 40, spec=spec)
+        toks, length = np.asarray(state.tokens), np.asarray(state.length)
+        logits, _ = jax.jit(d.block)(dp, state.draft.cache, jnp.asarray(toks[np.arange(3), length - 1]))
+        for b in range(len(PROMPTS)):
+            n = int(length[b])  # committed tokens incl. the root at n - 1
+            assert int(state.draft.cache.lengths[b]) == n - 1
+            want = recompute(jnp.asarray(toks[b : b + 1]), jnp.asarray([[n - 1]]))
+            np.testing.assert_allclose(logits[b], want[0, 0], atol=2e-4, rtol=1e-4)
+
+
+def test_dflash_training_mask():
+    """A query sees context strictly before its anchor and its own block, never another block."""
+    m = np.asarray(dflash.training_mask(jnp.asarray([[2, 5]]), 8, 3))[0]  # [A*K = 6, T + A*K = 14]
+    assert m.shape == (6, 14)
+    np.testing.assert_array_equal(m[:3, :8], np.tile(np.arange(8) < 2, (3, 1)))  # block 0: anchor at 2
+    np.testing.assert_array_equal(m[3:, :8], np.tile(np.arange(8) < 5, (3, 1)))
+    own = np.zeros((6, 6), bool)
+    own[:3, :3] = own[3:, 3:] = True  # bidirectional inside a block
+    np.testing.assert_array_equal(m[:, 8:], own)

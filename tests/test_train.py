@@ -218,15 +218,19 @@ def test_fused_regeneration_features_equal_extraction_and_resume(tiny, tmp_path)
 
 @pytest.mark.parametrize("family,own_heads,loss", [
     ("medusa", True, "ce"), ("medusa", False, "lk"), ("eagle", False, "ce"), ("eagle", False, "tv"),
-    ("eagle3", False, "ce"), ("eagle3", False, "lk"),
+    ("eagle3", False, "ce"), ("eagle3", False, "lk"), ("dflash", False, "ce"), ("dflash", False, "dpace"),
 ])  # fmt: skip
 def test_training_learns_and_checkpoint_loads(tiny, tmp_path, family, own_heads, loss):
-    """Every family and loss (cross-entropy, total variation, the LK hybrid) falls and beats chance."""
+    """Every family and loss (cross-entropy, total variation, the LK hybrid; DFlash's position decay
+    and D-PACE weights) falls and beats chance."""
     params, cfg, path, _, _ = tiny
     fs = features.FeatureSet.open(path)
+    weighting = "dpace" if loss == "dpace" else "decay"
+    loss = "ce" if loss == "dpace" else loss
     tc = trainer.TrainConfig(family=family, steps=60, batch_size=4, seq_len=40, lr=1e-2, warmup=5,
                              heldout=8, eval_every=60, save_every=30, draft_vocab=64, heads=2, ttt_steps=2,
-                             own_heads=own_heads, loss=loss)  # fmt: skip
+                             own_heads=own_heads, loss=loss, dflash_layers=1, block_size=4, num_anchors=8,
+                             dflash_weighting=weighting)  # fmt: skip
     before = trainer.train(dataclasses_replace(tc, steps=1, eval_every=1), params, cfg, "tiny", fs,
                            tmp_path / "zero", progress=False, log=lambda s: None)["heldout"]  # fmt: skip
     out = trainer.train(tc, params, cfg, "tiny", fs, tmp_path / "run", progress=False, log=lambda s: None)
@@ -234,7 +238,7 @@ def test_training_learns_and_checkpoint_loads(tiny, tmp_path, family, own_heads,
     assert ev["loss"] < before["loss"], (before, ev)
     assert ev["acc0"] > 3 / 64 and ev["acc0"] > before["acc0"] + 0.1, (before, ev)  # chance: 1/64
     d, dp = ckpt.load(out["drafter"], params, cfg, window=16)
-    assert d.taps == ((2,) if family != "eagle3" else d.cfg.taps)
+    assert d.taps == ((2,) if family not in ("eagle3", "dflash") else d.cfg.taps)
     other = jax.tree.map(lambda x: x * 1.5, params)
     with pytest.raises(ckpt.DrafterCheckpointError, match="different weights"):
         ckpt.load(out["drafter"], other, cfg)

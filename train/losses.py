@@ -23,6 +23,13 @@ masked (as EAGLE-3 does).
   acceptance at that position (no gradient through λ): KL's useful gradients while the draft is far
   off, TV's acceptance objective once it is close.
 
+- DFlash: anchored blocks. Per sequence `num_anchors` anchors are drawn among positions whose token
+  and next token are answer tokens; block position k (1..K-1) predicts token anchor + k with label
+  `top1[anchor + k - 1]`, attending to context strictly before the anchor and to its own block
+  (`dflash.training_mask`). Position weights: `decay` exp(-(k-1)/γ) (DFlash, γ = 7 for K = 16) or
+  `dpace` (D-PACE: q̃_j = (1-α) q_j + α with q_j the draft's probability of label j, weight_k =
+  Σ_{m>=k} Π_{j<=m} q̃_j, α = 0.5, detached: positions the draft can still reach count more).
+
 Each returns (loss, metrics) with per-head/per-step top-1 accuracy among counted positions.
 """
 
@@ -36,7 +43,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from specdec.attention import NEG_INF
 from specdec.cache import causal_mask
-from specdec.drafters import eagle, medusa
+from specdec.drafters import dflash, eagle, medusa
 
 
 @flax.struct.dataclass
@@ -197,4 +204,59 @@ def eagle3_loss(params, cfg: eagle.EagleConfig, batch: Batch, t2d, key=None, ttt
         m = tmask & ok & (j >= k)[None, :]  # step k needs a real pair at p - k
         total = total + 0.8**k * _masked_mean(divergence(soft, logp, loss), m)
         metrics[f"acc{k}"] = _masked_mean(jnp.argmax(logp, -1) == lab, m)
+    return total, metrics
+
+
+def dflash_anchors(
+    key, loss_mask: Bool[Array, "B T"], num: int
+) -> tuple[Int[Array, "B A"], Bool[Array, "B A"]]:
+    """`num` distinct random anchors per row among positions p with loss_mask[p] & loss_mask[p + 1]
+    (rows with fewer such positions get invalid ones, flagged False)."""
+    ok = loss_mask & jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
+    score = jnp.where(ok, jax.random.uniform(key, ok.shape), -1.0)
+    top, idx = jax.lax.top_k(score, num)
+    return idx.astype(jnp.int32), top >= 0
+
+
+def dflash_loss(params, cfg: dflash.DFlashConfig, batch: Batch, t2d, key, num_anchors: int = 32,
+                gamma: float = 7.0, weighting: str = "decay", loss: str = "ce",
+                tap_final: int | None = None):  # fmt: skip
+    b, t = batch.tokens.shape
+    kb = cfg.block_size
+    anchors, a_ok = dflash_anchors(key, batch.loss_mask, num_anchors)
+    outs = dflash.train_forward(
+        params, cfg, batch.tokens, tuple(batch.taps[str(x)] for x in cfg.taps), anchors
+    )
+    logp = jax.nn.log_softmax(dflash.draft_logits(params, cfg, outs[:, :, 1:]), -1)  # [B, A, K-1, Vd]
+    tgt = anchors[:, :, None] + jnp.arange(1, kb)[None, None, :]  # predicted positions
+    inside = tgt < t
+    tgt_c = jnp.minimum(tgt, t - 1).reshape(b, -1)
+    take = lambda x: jnp.take_along_axis(x, tgt_c, axis=1).reshape(tgt.shape)  # noqa: E731
+    lab, ok = _labels(
+        t2d, take(jnp.concatenate([batch.top1[:, :1], batch.top1[:, :-1]], 1))
+    )  # top1[p + k - 1]
+    m = ok & take(batch.loss_mask) & inside & a_ok[:, :, None]
+    if loss == "ce":
+        d = -jnp.take_along_axis(logp, jnp.maximum(lab, 0)[..., None], axis=-1)[..., 0]
+    else:  # the target's distribution at p + k - 1 (soft targets from its final state)
+        soft = _soft_targets(params, batch, str(tap_final))
+        soft = jnp.take_along_axis(soft, jnp.maximum(tgt_c - 1, 0)[..., None], axis=1).reshape(
+            tgt.shape + (-1,)
+        )
+        d = divergence(soft, logp, loss)
+    k = jnp.arange(kb - 1, dtype=jnp.float32)
+    if weighting == "decay":
+        w = jnp.broadcast_to(jnp.exp(-k / gamma), d.shape)
+    elif weighting == "dpace":
+        q = jnp.exp(-jax.lax.stop_gradient(jnp.where(m, -jnp.take_along_axis(
+            logp, jnp.maximum(lab, 0)[..., None], axis=-1)[..., 0], 0.0)))  # fmt: skip
+        pre = jnp.cumprod(0.5 * q + 0.5, axis=-1)
+        w = jnp.flip(jnp.cumsum(jnp.flip(pre, -1), -1), -1)
+        w = jax.lax.stop_gradient(w / w[..., :1])
+    else:
+        raise ValueError(f"unknown DFlash weighting {weighting!r}; choose decay or dpace")
+    mf = m.astype(jnp.float32)
+    total = jnp.sum(w * d * mf) / jnp.maximum(jnp.sum(w * mf), 1.0)
+    hit = jnp.argmax(logp, -1) == lab
+    metrics = {f"acc{j}": _masked_mean(hit[..., j], m[..., j]) for j in range(min(kb - 1, 8))}
     return total, metrics

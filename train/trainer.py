@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from specdec.drafters import checkpoint as ckpt
-from specdec.drafters import eagle, medusa
+from specdec.drafters import dflash, eagle, medusa
 from specdec.models.config import ModelConfig
 from specdec.train import losses
 from specdec.train.features import FeatureSet
@@ -41,7 +41,7 @@ from specdec.train.features import FeatureSet
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    family: str  # "medusa" | "eagle" (EAGLE-1/2) | "eagle3"
+    family: str  # "medusa" | "eagle" (EAGLE-1/2) | "eagle3" | "dflash"
     steps: int = 1000
     batch_size: int = 4
     seq_len: int = 512
@@ -55,6 +55,11 @@ class TrainConfig:
     ttt_steps: int = 3  # EAGLE-3
     noise: float = 0.1  # EAGLE-1 feature noise
     loss: str = "ce"  # divergence to the target distribution: ce | tv | lk (losses.py)
+    dflash_layers: int = 3  # DFlash draft layers
+    block_size: int = 16  # DFlash block: anchor + block_size - 1 drafted positions
+    num_anchors: int = 32  # DFlash anchors per sequence
+    dflash_weighting: str = "decay"  # decay (exp(-(k-1)/gamma)) | dpace
+    dflash_gamma: float = 7.0
     draft_vocab: int | None = 8192
     heldout: int = 32  # sequences held out (the last ones of the feature set)
     eval_every: int = 200
@@ -124,6 +129,14 @@ def build(tc: TrainConfig, target_cfg: ModelConfig, target_params, d2t, key):
         if not tc.own_heads:
             frozen["head"] = head_d
         return "medusa", cfg, params, frozen, functools.partial(losses.medusa_loss, cfg=cfg, loss=tc.loss)
+    if tc.family == "dflash":
+        cfg = dflash.DFlashConfig.for_target(target_cfg, tc.dflash_layers, tc.block_size, vd)
+        params = dflash.init_params(cfg, key)
+        frozen.update(embed=target_params["embed"], head=head_d)
+        fn = functools.partial(losses.dflash_loss, cfg=cfg, num_anchors=tc.num_anchors, gamma=tc.dflash_gamma,
+                               weighting=tc.dflash_weighting, loss=tc.loss,
+                               tap_final=target_cfg.num_layers)  # fmt: skip
+        return "dflash", cfg, params, frozen, fn
     version = 1 if tc.family == "eagle" else 3
     cfg = eagle.EagleConfig.for_target(target_cfg, version, vd)
     params = eagle.init_params(cfg, key, head_d if version == 3 else None)

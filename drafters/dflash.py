@@ -1,0 +1,259 @@
+"""DFlash: a block drafter — one non-causal forward drafts a whole block from injected target features.
+
+(arXiv 2602.06036; reference notes `frontier.md` §1.) A few decoder layers at the target's width
+read a block of `block_size` positions: the anchor (the step's root, the newest token, position P)
+followed by `block_size - 1` mask positions. Block position k predicts the token at P + k, so one
+forward yields `block_size - 1` draft distributions. The target's features are injected into every
+draft layer's keys and values: committed positions j < P contribute `K_j = k_proj(c_j)`,
+`V_j = v_proj(c_j)` with `c_j = hidden_norm(fc([tap_1 ; ... ; tap_n]_j))`, the taps spread across
+the target's depth; queries come from the block only, and the block attends to the context and
+to itself bidirectionally. Embedding and LM head are the target's, frozen (the head optionally
+restricted to a draft vocabulary `d2t`, as EAGLE's).
+
+Choices where the public text is silent or does not fit this target (measured or documented):
+- the mask positions use one learned embedding `mask_embed [D]` (SmolLM2 has no mask token;
+  DFlash adds `<|MASK|>` to the tokenizer, which is the same thing: one trained vector);
+- draft layers are the target's own layer form (Llama: pre-norm, GQA, SwiGLU; no q/k-norm — Qwen3's
+  q/k-norm belongs to its targets);
+- taps default to EAGLE-3's (2, L/2, L-3) in HF numbering (residual streams after layers 1, L/2-1,
+  L-4; DFlash's `build_target_layer_ids` spreads n of them from layer 1 to L-3 and reads
+  `hidden_states[id + 1]`, the same convention), so one feature cache serves EAGLE-3 and DFlash.
+
+In the loop DFlash is a parallel-heads drafter (the protocol's Medusa pattern): `begin` runs the
+block and returns position 1's logits; `expand` returns position d + 1's logits for frontier nodes
+at depth d, so chains, static trees and dynamic trees (a best-first tree over the block's
+per-position distributions, DDTree-style) all work. `update` writes the committed tokens' context
+K/V from the verification forward's taps into the draft KV cache (`cache.lengths` = P): the cache
+never holds block positions past a step (they are written at slots P.. and overwritten next step).
+
+Params: `fc_w [n*Dt, D]`, `hidden_norm [D]`, `mask_embed [D]`, `layers.{i}`: `input_norm`, `wqkv`,
+`wo`, `mlp_norm`, `w_gate_up`, `w_down`; `norm [D]`; bound from the target: `embed`, `head`
+(rows at `d2t`), `d2t`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from specdec.attention import attend, attend_cache
+from specdec.cache import KVCache
+from specdec.drafters.eagle import to_target_vocab
+from specdec.drafters.protocol import Context
+from specdec.matmul import PackedWeight, dense
+from specdec.models.config import ModelConfig
+from specdec.models.llama import rms_norm
+from specdec.models.rope import apply_rope, rope_tables
+from specdec.tree import Tree
+
+
+@dataclasses.dataclass(frozen=True)
+class DFlashConfig:
+    vocab_size: int  # the target's
+    draft_vocab_size: int
+    hidden_size: int
+    target_hidden_size: int
+    num_layers: int  # draft layers
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    taps: tuple[int, ...]  # target hidden taps fused into the context feature (HF numbering)
+    block_size: int = 16  # anchor + block_size - 1 drafted positions
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def for_target(cls, cfg: ModelConfig, num_layers: int = 3, block_size: int = 16,
+                   draft_vocab_size: int | None = None,
+                   taps: tuple[int, ...] | None = None) -> DFlashConfig:  # fmt: skip
+        """Draft layers shaped like the target's; taps spread over its depth (EAGLE-3's by default)."""
+        L = cfg.num_layers
+        taps = taps or tuple(min(max(t, 0), L) for t in (2, L // 2, L - 3))
+        return cls(vocab_size=cfg.vocab_size, draft_vocab_size=draft_vocab_size or cfg.vocab_size,
+                   hidden_size=cfg.hidden_size, target_hidden_size=cfg.hidden_size, num_layers=num_layers,
+                   num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                   intermediate_size=cfg.intermediate_size, taps=tuple(taps), block_size=block_size,
+                   rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta)  # fmt: skip
+
+    @property
+    def layer_cfg(self) -> ModelConfig:
+        """The draft stack as a ModelConfig (attention shapes, RoPE, its KV cache)."""
+        return ModelConfig(arch="llama", vocab_size=self.draft_vocab_size, hidden_size=self.hidden_size,
+                           num_layers=self.num_layers, num_heads=self.num_heads,
+                           num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                           intermediate_size=self.intermediate_size, rms_norm_eps=self.rms_norm_eps,
+                           rope_theta=self.rope_theta)  # fmt: skip
+
+
+def init_params(cfg: DFlashConfig, key) -> dict:
+    """Random trainable params (output projections scaled down: each layer starts near identity)."""
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    nq = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    ks = jax.random.split(key, 4 * cfg.num_layers + 2)
+    w = lambda k, a, b: jax.random.normal(k, (a, b), jnp.float32) * (a**-0.5)  # noqa: E731
+    layers = {}
+    for n in range(cfg.num_layers):
+        k = ks[4 * n : 4 * n + 4]
+        layers[str(n)] = {"input_norm": jnp.ones((d,)), "wqkv": w(k[0], d, nq),
+                          "wo": w(k[1], cfg.num_heads * cfg.head_dim, d) * 0.1, "mlp_norm": jnp.ones((d,)),
+                          "w_gate_up": w(k[2], d, 2 * i), "w_down": w(k[3], i, d) * 0.1}  # fmt: skip
+    return {"fc_w": w(ks[-2], len(cfg.taps) * cfg.target_hidden_size, d), "hidden_norm": jnp.ones((d,)),
+            "mask_embed": jax.random.normal(ks[-1], (d,)) * 0.02, "layers": layers,
+            "norm": jnp.ones((d,))}  # fmt: skip
+
+
+def context_features(params, cfg: DFlashConfig, taps) -> Float[Array, "B T D"]:
+    """c = hidden_norm(fc([tap_1 ; ... ; tap_n])) at every position of the taps."""
+    x = jnp.concatenate([t.astype(jnp.float32) for t in taps], axis=-1)
+    return rms_norm(dense(x, params["fc_w"]), params["hidden_norm"], cfg.rms_norm_eps)
+
+
+def _split(cfg: DFlashConfig, qkv):
+    nq, nkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    sh = qkv.shape[:-1]
+    q = qkv[..., : nq * dh].reshape(sh + (nq, dh))
+    k = qkv[..., nq * dh : (nq + nkv) * dh].reshape(sh + (nkv, dh))
+    return q, k, qkv[..., (nq + nkv) * dh :].reshape(sh + (nkv, dh))
+
+
+def context_kv(lp, cfg: DFlashConfig, ctx: Float[Array, "B T D"], positions: Int[Array, "B T"]):
+    """One layer's injected keys/values (RoPE'd keys) for context features at `positions`."""
+    _, k, v = _split(cfg, dense(ctx, lp["wqkv"]))
+    cos, sin = rope_tables(cfg.layer_cfg, positions)
+    return apply_rope(k, cos, sin), v
+
+
+def block_qkv(lp, cfg: DFlashConfig, h: Float[Array, "B T D"], positions: Int[Array, "B T"]):
+    """q, k, v of block hidden states `h` (pre-norm) at `positions`."""
+    q, k, v = _split(cfg, dense(rms_norm(h, lp["input_norm"], cfg.rms_norm_eps), lp["wqkv"]))
+    cos, sin = rope_tables(cfg.layer_cfg, positions)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def finish(lp, cfg: DFlashConfig, h, attn: Float[Array, "B T HD"]) -> Float[Array, "B T D"]:
+    """Output projection, residual and MLP of one draft layer."""
+    h = h + dense(attn, lp["wo"])
+    gate, up = jnp.split(dense(rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps), lp["w_gate_up"]), 2, axis=-1)
+    return h + dense(jax.nn.silu(gate) * up, lp["w_down"])
+
+
+def block_embeddings(params, anchors: Int[Array, "..."], block_size: int) -> Float[Array, "... K D"]:
+    """[embed(anchor), mask_embed × (K - 1)] for each anchor."""
+    emb = params["embed"][anchors].astype(jnp.float32)[..., None, :]
+    mask = jnp.broadcast_to(params["mask_embed"], anchors.shape + (block_size - 1, emb.shape[-1]))
+    return jnp.concatenate([emb, mask], axis=-2)
+
+
+def draft_logits(params, cfg: DFlashConfig, h: Float[Array, "... D"]) -> Float[Array, "... Vd"]:
+    return dense(rms_norm(h, params["norm"], cfg.rms_norm_eps), params["head"])
+
+
+def training_mask(anchors: Int[Array, "B A"], t: int, block_size: int) -> Bool[Array, "B AK T+AK"]:
+    """Anchored-block training visibility: block a's queries see context keys at positions strictly
+    before its anchor and every key of their own block, never another block's."""
+    b, a = anchors.shape
+    k = block_size
+    q_block = jnp.repeat(jnp.arange(a), k)  # [A*K] block of each query
+    ctx = jnp.arange(t)[None, None, :] < jnp.repeat(anchors, k, axis=1)[:, :, None]  # [B, AK, T]
+    own = q_block[:, None] == q_block[None, :]  # [AK, AK]
+    return jnp.concatenate([ctx, jnp.broadcast_to(own, (b, a * k, a * k))], axis=-1)
+
+
+def train_forward(params, cfg: DFlashConfig, tokens: Int[Array, "B T"], taps, anchors: Int[Array, "B A"]):
+    """Block outputs [B, A, K, D] for anchors at positions `anchors` (teacher-forced; no cache).
+
+    Block a holds positions anchors[a] .. anchors[a] + K - 1; context = the taps at every position.
+    """
+    b, t = tokens.shape
+    a, k = anchors.shape[1], cfg.block_size
+    c = context_features(params, cfg, taps)
+    ctx_pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    blk_pos = (anchors[:, :, None] + jnp.arange(k)).reshape(b, a * k)
+    h = block_embeddings(params, jnp.take_along_axis(tokens, anchors, axis=1), k).reshape(b, a * k, -1)
+    mask = training_mask(anchors, t, k)
+    lc = cfg.layer_cfg
+    for n in range(cfg.num_layers):
+        lp = params["layers"][str(n)]
+        kc, vc = context_kv(lp, cfg, c, ctx_pos)
+        q, kb, vb = block_qkv(lp, cfg, h, blk_pos)
+        attn = attend(q, jnp.concatenate([kc, kb], 1), jnp.concatenate([vc, vb], 1), mask, lc)
+        h = finish(lp, cfg, h, attn)
+    return h.reshape(b, a, k, -1)
+
+
+@flax.struct.dataclass
+class DFlashState:
+    cache: KVCache  # injected context K/V per draft layer; lengths = P, the root's position
+    logits: Float[Array, "B K V"]  # the block's per-position logits (position k: depth k)
+
+
+@dataclasses.dataclass(frozen=True)
+class DFlash:
+    """The DFlash drafter (protocol in `drafters/protocol.py`)."""
+
+    cfg: DFlashConfig
+
+    @property
+    def taps(self) -> tuple[int, ...]:
+        return self.cfg.taps
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    def _write_context(self, params, cache: KVCache, taps, positions: Int[Array, "B T"]) -> KVCache:
+        """Context K/V of taps at `positions` into every layer, at slots = positions."""
+        c = context_features(params, self.cfg, taps)
+        for n in range(self.cfg.num_layers):
+            k, v = context_kv(params["layers"][str(n)], self.cfg, c, positions)
+            cache = cache.write(n, k, v, positions)
+        return cache
+
+    def init(self, params, ctx: Context, prompt, prefill_taps, cache_size: int) -> DFlashState:
+        b, t = prompt.shape
+        cache = KVCache.init(self.cfg.layer_cfg, b, cache_size + self.cfg.block_size)
+        cache = self._write_context(params, cache, prefill_taps, jnp.broadcast_to(jnp.arange(t), (b, t)))
+        cache = cache.replace(lengths=ctx.lengths - 1)  # context = positions < the root's
+        k = self.cfg.block_size
+        return DFlashState(cache=cache, logits=jnp.zeros((b, k, self.cfg.vocab_size), jnp.float32))
+
+    def block(self, params, cache: KVCache, root: Int[Array, " B"]) -> tuple[Float[Array, "B K V"], KVCache]:
+        """Target-vocabulary logits of the block anchored at the root (position `cache.lengths`).
+
+        The block's own K/V are written at slots past `lengths` (so the returned cache is valid:
+        keeping it avoids a copy; `update` overwrites those slots with committed context)."""
+        b, k = root.shape[0], self.cfg.block_size
+        pos = cache.lengths[:, None] + jnp.arange(k)[None, :]
+        h = block_embeddings(params, root, k)
+        mask = cache.attention_mask(jnp.ones((b, k, k), bool))  # the context + the whole block
+        kernel = isinstance(params["layers"]["0"]["wqkv"], PackedWeight)
+        for n in range(self.cfg.num_layers):
+            lp = params["layers"][str(n)]
+            q, kb, vb = block_qkv(lp, self.cfg, h, pos)
+            cache = cache.write(n, kb, vb)  # slots P.. (past lengths: dropped from the next step)
+            h = finish(lp, self.cfg, h, attend_cache(q, cache, n, mask, self.cfg.layer_cfg, kernel=kernel))
+        logits = to_target_vocab(draft_logits(params, self.cfg, h), params.get("d2t"), self.cfg.vocab_size)
+        return logits, cache
+
+    def begin(self, params, state: DFlashState, ctx: Context):
+        logits, cache = self.block(params, state.cache, ctx.root)
+        return logits[:, 1], state.replace(cache=cache, logits=logits)
+
+    def expand(self, params, state: DFlashState, ctx: Context, tree: Tree, frontier: Int[Array, "B F"]):
+        depth = jnp.take_along_axis(tree.depth, frontier, axis=1)
+        pos = jnp.clip(depth + 1, 1, self.cfg.block_size - 1)  # depths past the block reuse the last
+        return jnp.take_along_axis(state.logits, pos[:, :, None], axis=1), state
+
+    def update(self, params, state: DFlashState, ctx: Context, tree: Tree, verdict, taps) -> DFlashState:
+        """Write the context K/V of the step's committed tokens (old root + accepted nodes)."""
+        block = tree.max_depth + 1
+        old = state.cache.lengths
+        path = verdict.path[:, :block]  # committed position old + i = tap at path node i
+        path_taps = tuple(jnp.take_along_axis(t, path[:, :, None], axis=1) for t in taps)
+        cache = self._write_context(params, state.cache, path_taps, old[:, None] + jnp.arange(block)[None, :])
+        return state.replace(cache=cache.replace(lengths=ctx.lengths - 1))
