@@ -2,7 +2,7 @@
 
 A checkpoint is a folder:
 
-    drafter.json         {"format": "specdec-drafter", "family": "medusa" | "eagle" | "dflash",
+    drafter.json         {"format": "specdec-drafter", "family": "medusa" | "amphista" | "eagle" | "dflash",
                           "config": {...}, "target": {source, sizes, fingerprint}, "training": {...}}
     params.safetensors   trained arrays by dotted name ("layer.wqkv"); bf16 or f32; "d2t" int32
 
@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from specdec.drafters.amphista import Amphista, AmphistaConfig
 from specdec.drafters.dflash import DFlash, DFlashConfig
 from specdec.drafters.eagle import Eagle, EagleConfig
 from specdec.drafters.medusa import Medusa, MedusaConfig
@@ -31,7 +32,12 @@ from specdec.matmul import layout_of, pack_params, plain
 from specdec.models.config import ModelConfig
 
 FORMAT = "specdec-drafter"
-FAMILIES = {"medusa": (MedusaConfig, Medusa), "eagle": (EagleConfig, Eagle), "dflash": (DFlashConfig, DFlash)}
+FAMILIES = {
+    "medusa": (MedusaConfig, Medusa),
+    "amphista": (AmphistaConfig, Amphista),
+    "eagle": (EagleConfig, Eagle),
+    "dflash": (DFlashConfig, DFlash),
+}
 
 
 class DrafterCheckpointError(ValueError):
@@ -158,7 +164,7 @@ def bind(family: str, config, params: dict, target_params) -> dict:
     p = {k: v for k, v in params.items()}
     d2t = params.get("d2t")
     shared_head = (
-        (family == "medusa" and not config.own_heads)
+        (family in ("medusa", "amphista") and not config.own_heads)
         or (family == "eagle" and config.version == 1)
         or family == "dflash"
     )
@@ -166,7 +172,7 @@ def bind(family: str, config, params: dict, target_params) -> dict:
         p["head"] = target_params["lm_head"] if "lm_head" in target_params else target_params["embed"].T
     elif shared_head:
         p["head"] = jnp.take(target_head(target_params), jnp.asarray(d2t), axis=1)
-    if family in ("eagle", "dflash"):
+    if family in ("eagle", "dflash", "amphista"):
         p["embed"] = target_params["embed"]
     if family == "eagle" and config.version == 3:
         p["head"] = p.pop("lm_head")

@@ -26,8 +26,8 @@ per-position distributions, DDTree-style) all work. `update` writes the committe
 K/V from the verification forward's taps into the draft KV cache (`cache.lengths` = P): the cache
 never holds block positions past a step (they are written at slots P.. and overwritten next step).
 
-Params: `fc_w [n*Dt, D]`, `hidden_norm [D]`, `mask_embed [D]`, `layers.{i}`: `input_norm`, `wqkv`,
-`wo`, `mlp_norm`, `w_gate_up`, `w_down`; `norm [D]`; bound from the target: `embed`, `head`
+Params: `fc_w [n*Dt, D]`, `hidden_norm [D]`, `mask_embed [D]`, `layers.{i}` (`models/decoder.py`);
+`norm [D]`; bound from the target: `embed`, `head`
 (rows at `d2t`), `d2t`.
 """
 
@@ -45,9 +45,9 @@ from specdec.cache import KVCache
 from specdec.drafters.eagle import to_target_vocab
 from specdec.drafters.protocol import Context
 from specdec.matmul import PackedWeight, dense
+from specdec.models import decoder
 from specdec.models.config import ModelConfig
 from specdec.models.llama import rms_norm
-from specdec.models.rope import apply_rope, rope_tables
 from specdec.tree import Tree
 
 
@@ -91,55 +91,19 @@ class DFlashConfig:
 
 
 def init_params(cfg: DFlashConfig, key) -> dict:
-    """Random trainable params (output projections scaled down: each layer starts near identity)."""
-    d, i = cfg.hidden_size, cfg.intermediate_size
-    nq = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-    ks = jax.random.split(key, 4 * cfg.num_layers + 2)
-    w = lambda k, a, b: jax.random.normal(k, (a, b), jnp.float32) * (a**-0.5)  # noqa: E731
-    layers = {}
-    for n in range(cfg.num_layers):
-        k = ks[4 * n : 4 * n + 4]
-        layers[str(n)] = {"input_norm": jnp.ones((d,)), "wqkv": w(k[0], d, nq),
-                          "wo": w(k[1], cfg.num_heads * cfg.head_dim, d) * 0.1, "mlp_norm": jnp.ones((d,)),
-                          "w_gate_up": w(k[2], d, 2 * i), "w_down": w(k[3], i, d) * 0.1}  # fmt: skip
-    return {"fc_w": w(ks[-2], len(cfg.taps) * cfg.target_hidden_size, d), "hidden_norm": jnp.ones((d,)),
-            "mask_embed": jax.random.normal(ks[-1], (d,)) * 0.02, "layers": layers,
-            "norm": jnp.ones((d,))}  # fmt: skip
+    """Random trainable params (each layer starts near identity, `decoder.init_layer`)."""
+    d = cfg.hidden_size
+    ks = jax.random.split(key, cfg.num_layers + 2)
+    layers = {str(n): decoder.init_layer(ks[n], cfg.layer_cfg) for n in range(cfg.num_layers)}
+    fc = jax.random.normal(ks[-2], (len(cfg.taps) * cfg.target_hidden_size, d)) * (len(cfg.taps) * d) ** -0.5
+    return {"fc_w": fc, "hidden_norm": jnp.ones((d,)), "mask_embed": jax.random.normal(ks[-1], (d,)) * 0.02,
+            "layers": layers, "norm": jnp.ones((d,))}  # fmt: skip
 
 
 def context_features(params, cfg: DFlashConfig, taps) -> Float[Array, "B T D"]:
     """c = hidden_norm(fc([tap_1 ; ... ; tap_n])) at every position of the taps."""
     x = jnp.concatenate([t.astype(jnp.float32) for t in taps], axis=-1)
     return rms_norm(dense(x, params["fc_w"]), params["hidden_norm"], cfg.rms_norm_eps)
-
-
-def _split(cfg: DFlashConfig, qkv):
-    nq, nkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    sh = qkv.shape[:-1]
-    q = qkv[..., : nq * dh].reshape(sh + (nq, dh))
-    k = qkv[..., nq * dh : (nq + nkv) * dh].reshape(sh + (nkv, dh))
-    return q, k, qkv[..., (nq + nkv) * dh :].reshape(sh + (nkv, dh))
-
-
-def context_kv(lp, cfg: DFlashConfig, ctx: Float[Array, "B T D"], positions: Int[Array, "B T"]):
-    """One layer's injected keys/values (RoPE'd keys) for context features at `positions`."""
-    _, k, v = _split(cfg, dense(ctx, lp["wqkv"]))
-    cos, sin = rope_tables(cfg.layer_cfg, positions)
-    return apply_rope(k, cos, sin), v
-
-
-def block_qkv(lp, cfg: DFlashConfig, h: Float[Array, "B T D"], positions: Int[Array, "B T"]):
-    """q, k, v of block hidden states `h` (pre-norm) at `positions`."""
-    q, k, v = _split(cfg, dense(rms_norm(h, lp["input_norm"], cfg.rms_norm_eps), lp["wqkv"]))
-    cos, sin = rope_tables(cfg.layer_cfg, positions)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-
-def finish(lp, cfg: DFlashConfig, h, attn: Float[Array, "B T HD"]) -> Float[Array, "B T D"]:
-    """Output projection, residual and MLP of one draft layer."""
-    h = h + dense(attn, lp["wo"])
-    gate, up = jnp.split(dense(rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps), lp["w_gate_up"]), 2, axis=-1)
-    return h + dense(jax.nn.silu(gate) * up, lp["w_down"])
 
 
 def block_embeddings(params, anchors: Int[Array, "..."], block_size: int) -> Float[Array, "... K D"]:
@@ -179,10 +143,10 @@ def train_forward(params, cfg: DFlashConfig, tokens: Int[Array, "B T"], taps, an
     lc = cfg.layer_cfg
     for n in range(cfg.num_layers):
         lp = params["layers"][str(n)]
-        kc, vc = context_kv(lp, cfg, c, ctx_pos)
-        q, kb, vb = block_qkv(lp, cfg, h, blk_pos)
+        kc, vc = decoder.kv(lp, lc, c, ctx_pos)
+        q, kb, vb = decoder.qkv(lp, lc, h, blk_pos)
         attn = attend(q, jnp.concatenate([kc, kb], 1), jnp.concatenate([vc, vb], 1), mask, lc)
-        h = finish(lp, cfg, h, attn)
+        h = decoder.finish(lp, lc, h, attn)
     return h.reshape(b, a, k, -1)
 
 
@@ -210,7 +174,7 @@ class DFlash:
         """Context K/V of taps at `positions` into every layer, at slots = positions."""
         c = context_features(params, self.cfg, taps)
         for n in range(self.cfg.num_layers):
-            k, v = context_kv(params["layers"][str(n)], self.cfg, c, positions)
+            k, v = decoder.kv(params["layers"][str(n)], self.cfg.layer_cfg, c, positions)
             cache = cache.write(n, k, v, positions)
         return cache
 
@@ -232,11 +196,12 @@ class DFlash:
         h = block_embeddings(params, root, k)
         mask = cache.attention_mask(jnp.ones((b, k, k), bool))  # the context + the whole block
         kernel = isinstance(params["layers"]["0"]["wqkv"], PackedWeight)
+        lc = self.cfg.layer_cfg
         for n in range(self.cfg.num_layers):
             lp = params["layers"][str(n)]
-            q, kb, vb = block_qkv(lp, self.cfg, h, pos)
+            q, kb, vb = decoder.qkv(lp, lc, h, pos)
             cache = cache.write(n, kb, vb)  # slots P.. (past lengths: dropped from the next step)
-            h = finish(lp, self.cfg, h, attend_cache(q, cache, n, mask, self.cfg.layer_cfg, kernel=kernel))
+            h = decoder.finish(lp, lc, h, attend_cache(q, cache, n, mask, lc, kernel=kernel))
         logits = to_target_vocab(draft_logits(params, self.cfg, h), params.get("d2t"), self.cfg.vocab_size)
         return logits, cache
 

@@ -11,8 +11,8 @@ import pytest
 
 from specdec.cache import causal_mask
 from specdec.decode import Spec, prefill_jit, step_jit
+from specdec.drafters import amphista, dflash, eagle, medusa
 from specdec.drafters import checkpoint as ckpt
-from specdec.drafters import dflash, eagle, medusa
 from specdec.generate import generate, pad_prompts
 from specdec.models import forward, to_device
 from specdec.sampling import SamplingConfig
@@ -42,6 +42,13 @@ def make(kind: str, params, cfg, window: int, d2t=None):
         p["w"] = jax.random.normal(key, p["w"].shape) * 0.1  # not the identity-like init
         d = medusa.Medusa(c)
         fam = "medusa"
+    elif kind.startswith("amphista"):
+        own = kind == "amphista_own"
+        c = amphista.AmphistaConfig.for_target(cfg, 3, vd, own_heads=own)
+        h = head if d2t is None else head[:, np.asarray(d2t)]
+        p = amphista.init_params(c, key, h if own else None)
+        p["heads_w"] = jax.random.normal(key, p["heads_w"].shape) * 0.1
+        d, fam = amphista.Amphista(c), "amphista"
     elif kind == "dflash":
         c = dflash.DFlashConfig.for_target(cfg, num_layers=2, block_size=5, draft_vocab_size=vd, taps=(1, 2))
         p = dflash.init_params(c, key)
@@ -58,11 +65,11 @@ def make(kind: str, params, cfg, window: int, d2t=None):
 
 
 @pytest.mark.parametrize("tree", TREES)
-@pytest.mark.parametrize("kind", ["medusa", "eagle", "eagle3", "dflash"])
+@pytest.mark.parametrize("kind", ["medusa", "amphista", "eagle", "eagle3", "dflash"])
 def test_greedy_equals_ar(target, kind, tree):
     params, cfg, ar = target
     builder = parse_tree(tree)
-    reduced = kind == "eagle3" or (kind == "dflash" and tree == "chain:3")
+    reduced = kind == "eagle3" or (kind in ("dflash", "amphista") and tree == "chain:3")
     d2t = np.arange(0, cfg.vocab_size, 2) if reduced else None  # a reduced draft vocabulary
     d, dp = make(kind, params, cfg, builder.window, d2t)
     out = generate(params, cfg, PROMPTS, max_new_tokens=16, drafter=d, draft_params=dp, builder=builder)
@@ -82,7 +89,7 @@ def test_confidence_gated_eagle_equals_ar(target, confidence):
     assert out.tokens == ar
 
 
-@pytest.mark.parametrize("kind", ["medusa", "eagle", "dflash"])
+@pytest.mark.parametrize("kind", ["medusa", "amphista_own", "eagle", "dflash"])
 def test_lossless_verifiers(target, kind):
     params, cfg, ar = target
     builder = parse_tree("static:eagle1")
@@ -186,3 +193,48 @@ def test_dflash_training_mask():
     own = np.zeros((6, 6), bool)
     own[:3, :3] = own[3:, 3:] = True  # bidirectional inside a block
     np.testing.assert_array_equal(m[:, 8:], own)
+
+
+def test_amphista_cache_equals_full_recompute(target):
+    """After prefill and several steps, the heads' logits equal the no-cache adaptation stages over
+    the whole committed sequence (pairs (h_t, x_{t+1}), the target's teacher-forced h) at P - 1."""
+    params, cfg, _ = target
+    builder = parse_tree("static:eagle1")
+    d, dp = make("amphista", params, cfg, builder.window)
+    spec = Spec(cfg=cfg, sampling=SamplingConfig(), drafter=d, builder=builder, verifier=get_verifier("auto"))
+    prompt, lens, size = pad_prompts(PROMPTS, cfg, 40, window=16)
+    eos = jnp.asarray([-1], jnp.int32)
+    state = prefill_jit(params, dp, jnp.asarray(prompt), jnp.asarray(lens), jax.random.PRNGKey(0), eos, 40,
+                        spec=spec, cache_size=size)  # fmt: skip
+
+    @jax.jit
+    def recompute(seq):  # [1, N] -> head logits at every position [1, N, K, Vd]
+        n = seq.shape[1]
+        pos = jnp.arange(n)[None]
+        _, taps, _ = forward(params, cfg, seq, pos, None, causal_mask(1, n), taps=d.taps)
+        nxt = jnp.concatenate([seq[:, 1:], seq[:, :1]], axis=1)
+        a, _ = amphista.adapt(dp, d.cfg, taps[0], nxt, pos, None, causal_mask(1, n))
+        return amphista.head_logits(dp, d.cfg, a)
+
+    for step in range(4):
+        if step:
+            state = step_jit(params, dp, state, eos, 40, spec=spec)
+        toks, length = np.asarray(state.tokens), np.asarray(state.length)
+        for b in range(len(PROMPTS)):
+            n = int(length[b])  # committed tokens incl. the root at n - 1
+            assert int(state.draft.cache.lengths[b]) == n - 1
+            want = recompute(jnp.asarray(toks[b : b + 1]))[0, n - 2]
+            np.testing.assert_allclose(state.draft.logits[b], want, atol=2e-4, rtol=1e-4)
+
+
+def test_amphista_auto_embedding_is_bidirectional_across_heads_only(target):
+    """Every head's output depends on every head's input (no causal mask across heads), and a
+    position's heads never see another position's."""
+    params, cfg, _ = target
+    d, dp = make("amphista", params, cfg, 16)
+    hk = jax.random.normal(jax.random.PRNGKey(5), (2, 3, cfg.hidden_size))
+    jac = jax.jacobian(lambda x: amphista.auto_embedding(dp, d.cfg, x))(hk)  # [2, 3, D, 2, 3, D]
+    dep = np.abs(np.asarray(jac)).sum(axis=(2, 5))  # [n, k, n', j]
+    for n in range(2):
+        assert (dep[n, :, n, :] > 0).all()  # head k sees head j, both ways
+        assert (dep[n, :, 1 - n, :] == 0).all()  # positions are independent

@@ -219,6 +219,7 @@ def test_fused_regeneration_features_equal_extraction_and_resume(tiny, tmp_path)
 @pytest.mark.parametrize("family,own_heads,loss", [
     ("medusa", True, "ce"), ("medusa", False, "lk"), ("eagle", False, "ce"), ("eagle", False, "tv"),
     ("eagle3", False, "ce"), ("eagle3", False, "lk"), ("dflash", False, "ce"), ("dflash", False, "dpace"),
+    ("amphista", False, "ce"), ("amphista", True, "lk"),
 ])  # fmt: skip
 def test_training_learns_and_checkpoint_loads(tiny, tmp_path, family, own_heads, loss):
     """Every family and loss (cross-entropy, total variation, the LK hybrid; DFlash's position decay
@@ -238,7 +239,9 @@ def test_training_learns_and_checkpoint_loads(tiny, tmp_path, family, own_heads,
     assert ev["loss"] < before["loss"], (before, ev)
     assert ev["acc0"] > 3 / 64 and ev["acc0"] > before["acc0"] + 0.1, (before, ev)  # chance: 1/64
     d, dp = ckpt.load(out["drafter"], params, cfg, window=16)
-    assert d.taps == ((2,) if family not in ("eagle3", "dflash") else d.cfg.taps)
+    assert d.taps == (
+        (2,) if family not in ("eagle3", "dflash") else d.cfg.taps
+    )  # tap L = 2: the final state
     other = jax.tree.map(lambda x: x * 1.5, params)
     with pytest.raises(ckpt.DrafterCheckpointError, match="different weights"):
         ckpt.load(out["drafter"], other, cfg)

