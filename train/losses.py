@@ -25,6 +25,9 @@ masked (as EAGLE-3 does).
   acceptance at that position (no gradient through λ): KL's useful gradients while the draft is far
   off, TV's acceptance objective once it is close.
 
+- Falcon: EAGLE-1's loss on semi-autoregressive blocks of k pairs (relaxed block-causal mask,
+  random block offset): the output at pair p predicts f_{p+k-1} (token p + k); CSGD's second pass
+  feeds the first pass's drafted pairs back with glancing (`falcon.glance`); both passes count.
 - DFlash: anchored blocks. Per sequence `num_anchors` anchors are drawn among positions whose token
   and next token are answer tokens; block position k (1..K-1) predicts token anchor + k with label
   `top1[anchor + k - 1]`, attending to context strictly before the anchor and to its own block
@@ -45,7 +48,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from specdec.attention import NEG_INF
 from specdec.cache import causal_mask
-from specdec.drafters import amphista, dflash, eagle, medusa
+from specdec.drafters import amphista, dflash, eagle, falcon, medusa
 
 
 @flax.struct.dataclass
@@ -279,3 +282,50 @@ def dflash_loss(params, cfg: dflash.DFlashConfig, batch: Batch, t2d, key, num_an
     hit = jnp.argmax(logp, -1) == lab
     metrics = {f"acc{j}": _masked_mean(hit[..., j], m[..., j]) for j in range(min(kb - 1, 8))}
     return total, metrics
+
+
+def falcon_loss(params, cfg: falcon.FalconConfig, batch: Batch, t2d, key, noise: float = 0.1,
+                loss: str = "ce", step=0, total_steps: int = 1):  # fmt: skip
+    k = cfg.k
+    tap = str(cfg.taps[0])
+    f = batch.taps[tap].astype(jnp.float32)
+    toks, pos, _ = _pairs(batch)  # pair i: position p = i + 1, token t_p, feature f_{p-1}
+    b, n = toks.shape
+    k_off, k_noise, k_glance = jax.random.split(key, 3)
+    feat = f[:, :-1]
+    if noise:
+        feat = feat + jax.random.uniform(k_noise, feat.shape, minval=-noise, maxval=noise)
+    mask = jnp.broadcast_to(falcon.block_mask(n, k, jax.random.randint(k_off, (), 0, k)), (b, n, n))
+    # The output at pair i (position p) predicts f_{p+k-1} = f[:, i + k], token p + k (label top1[i + k]).
+    pad = lambda x, fill: jnp.concatenate([x, jnp.full((b, k) + x.shape[2:], fill, x.dtype)], axis=1)  # noqa: E731
+    tgt = pad(f, 0.0)[:, k : k + n]
+    lab, ok = _labels(t2d, pad(batch.top1, -1)[:, k : k + n])
+    m = ok & pad(batch.loss_mask, False)[:, k + 1 : k + 1 + n]
+    soft = pad(_soft_targets(params, batch, tap), 0.0)[:, k : k + n]
+
+    def objective(out):
+        logp = jax.nn.log_softmax(eagle.draft_logits(params, cfg, out), -1)
+        reg = jnp.sum(optax.huber_loss(out, tgt, delta=1.0), -1)
+        total = _masked_mean(reg, m) / cfg.hidden_size + 0.1 * _masked_mean(divergence(soft, logp, loss), m)
+        return total, logp
+
+    out1 = falcon.sar_forward(params, cfg, toks, feat, pos, mask)
+    loss1, logp1 = objective(out1)
+    # CSGD: pass 1's drafted pairs (feature f̂_{p+k-1}, token t̂_{p+k}) become pass 2's input at p + k.
+    d2t = params.get("d2t")
+    guess = jnp.argmax(logp1, -1)
+    guess = guess if d2t is None else d2t[guess]
+    shift = lambda x: jnp.concatenate([x[:, :k], x[:, : n - k]], axis=1)  # noqa: E731  (j >= k: x[j - k])
+    pred_tok = shift(guess.astype(toks.dtype))
+    pred_feat = shift(jax.lax.stop_gradient(out1))
+    valid = jnp.arange(n)[None, :] >= k
+    lam = 0.35 * (1.0 - jnp.minimum(step / total_steps, 1.0)) + 0.1
+    tok2, feat2, _ = falcon.glance(
+        k_glance, toks, feat, pred_tok, pred_feat, jnp.broadcast_to(valid, (b, n)), lam, k
+    )
+    loss2, logp2 = objective(falcon.sar_forward(params, cfg, tok2, feat2, pos, mask))
+    metrics = {
+        "acc0": _masked_mean(jnp.argmax(logp1, -1) == lab, m),
+        "acc1": _masked_mean(jnp.argmax(logp2, -1) == lab, m),
+    }
+    return loss1 + loss2, metrics

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from specdec.drafters import amphista, dflash, eagle, medusa
+from specdec.drafters import amphista, dflash, eagle, falcon, medusa
 from specdec.drafters import checkpoint as ckpt
 from specdec.models.config import ModelConfig
 from specdec.train import losses
@@ -41,7 +41,7 @@ from specdec.train.features import FeatureSet
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    family: str  # "medusa" | "amphista" | "eagle" (EAGLE-1/2) | "eagle3" | "dflash"
+    family: str  # "medusa" | "amphista" | "eagle" (EAGLE-1/2) | "eagle3" | "falcon" | "dflash"
     steps: int = 1000
     batch_size: int = 4
     seq_len: int = 512
@@ -58,6 +58,7 @@ class TrainConfig:
     dflash_layers: int = 3  # DFlash draft layers
     block_size: int = 16  # DFlash block: anchor + block_size - 1 drafted positions
     num_anchors: int = 32  # DFlash anchors per sequence
+    falcon_k: int = 2  # Falcon: tokens per semi-autoregressive pass
     dflash_weighting: str = "decay"  # decay (exp(-(k-1)/gamma)) | dpace
     dflash_gamma: float = 7.0
     draft_vocab: int | None = 8192
@@ -136,6 +137,14 @@ def build(tc: TrainConfig, target_cfg: ModelConfig, target_params, d2t, key):
         if not tc.own_heads:
             frozen["head"] = head_d
         return "amphista", cfg, params, frozen, functools.partial(losses.amphista_loss, cfg=cfg, loss=tc.loss)
+    if tc.family == "falcon":
+        cfg = falcon.FalconConfig.for_target(target_cfg, 1, vd, k=tc.falcon_k)
+        params = eagle.init_params(cfg, key)
+        frozen.update(embed=target_params["embed"], head=head_d)
+        fn = functools.partial(
+            losses.falcon_loss, cfg=cfg, noise=tc.noise, loss=tc.loss, total_steps=tc.steps
+        )
+        return "falcon", cfg, params, frozen, fn
     if tc.family == "dflash":
         cfg = dflash.DFlashConfig.for_target(target_cfg, tc.dflash_layers, tc.block_size, vd)
         params = dflash.init_params(cfg, key)
@@ -233,7 +242,8 @@ def train(
     @jax.jit
     def step_fn(state, frozen, batch, key):
         def f(p):
-            return loss_fn(_runtime(p, frozen), batch=batch, t2d=t2d, key=key)
+            extra = {"step": state["step"]} if family == "falcon" else {}  # CSGD's glancing schedule
+            return loss_fn(_runtime(p, frozen), batch=batch, t2d=t2d, key=key, **extra)
 
         (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(state["params"])
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
@@ -243,7 +253,7 @@ def train(
     @jax.jit
     def eval_fn(params, frozen, batch):
         return loss_fn(_runtime(params, frozen), batch=batch, t2d=t2d, key=jax.random.PRNGKey(0), **(
-            {"noise": 0.0} if family == "eagle" and dcfg.version == 1 else {}))  # fmt: skip
+            {"noise": 0.0} if family in ("eagle", "falcon") and dcfg.version == 1 else {}))  # fmt: skip
 
     batches = Batches(fs, train_idx, tc.batch_size, tc.seq_len, tc.seed)
     held = Batches(fs, held_idx, tc.batch_size, tc.seq_len, tc.seed)

@@ -12,6 +12,7 @@ from specdec.trees.static import NAMED_CHOICES, StaticTree, chain
 TREE_FORMS = """valid tree specs:
   chain:K                        a chain of K drafted tokens (K+1 nodes)
   static:medusa63 | static:eagle1   Medusa's 63-path / EAGLE-1's 25-path static trees
+  static:falcon                     a 30-node depth-6 tree for Falcon's k = 2 passes
   static:[(0,),(1,),(0,0)]       a literal list of choice paths (ranks from the root)
     (chain and static take an optional ",sample": Gumbel-top-k siblings at temperature > 0)
   dynamic:depth=5,topk=8,n=32    EAGLE-2 dynamic tree (n = nodes incl. root)

@@ -48,7 +48,20 @@ EAGLE1_25: Choices = (
     (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 0, 2), (0, 0, 0, 0, 0), (0, 0, 0, 0, 1),
 )  # fmt: skip
 
-NAMED_CHOICES: dict[str, Choices] = {"medusa63": MEDUSA_63, "eagle1": EAGLE1_25}
+# A tree for Falcon's k = 2 semi-autoregressive passes (drafters/falcon.py): the pass anchored at a
+# node of even depth drafts two depths at once, and the second depth's distribution is the same for
+# every sibling of the first, so branching pays at the first depth of each pass (1, 3, 5) and the
+# second depth follows the best sibling. 30 nodes, depth 6, 3 passes. Falcon's own trees
+# (Bestpay-inc/Falcon models/choices.py, e.g. 166 nodes with 20 depth-1 children) are sized for GPUs.
+FALCON_K2_30: Choices = (
+    (0,), (1,), (2,), (3,), (0, 0), (0, 1), (1, 0), (2, 0), (0, 2),
+    (0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 1, 0), (1, 0, 0), (1, 0, 1),
+    (0, 0, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (0, 1, 0, 0), (1, 0, 0, 0),
+    (0, 0, 0, 0, 0), (0, 0, 0, 0, 1), (0, 0, 0, 0, 2), (0, 0, 1, 0, 0), (0, 0, 0, 1, 0),
+    (0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 1, 0), (0, 0, 0, 0, 0, 1), (0, 0, 1, 0, 0, 0),
+)  # fmt: skip
+
+NAMED_CHOICES: dict[str, Choices] = {"medusa63": MEDUSA_63, "eagle1": EAGLE1_25, "falcon": FALCON_K2_30}
 
 
 def normalize_choices(choices: Iterable[Iterable[int]]) -> Choices:
