@@ -1,8 +1,8 @@
-"""Import official Medusa and EAGLE-1 / EAGLE-3 checkpoints into specdec's drafters.
+"""Import official Medusa, EAGLE-1 / EAGLE-3 and DFlash checkpoints into specdec's drafters.
 
-Formats (reference notes `drafters.md` §5.1-5.6): Medusa heads in `official_medusa.py`, EAGLE-1 /
-EAGLE-3 in `official_eagle.py`; this module detects which one a folder holds and has the checks
-they share.
+Formats (reference notes `drafters.md` §5.1-5.6, `frontier.md` §1.1): Medusa heads in
+`official_medusa.py`, EAGLE-1 / EAGLE-3 in `official_eagle.py`, DFlash in `official_dflash.py`;
+this module detects which one a folder holds and has the checks they share.
 
 The reference code loads with `strict=False`, which hides missing tensors and wrong shapes; here
 every tensor is checked and a `DrafterCheckpointError` names the tensor, the shape found and the
@@ -67,7 +67,7 @@ def eagle_file(folder: pathlib.Path) -> pathlib.Path | None:
 
 
 def is_official(path) -> str | None:
-    """ "medusa" | "eagle" for a folder holding an official Medusa / EAGLE checkpoint, else None."""
+    """ "medusa" | "eagle" | "dflash" for a folder holding an official checkpoint, else None."""
     folder = folder_of(path)
     if not folder.is_dir() or (folder / "drafter.json").is_file():
         return None
@@ -79,6 +79,10 @@ def is_official(path) -> str | None:
         return None
     if "medusa_num_heads" in cfg or cfg.get("model_type") == "medusa":
         return "medusa"  # a full Medusa-2 model or a vLLM Medusa file: load_official says why it is refused
+    if isinstance(cfg.get("dflash_config"), dict) or any(
+        "DFlash" in a for a in cfg.get("architectures") or []
+    ):
+        return "dflash"
     f = eagle_file(folder)
     if f is None or not cfg:
         return None
@@ -151,6 +155,10 @@ def load_official(path, target_params, target_cfg: ModelConfig, *, window: int =
         return load_medusa(folder, target_params, target_cfg)
     if kind == "eagle":
         return load_eagle(folder, target_params, target_cfg, window)
+    if kind == "dflash":
+        from specdec.drafters.official_dflash import load_dflash
+
+        return load_dflash(folder, target_params, target_cfg)
     have = sorted(p.name for p in folder.iterdir())[:12]
     raise DrafterCheckpointError(
         f"{folder} is not an official Medusa or EAGLE checkpoint (found {have}); expected config.json with "

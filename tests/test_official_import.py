@@ -1,4 +1,4 @@
-"""Importing official Medusa / EAGLE-1 / EAGLE-3 checkpoints (`specdec.drafters.official`).
+"""Importing official Medusa / EAGLE-1 / EAGLE-3 / DFlash checkpoints (`specdec.drafters.official`).
 
 The checkpoints are synthetic: random weights under the official tensor names and shapes, saved as
 torch `.bin` / `.pt` and `.safetensors`. Numerics are checked against a small independent torch
@@ -489,3 +489,109 @@ def test_imported_drafters_lossless(target, tmp_path):
             d, dp = load_official(folder, params, cfg, window=builder.window)
         out = generate(params, cfg, PROMPTS, max_new_tokens=12, drafter=d, draft_params=dp, builder=builder)
         assert out.tokens == ar, folder.name
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DFlash (z-lab format)
+
+
+def dflash_sd(layers=2, n_taps=2, seed=7, dflash2=False):
+    g = torch.Generator().manual_seed(seed)
+    sd = {"fc.weight": rand(g, H, n_taps * H), "hidden_norm.weight": 1 + rand(g, H, scale=0.1),
+          "norm.weight": 1 + rand(g, H, scale=0.1)}  # fmt: skip
+    for i in range(layers):
+        p = f"layers.{i}."
+        sd.update({
+            p + "input_layernorm.weight": 1 + rand(g, H, scale=0.1),
+            p + "post_attention_layernorm.weight": 1 + rand(g, H, scale=0.1),
+            p + "self_attn.q_proj.weight": rand(g, NH * DH, H),
+            p + "self_attn.k_proj.weight": rand(g, NKV * DH, H),
+            p + "self_attn.v_proj.weight": rand(g, NKV * DH, H),
+            p + "self_attn.o_proj.weight": rand(g, H, NH * DH),
+            p + "self_attn.q_norm.weight": 1 + rand(g, DH, scale=0.1),
+            p + "self_attn.k_norm.weight": 1 + rand(g, DH, scale=0.1),
+            p + "mlp.gate_proj.weight": rand(g, FFN, H), p + "mlp.up_proj.weight": rand(g, FFN, H),
+            p + "mlp.down_proj.weight": rand(g, H, FFN),
+        })  # fmt: skip
+        if dflash2:
+            sd[p + "attention_conv.base_kernel"] = rand(g, 2, 2, H)
+    return sd
+
+
+def dflash_config(layers=2, block=4, mask_id=7, ids=(0, 1)):
+    return {"architectures": ["DFlashDraftModel"], "hidden_size": H, "num_attention_heads": NH,
+            "num_key_value_heads": NKV, "head_dim": DH, "intermediate_size": FFN, "num_hidden_layers": layers,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "num_target_layers": 2, "model_type": "qwen3",
+            "dflash_config": {"block_size": block, "mask_token_id": mask_id, "target_layer_ids": list(ids)}}  # fmt: skip
+
+
+def t_dflash(sd, layers, ctx_feats, block_emb, ctx_pos, blk_pos, head):
+    """The DFlash block: c = hidden_norm(fc(taps)); every layer's K/V over [c ; block] (k_norm on
+    both), q from the block (q_norm), non-causal; final norm; the target's head."""
+    b, t, _ = ctx_feats.shape
+    k_len = block_emb.shape[1]
+    c = t_rms(ctx_feats @ sd["fc.weight"].T, sd["hidden_norm.weight"])
+    h = block_emb
+    for i in range(layers):
+        p = f"layers.{i}.self_attn."
+        x = t_rms(h, sd[f"layers.{i}.input_layernorm.weight"])
+        q = t_rope(
+            t_rms((x @ sd[p + "q_proj.weight"].T).view(b, k_len, NH, DH), sd[p + "q_norm.weight"]), blk_pos
+        )
+        kv_in, kv_pos = torch.cat([c, x], 1), torch.cat([ctx_pos, blk_pos], 1)
+        k = (kv_in @ sd[p + "k_proj.weight"].T).view(b, t + k_len, NKV, DH)
+        k = t_rope(t_rms(k, sd[p + "k_norm.weight"]), kv_pos)
+        v = (kv_in @ sd[p + "v_proj.weight"].T).view(b, t + k_len, NKV, DH)
+        k, v = k.repeat_interleave(NH // NKV, dim=2), v.repeat_interleave(NH // NKV, dim=2)
+        s = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(DH)
+        o = torch.einsum("bhts,bshd->bthd", s.softmax(-1), v).reshape(b, k_len, NH * DH)
+        h = t_mlp(sd, f"layers.{i}.", h + o @ sd[p + "o_proj.weight"].T)
+    return t_rms(h, sd["norm.weight"]) @ head
+
+
+def test_dflash_numerics_and_lossless(target, tmp_path):
+    from specdec.drafters import dflash
+
+    params, cfg = target
+    sd = dflash_sd()
+    folder = save(tmp_path / "df", sd, "model.safetensors", dflash_config())
+    assert is_official(folder) == "dflash"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        d, dp = load_official(folder, params, cfg)
+    assert d.cfg.taps == (1, 2) and d.cfg.block_size == 4  # target layer id i = HF hidden_states[i + 1]
+    g = torch.Generator().manual_seed(3)
+    t = 6
+    tokens = torch.randint(0, cfg.vocab_size, (2, t + 1), generator=g)  # the anchor at position t
+    taps = [torch.randn(2, t + 1, H, generator=g) for _ in range(2)]
+    emb = torch.from_numpy(np.asarray(params["embed"], np.float32))
+    head = torch.from_numpy(
+        np.asarray(plain(params["lm_head"]) if "lm_head" in params else params["embed"].T)
+    )
+    block_emb = torch.cat([emb[tokens[:, t]][:, None], emb[7][None, None].expand(2, 3, H)], 1)
+    ctx_pos = torch.arange(t)[None].expand(2, t)
+    want = t_dflash(
+        sd,
+        2,
+        torch.cat([x[:, :t] for x in taps], -1),
+        block_emb,
+        ctx_pos,
+        t + torch.arange(4)[None].expand(2, 4),
+        head,
+    )
+    got = dflash.draft_logits(dp, d.cfg, dflash.train_forward(dp, d.cfg, j(tokens), tuple(j(x) for x in taps),
+                                                                jnp.full((2, 1), t, jnp.int32)))  # fmt: skip
+    assert_close(np.asarray(got)[:, 0], want.detach())
+    ar = generate(params, cfg, PROMPTS, max_new_tokens=12).tokens
+    for tree in ("chain:3", "dynamic:depth=3,topk=2,n=6"):
+        out = generate(
+            params, cfg, PROMPTS, max_new_tokens=12, drafter=d, draft_params=dp, builder=parse_tree(tree)
+        )
+        assert out.tokens == ar
+    # refusals: DFlash-2 modules, another target
+    bad = save(tmp_path / "df2", dflash_sd(dflash2=True), "model.safetensors", dflash_config())
+    with pytest.raises(DrafterCheckpointError, match="DFlash-2"):
+        load_official(bad, params, cfg)
+    other = save(tmp_path / "dfo", sd, "model.safetensors", {**dflash_config(), "num_target_layers": 36})
+    with pytest.raises(DrafterCheckpointError, match="num_target_layers=36"):
+        load_official(other, params, cfg)

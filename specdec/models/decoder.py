@@ -3,7 +3,8 @@ form (`models/llama.py`: pre-norm, GQA attention with RoPE, SwiGLU MLP), split s
 can choose where keys/values come from (its own block, injected target features, a cache).
 
 A layer's params: `input_norm [D]`, `wqkv [Din, (Hq + 2 Hkv) Dh]`, `wo [Hq Dh, D]`, `mlp_norm [D]`,
-`w_gate_up [D, 2 I]`, `w_down [I, D]`; dense weights plain or packed (`specdec.matmul`).
+`w_gate_up [D, 2 I]`, `w_down [I, D]`, optional `q_norm`, `k_norm [Dh]` (Qwen3); dense weights plain
+or packed (`specdec.matmul`).
 """
 
 from __future__ import annotations
@@ -40,9 +41,14 @@ def split_qkv(cfg: ModelConfig, qkv: Float[Array, "... F"]):
 
 
 def qkv(lp, cfg: ModelConfig, h: Float[Array, "B T Din"], positions: Int[Array, "B T"], *, norm: bool = True):
-    """RoPE'd q, k and v of `h` (input-normed first unless `norm=False`) at `positions`."""
+    """RoPE'd q, k and v of `h` (input-normed first unless `norm=False`) at `positions`.
+
+    Layers with `q_norm` / `k_norm [Dh]` (Qwen3's, e.g. DFlash checkpoints) RMS-normalise each head
+    of q and k before RoPE."""
     x = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps) if norm else h
     q, k, v = split_qkv(cfg, dense(x, lp["wqkv"]))
+    if "q_norm" in lp:
+        q, k = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
     cos, sin = rope_tables(cfg, positions)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
