@@ -136,9 +136,9 @@ class Falcon:
     def _pass(self, params, cache, tokens, feats, positions, slots, window_mask):
         """One block pass: write the pairs' K/V at `slots`, attend over the committed slots plus the
         window slots `window_mask` allows ([B, T, W]); returns the outputs [B, T, D]."""
-        cache = self._write_pairs(params, cache, tokens, feats, positions, slots)
         x, resid = eagle.layer_input(params, self.cfg, tokens, feats)
-        q, _, _ = eagle.project(params, self.cfg, x, positions)
+        q, k, v = eagle.project(params, self.cfg, x, positions)
+        cache = cache.write(0, k, v, slots)
         kernel = isinstance(params["layer"]["wqkv"], PackedWeight)
         attn = attend_cache(q, cache, 0, cache.attention_mask(window_mask), self.cfg.layer_cfg, kernel=kernel)
         return eagle.finish(params, self.cfg, resid, attn), cache

@@ -73,6 +73,19 @@ def make(kind: str, params, cfg, window: int, d2t=None):
 KINDS = ["medusa", "amphista", "eagle", "eagle3", "falcon", "dflash"]
 
 
+def decode_states(params, cfg, d, dp, builder, steps: int = 4):
+    """The greedy decode state right after prefill, then after each of `steps - 1` loop steps."""
+    spec = Spec(cfg=cfg, sampling=SamplingConfig(), drafter=d, builder=builder, verifier=get_verifier("auto"))
+    prompt, lens, size = pad_prompts(PROMPTS, cfg, 40, window=16)
+    eos = jnp.asarray([-1], jnp.int32)
+    state = prefill_jit(params, dp, jnp.asarray(prompt), jnp.asarray(lens), jax.random.PRNGKey(0), eos, 40,
+                        spec=spec, cache_size=size)  # fmt: skip
+    for step in range(steps):
+        if step:
+            state = step_jit(params, dp, state, eos, 40, spec=spec)
+        yield state
+
+
 @pytest.mark.parametrize(
     "kind,tree", [(k, t) for k in KINDS for t in TREES] + [("falcon", "static:falcon"), ("dflash", "chain:8")]
 )
@@ -117,11 +130,6 @@ def test_eagle_cache_equals_full_recompute(target, kind):
     params, cfg, _ = target
     builder = parse_tree("dynamic:depth=3,topk=3,n=10")
     d, dp = make(kind, params, cfg, builder.window)
-    spec = Spec(cfg=cfg, sampling=SamplingConfig(), drafter=d, builder=builder, verifier=get_verifier("auto"))
-    prompt, lens, size = pad_prompts(PROMPTS, cfg, 40, window=16)
-    eos = jnp.asarray([-1], jnp.int32)
-    state = prefill_jit(params, dp, jnp.asarray(prompt), jnp.asarray(lens), jax.random.PRNGKey(0), eos, 40,
-                        spec=spec, cache_size=size)  # fmt: skip
 
     @jax.jit
     def recompute(seq):  # [1, N] -> the draft layer's outputs [1, N - 1, D]; causal, so padding is inert
@@ -132,9 +140,7 @@ def test_eagle_cache_equals_full_recompute(target, kind):
         out, _ = eagle.run_layer(dp, d.cfg, seq[:, 1:], feat, pos[:, 1:], None, causal_mask(1, n - 1))
         return out
 
-    for step in range(4):
-        if step:
-            state = step_jit(params, dp, state, eos, 40, spec=spec)
+    for state in decode_states(params, cfg, d, dp, builder):
         toks, length = np.asarray(state.tokens), np.asarray(state.length)
         for b in range(len(PROMPTS)):
             n = int(length[b])  # committed tokens incl. the root at n - 1
@@ -170,11 +176,6 @@ def test_dflash_cache_equals_full_recompute(target):
     params, cfg, _ = target
     builder = parse_tree("dynamic:depth=3,topk=3,n=10")
     d, dp = make("dflash", params, cfg, builder.window)
-    spec = Spec(cfg=cfg, sampling=SamplingConfig(), drafter=d, builder=builder, verifier=get_verifier("auto"))
-    prompt, lens, size = pad_prompts(PROMPTS, cfg, 40, window=16)
-    eos = jnp.asarray([-1], jnp.int32)
-    state = prefill_jit(params, dp, jnp.asarray(prompt), jnp.asarray(lens), jax.random.PRNGKey(0), eos, 40,
-                        spec=spec, cache_size=size)  # fmt: skip
 
     @jax.jit
     def recompute(seq, anchor):  # [1, N], [1, 1] -> block logits [1, 1, K, Vd]
@@ -182,9 +183,7 @@ def test_dflash_cache_equals_full_recompute(target):
         _, taps, _ = forward(params, cfg, seq, jnp.arange(n)[None], None, causal_mask(1, n), taps=d.taps)
         return dflash.draft_logits(dp, d.cfg, dflash.train_forward(dp, d.cfg, seq, taps, anchor))
 
-    for step in range(4):
-        if step:
-            state = step_jit(params, dp, state, eos, 40, spec=spec)
+    for state in decode_states(params, cfg, d, dp, builder):
         toks, length = np.asarray(state.tokens), np.asarray(state.length)
         logits, _ = jax.jit(d.block)(dp, state.draft.cache, jnp.asarray(toks[np.arange(3), length - 1]))
         for b in range(len(PROMPTS)):
@@ -211,11 +210,6 @@ def test_amphista_cache_equals_full_recompute(target):
     params, cfg, _ = target
     builder = parse_tree("static:eagle1")
     d, dp = make("amphista", params, cfg, builder.window)
-    spec = Spec(cfg=cfg, sampling=SamplingConfig(), drafter=d, builder=builder, verifier=get_verifier("auto"))
-    prompt, lens, size = pad_prompts(PROMPTS, cfg, 40, window=16)
-    eos = jnp.asarray([-1], jnp.int32)
-    state = prefill_jit(params, dp, jnp.asarray(prompt), jnp.asarray(lens), jax.random.PRNGKey(0), eos, 40,
-                        spec=spec, cache_size=size)  # fmt: skip
 
     @jax.jit
     def recompute(seq):  # [1, N] -> head logits at every position [1, N, K, Vd]
@@ -226,9 +220,7 @@ def test_amphista_cache_equals_full_recompute(target):
         a, _ = amphista.adapt(dp, d.cfg, taps[0], nxt, pos, None, causal_mask(1, n))
         return amphista.head_logits(dp, d.cfg, a)
 
-    for step in range(4):
-        if step:
-            state = step_jit(params, dp, state, eos, 40, spec=spec)
+    for state in decode_states(params, cfg, d, dp, builder):
         toks, length = np.asarray(state.tokens), np.asarray(state.length)
         for b in range(len(PROMPTS)):
             n = int(length[b])  # committed tokens incl. the root at n - 1

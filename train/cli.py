@@ -29,7 +29,10 @@ _float = functools.partial(flags.DEFINE_float, flag_values=FLAGS)
 _bool = functools.partial(flags.DEFINE_bool, flag_values=FLAGS)
 
 flags.DEFINE_enum(
-    "drafter", "eagle", ["medusa", "amphista", "eagle", "eagle3", "falcon", "dflash"], "Drafter family.",
+    "drafter",
+    "eagle",
+    ["medusa", "amphista", "eagle", "eagle3", "falcon", "dflash"],
+    "Drafter family.",
     flag_values=FLAGS,
 )
 _string("target", "smollm2-135m-instruct", "Registry name, HF checkpoint folder or .gguf file (frozen).")
@@ -171,17 +174,9 @@ def main(argv):
 
 
 def _parse_and_train(argv: list[str]) -> None:
-    if FLAGS.is_parsed():  # a second call in one process (tests) starts from the defaults
-        FLAGS.unparse_flags()
-    try:
-        rest = FLAGS(argv)
-    except flags.Error:
-        FLAGS.unparse_flags()
-        FLAGS(argv[:1])  # leave the flags parsed (absl reads its own after main returns)
-        raise
-    if len(rest) > 1:
-        raise app.UsageError(f"unexpected arguments {rest[1:]} (all options are --flags)")
-    main(rest)
+    from specdec.cli.entry import parse_flags
+
+    main(parse_flags(FLAGS, argv))
 
 
 def run() -> None:

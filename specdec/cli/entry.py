@@ -10,6 +10,23 @@ from absl import app, flags
 HELP_FLAGS = ("-h", "--help", "-?", "--helpfull", "--helpshort")
 
 
+def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
+    """Parse `argv` from the defaults (also on a second call in one process, e.g. in tests); a flag
+    error leaves the flags parsed (absl reads its own after main returns) and propagates; stray
+    positional arguments are a usage error. Returns the remaining argv (program name only)."""
+    if flag_values.is_parsed():
+        flag_values.unparse_flags()
+    try:
+        rest = flag_values(argv)
+    except flags.Error:
+        flag_values.unparse_flags()
+        flag_values(argv[:1])
+        raise
+    if len(rest) > 1:
+        raise app.UsageError(f"unexpected arguments {rest[1:]} (all options are --flags)")
+    return rest
+
+
 def run_console(
     prog: str,
     helptext: str,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 
-from absl import app, flags
+from absl import flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "smollm2-135m-instruct", "Registry name, HF checkpoint folder or .gguf file.")
@@ -91,17 +91,9 @@ def main(argv):
 
 
 def _parse_and_generate(argv: list[str]) -> None:
-    if FLAGS.is_parsed():  # a second call in one process (tests) starts from the defaults
-        FLAGS.unparse_flags()
-    try:
-        rest = FLAGS(argv)
-    except flags.Error:
-        FLAGS.unparse_flags()
-        FLAGS(argv[:1])  # leave the flags parsed (absl reads its own after main returns)
-        raise
-    if len(rest) > 1:
-        raise app.UsageError(f"unexpected arguments {rest[1:]} (all options are --flags)")
-    main(rest)
+    from specdec.cli.entry import parse_flags
+
+    main(parse_flags(FLAGS, argv))
 
 
 def run():
