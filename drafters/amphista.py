@@ -42,7 +42,7 @@ from jaxtyping import Array, Bool, Float, Int
 from specdec.attention import attend, attend_cache, cache_mask
 from specdec.cache import KVCache, causal_mask
 from specdec.drafters.eagle import to_target_vocab
-from specdec.drafters.protocol import Context
+from specdec.drafters.protocol import Context, logits_by_depth
 from specdec.matmul import PackedWeight, dense
 from specdec.models import decoder
 from specdec.models.config import ModelConfig
@@ -192,8 +192,7 @@ class Amphista:
         return state.logits[:, 0], state
 
     def expand(self, params, state: AmphistaState, ctx: Context, tree: Tree, frontier: Int[Array, "B F"]):
-        depth = jnp.clip(jnp.take_along_axis(tree.depth, frontier, axis=1), 0, self.cfg.num_draft_heads - 1)
-        return jnp.take_along_axis(state.logits, depth[:, :, None], axis=1), state
+        return logits_by_depth(state.logits, tree, frontier), state
 
     def update(self, params, state: AmphistaState, ctx: Context, tree: Tree, verdict, taps) -> AmphistaState:
         """Adapt the step's committed pairs: positions old P .. new P - 1 (<= max_depth + 1)."""

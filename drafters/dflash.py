@@ -43,7 +43,7 @@ from jaxtyping import Array, Bool, Float, Int
 from specdec.attention import attend, attend_cache
 from specdec.cache import KVCache
 from specdec.drafters.eagle import to_target_vocab
-from specdec.drafters.protocol import Context
+from specdec.drafters.protocol import Context, logits_by_depth
 from specdec.matmul import PackedWeight, dense
 from specdec.models import decoder
 from specdec.models.config import ModelConfig
@@ -210,9 +210,7 @@ class DFlash:
         return logits[:, 1], state.replace(cache=cache, logits=logits)
 
     def expand(self, params, state: DFlashState, ctx: Context, tree: Tree, frontier: Int[Array, "B F"]):
-        depth = jnp.take_along_axis(tree.depth, frontier, axis=1)
-        pos = jnp.clip(depth + 1, 1, self.cfg.block_size - 1)  # depths past the block reuse the last
-        return jnp.take_along_axis(state.logits, pos[:, :, None], axis=1), state
+        return logits_by_depth(state.logits, tree, frontier, first=1), state
 
     def update(self, params, state: DFlashState, ctx: Context, tree: Tree, verdict, taps) -> DFlashState:
         """Write the context K/V of the step's committed tokens (old root + accepted nodes)."""

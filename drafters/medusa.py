@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from specdec.drafters.eagle import to_target_vocab
-from specdec.drafters.protocol import Context
+from specdec.drafters.protocol import Context, logits_by_depth
 from specdec.matmul import dense
 from specdec.tree import Tree
 
@@ -96,8 +96,7 @@ class Medusa:
         return state.logits[:, 0], state
 
     def expand(self, params, state: MedusaState, ctx: Context, tree: Tree, frontier: Int[Array, "B F"]):
-        depth = jnp.clip(jnp.take_along_axis(tree.depth, frontier, axis=1), 0, self.cfg.num_heads - 1)
-        return jnp.take_along_axis(state.logits, depth[:, :, None], axis=1), state
+        return logits_by_depth(state.logits, tree, frontier), state
 
     def update(self, params, state: MedusaState, ctx: Context, tree: Tree, verdict, taps) -> MedusaState:
         # The last accepted node's feature predicted the new root (the bonus/corrected token).

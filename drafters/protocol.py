@@ -57,6 +57,15 @@ class Context:
         return jnp.take_along_axis(self.tokens, (self.lengths - 1)[:, None], axis=1)[:, 0]
 
 
+def logits_by_depth(logits: Float[Array, "B K V"], tree: Tree, frontier: Int[Array, "B F"], first: int = 0):
+    """The parallel-heads `expand`: frontier node at depth d gets `logits[:, first + d]` (clipped to
+    the last one: depths past the heads reuse it). Medusa, Amphista (first = 0: head d drafts depth
+    d + 1) and DFlash (first = 1: block position d + 1) serve every builder this way."""
+    depth = jnp.take_along_axis(tree.depth, frontier, axis=1)
+    pos = jnp.clip(depth + first, first, logits.shape[1] - 1)
+    return jnp.take_along_axis(logits, pos[:, :, None], axis=1)
+
+
 class Drafter(Protocol):
     taps: tuple[int, ...]  # target hidden taps `update` wants; () for none
     vocab_size: int

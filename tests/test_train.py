@@ -144,6 +144,7 @@ def test_fused_regeneration_features_equal_extraction_and_resume(tiny, tmp_path)
     a separate extraction of the same tokens; a killed run resumes with nothing lost or repeated."""
     from specdec import generate as gen_mod
     from specdec.train import regenerate as rg
+    from specdec.train import regenerated_set as rs
 
     params, cfg, tok, convs, user, bot = _regen_setup(tiny)
     taps = (0, 1, 2)
@@ -153,7 +154,7 @@ def test_fused_regeneration_features_equal_extraction_and_resume(tiny, tmp_path)
     out = rg.regenerate(params, cfg, "tiny", tok, convs, tmp_path / "full", taps=taps, rc=rc,
                         eos_ids=stops, progress=False)  # fmt: skip
     fs = features.FeatureSet.open(out)
-    regen = rg.conversations(out)
+    regen = rs.conversations(out)
     assert len(fs) == len(regen) == len(convs) - 1  # conversation 1's prompt fills max_len
 
     def answer(ids):  # the target's greedy continuation of token ids, generated alone
@@ -193,7 +194,7 @@ def test_fused_regeneration_features_equal_extraction_and_resume(tiny, tmp_path)
         features.FeatureSet.open(part)
     rg.regenerate(params, cfg, "tiny", tok, convs, part, taps=taps, rc=rc, eos_ids=stops, progress=False)
     fs2 = features.FeatureSet.open(part)
-    assert rg.conversations(part) == regen and len(fs2) == len(fs)
+    assert rs.conversations(part) == regen and len(fs2) == len(fs)
     for s in range(len(fs)):
         a, b = fs.seq(s, ["tokens", "loss_mask", "tap_2"]), fs2.seq(s, ["tokens", "loss_mask", "tap_2"])
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
@@ -204,9 +205,9 @@ def test_fused_regeneration_features_equal_extraction_and_resume(tiny, tmp_path)
         rg.regenerate(params, cfg, "tiny", tok, convs[1:], part, taps=taps, rc=rc, progress=False)
 
     # Exported text + ids rebuild the same features on a new machine without regenerating.
-    exp = rg.export(out, tmp_path / "exported")
+    exp = rs.export(out, tmp_path / "exported")
     assert data.load_sharegpt(exp / "conversations.jsonl.gz") == regen
-    exs = rg.load_exported(exp)
+    exs = rs.load_exported(exp)
     re = features.extract(params, cfg, "tiny", exs, tmp_path / "re", taps=taps, progress=False)
     fs3 = features.FeatureSet.open(re)
     for s in range(len(fs)):

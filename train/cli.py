@@ -112,7 +112,7 @@ def main(argv):
     if m is not None and (m["complete"] or FLAGS.partial_features):
         pass
     elif FLAGS.regenerated:
-        from specdec.train.regenerate import load_exported
+        from specdec.train.regenerated_set import load_exported
 
         examples = load_exported(FLAGS.regenerated)
         print(f"{len(examples)} regenerated sequences from {FLAGS.regenerated}")
@@ -146,7 +146,7 @@ def main(argv):
                 params, model.cfg, model.source, examples, feat_dir, taps=taps, progress=FLAGS.progress
             )
     if FLAGS.regenerate and FLAGS.export_regenerated:
-        from specdec.train.regenerate import export
+        from specdec.train.regenerated_set import export
 
         print(f"regenerated set exported to {export(feat_dir, FLAGS.export_regenerated)}")
     fs = features.FeatureSet.open(feat_dir, allow_partial=FLAGS.partial_features)

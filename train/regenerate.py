@@ -25,8 +25,8 @@ resumed run writes what an uninterrupted one would. Output, in `out_dir`:
       conversations.jsonl        the regenerated text (ShareGPT records, per-turn finish reasons)
 
 A killed run resumes: finished shards are kept, conversations in flight are regenerated again.
-`export` gathers the text and token ids into a compact folder for the repository, from which
-`features.extract` rebuilds the features on a new machine without regenerating.
+`regenerated_set.export` gathers the text and token ids into a compact folder for the repository,
+from which `features.extract` rebuilds the features on a new machine without regenerating.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import gzip
 import json
 import os
 import pathlib
@@ -47,10 +46,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from specdec.cache import KVCache, causal_mask
+from specdec.generate import bucket
 from specdec.models.config import ModelConfig
 from specdec.models.llama import forward
 from specdec.sampling import SamplingConfig, argmax, sample
-from specdec.train.data import ROLES, Example, _ids
+from specdec.train.data import _ids
 from specdec.train.features import FeatureCacheError, _read_manifest, _target_id, _write_manifest
 
 Conversation = Sequence[dict[str, str]]
@@ -234,11 +234,11 @@ class _Run:
             (s for s in reqs if self.slots[s] is not None), key=lambda s: len(self.slots[s].delta[0])
         )
         while reqs:
-            t = _bucket(len(self.slots[reqs[0]].delta[0]))
+            t = bucket(len(self.slots[reqs[0]].delta[0]))
             group = []
             for s in reqs:
-                tt = max(t, _bucket(len(self.slots[s].delta[0])))
-                if len(group) and _bucket_rows(len(group) + 1) * tt > self.rc.prefill_tokens:
+                tt = max(t, bucket(len(self.slots[s].delta[0])))
+                if len(group) and bucket(len(group) + 1, 1) * tt > self.rc.prefill_tokens:
                     break
                 group.append(s)
                 t = tt
@@ -247,7 +247,7 @@ class _Run:
 
     def _prefill_call(self, group: list[int], t: int) -> None:
         t0 = time.perf_counter()
-        b = _bucket_rows(len(group))
+        b = bucket(len(group), 1)
         rows = np.full(b, self.rc.slots, np.int32)
         toks, n = np.zeros((b, t), np.int32), np.zeros(b, np.int32)
         reset, conv = np.zeros(b, bool), np.zeros(b, np.int32)
@@ -259,7 +259,8 @@ class _Run:
             rows[r], toks[r, : len(d)], n[r], reset[r], conv[r] = s, d, len(d), not f.ids, f.index
             # labels are needed where the next token is an answer token, and at the answer's tail
             need = sorted({i for i in range(len(d) - 1) if dm[i] or dm[i + 1]} | {len(d) - 1})
-            heads[r] = (need + [len(d) - 1] * k)[-k:] if len(need) > k else (need + [len(d) - 1] * k)[:k]
+            need = need[-k:]  # n - 1 (sampled from) is the largest, so it is always kept last
+            heads[r] = need + [len(d) - 1] * (k - len(need))
         nxt, top1, hs, self.cache = prefill_rows(
             self.prefill_params, self.cache, rows, toks, n, heads, reset, conv, self.key,
             cfg=self.prefill_cfg, sampling=self.rc.sampling, taps=self.taps,
@@ -388,14 +389,6 @@ class _Run:
         bar.update(bar.total - bar.n)
 
 
-def _bucket(n: int) -> int:
-    return max(16, 1 << (max(n, 1) - 1).bit_length())
-
-
-def _bucket_rows(n: int) -> int:
-    return 1 << (max(n, 1) - 1).bit_length()
-
-
 def regenerate(
     params,
     cfg: ModelConfig,
@@ -487,59 +480,3 @@ def _fingerprint(convs: Sequence[Conversation]) -> str:
     for c in convs:
         h.update(next((m["content"] for m in c if m["role"] == "user"), "").encode() + b"\0")
     return h.hexdigest()[:16]
-
-
-def conversations(out_dir: os.PathLike) -> list[list[dict[str, str]]]:
-    """The regenerated conversations of a (possibly partial) run, in input order."""
-    recs = []
-    for d in sorted(pathlib.Path(out_dir).glob("shard_*")):
-        for line in (d / "conversations.jsonl").read_text(encoding="utf-8").splitlines():
-            recs.append(json.loads(line))
-    recs.sort(key=lambda r: r["index"])
-    return [[{"role": ROLES[t["from"]], "content": t["value"]} for t in r["conversations"]] for r in recs]
-
-
-def export(out_dir: os.PathLike, dest: os.PathLike) -> pathlib.Path:
-    """Write the run's text and token ids compactly to `dest` (for the repository).
-
-    `dest/conversations.jsonl.gz` (ShareGPT records, valid `--data`), `dest/tokens.npz` (uint16/
-    int32 ids, loss mask, offsets, conversation index: exactly the sequences the features were
-    computed on) and `dest/manifest.json` (the run's settings and cost, no shard list).
-    """
-    src, dest = pathlib.Path(out_dir), pathlib.Path(dest)
-    m = _read_manifest(src)
-    dest.mkdir(parents=True, exist_ok=True)
-    recs, toks, masks, idx = [], [], [], []
-    for sh in sorted(m["shards"], key=lambda s: s["index"]):
-        d = src / sh["name"]
-        recs += [json.loads(line) for line in (d / "conversations.jsonl").read_text("utf-8").splitlines()]
-        o = np.load(d / "offsets.npy")
-        t, lm = np.load(d / "tokens.npy"), np.load(d / "loss_mask.npy")
-        toks += [t[o[i] : o[i + 1]] for i in range(len(o) - 1)]
-        masks += [lm[o[i] : o[i + 1]] for i in range(len(o) - 1)]
-        idx += np.load(d / "conv_index.npy").tolist()
-    order = np.argsort(idx, kind="stable")
-    recs.sort(key=lambda r: r["index"])
-    with gzip.open(dest / "conversations.jsonl.gz", "wt", encoding="utf-8") as fh:
-        for r in recs:
-            fh.write(json.dumps(r) + "\n")
-    toks, masks = [toks[i] for i in order], [masks[i] for i in order]
-    flat = np.concatenate(toks) if toks else np.zeros(0, np.int32)
-    np.savez_compressed(
-        dest / "tokens.npz", tokens=flat.astype(np.uint16 if flat.max(initial=0) < 65536 else np.int32),
-        loss_mask=np.packbits(np.concatenate(masks)) if masks else np.zeros(0, np.uint8),
-        offsets=np.cumsum([0] + [len(t) for t in toks]).astype(np.int64),
-        conv_index=np.asarray(idx, np.int64)[order],
-    )  # fmt: skip
-    keep = {k: v for k, v in m.items() if k != "shards"}
-    keep["sequences"] = len(toks)
-    (dest / "manifest.json").write_text(json.dumps(keep, indent=1))
-    return dest
-
-
-def load_exported(dest: os.PathLike) -> list[Example]:
-    """The exact token sequences of an exported run (to re-extract features with `features.extract`)."""
-    z = np.load(pathlib.Path(dest) / "tokens.npz")
-    o, t = z["offsets"], z["tokens"].astype(np.int32)
-    mask = np.unpackbits(z["loss_mask"])[: len(t)].astype(bool)
-    return [Example(t[o[i] : o[i + 1]], mask[o[i] : o[i + 1]]) for i in range(len(o) - 1)]
