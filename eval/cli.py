@@ -45,6 +45,7 @@ _int("per_category", 2, "First N questions of each category (file order).", lowe
 _bool("all", False, "Every question of --bench (ignores --per_category).")
 _int("runs", 1, "Timed repeats (mean ± std over runs; Spec-Bench: 3).", lower_bound=1)
 _int("batch_size", 1, "Questions decoded together (Spec-Bench: 1).", lower_bound=1)
+_string("mesh", None, "Device mesh, e.g. data=2,model=4 (default: one device; docs/sharding.md).")
 _int("warmup_runs", 1, "Untimed full generations per configuration first.", lower_bound=0)
 _string("out", "runs/mtbench", "Output folder (answers, metrics.json, report.md, plots).")
 _int("seed", 0, "Random seed (run r uses seed + r).")
@@ -98,7 +99,7 @@ def config_from_flags():
         max_new_tokens=FLAGS.max_new_tokens, limit=FLAGS.limit, categories=tuple(FLAGS.categories),
         per_category=None if FLAGS.all else FLAGS.per_category, runs=FLAGS.runs,
         batch_size=FLAGS.batch_size, seed=FLAGS.seed, raw=FLAGS.raw, system=FLAGS.system,
-        warmup_runs=FLAGS.warmup_runs, dtype=FLAGS.dtype,
+        warmup_runs=FLAGS.warmup_runs, dtype=FLAGS.dtype, mesh=FLAGS.mesh,
     )  # fmt: skip
 
 

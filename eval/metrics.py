@@ -176,6 +176,19 @@ def mean_accepted(hist: Sequence[int]) -> float:
     return sum(k * c for k, c in enumerate(hist)) / n if n else float("nan")
 
 
+def acceptance_per_depth(hist: Sequence[int]) -> list[float]:
+    """a(d) for d = 1 .. len(hist) - 2: the fraction of steps whose accepted path reaches depth d.
+
+    `hist[k]` counts steps that emitted k tokens (k − 1 accepted drafts + the bonus), so
+    a(d) = Σ_{k > d} hist[k] / Σ hist; τ = 1 + Σ_d a(d). The conditional acceptance at depth d
+    (given depth d − 1 was reached) is a(d) / a(d − 1), with a(0) = 1.
+    """
+    n = sum(hist)
+    if not n:
+        return []
+    return [sum(hist[d + 1 :]) / n for d in range(1, len(hist) - 1)]
+
+
 def finite_or_none(x: float | None) -> float | None:
     """JSON-safe: NaN/inf become None."""
     return None if x is None or not math.isfinite(x) else x

@@ -57,6 +57,7 @@ class EvalConfig:
     system: str | None = None  # system message (chat mode); None = the template's default
     warmup_runs: int = 1
     dtype: str = "float32"
+    mesh: str | None = None  # device mesh, e.g. "data=2,model=4" (specdec.sharding); None = one device
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -175,8 +176,8 @@ def run_eval(
 
     from specdec.generate import PromptTooLongError, bucket, generate, warmup
     from specdec.loading import load_model
-    from specdec.models import to_device
     from specdec.sampling import SamplingConfig
+    from specdec.sharding import device_params, parse_mesh
 
     if config.runs < 1 or config.batch_size < 1 or config.warmup_runs < 0:
         raise ValueError("runs and batch_size must be >= 1, warmup_runs >= 0")
@@ -187,8 +188,9 @@ def run_eval(
     t_start, tstamp = time.perf_counter(), time.time()
     load = {"cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "samples": []}
     load["start"] = _load_sample(t_start)[1:]
-    model = model or load_model(config.target, dtype=config.dtype)
-    params, cfg = to_device(model.params, model.cfg), model.cfg
+    mesh = parse_mesh(config.mesh)
+    model = model or load_model(config.target, dtype=config.dtype, mesh=mesh)
+    params, cfg = device_params(model.params, model.cfg, mesh)
     prompter = _Prompter(model.tokenizer, config.raw, config.system)
     sampling = SamplingConfig(config.temperature, config.top_k, config.top_p)
 
@@ -210,7 +212,7 @@ def run_eval(
         warmup_seconds=dict.fromkeys(labels, 0.0), timed_compiles=dict.fromkeys(labels, 0), load=load,
         target_source=str(model.source), tstamp=tstamp,
     )  # fmt: skip
-    gen_kw = dict(max_new_tokens=config.max_new_tokens, sampling=sampling)
+    gen_kw = dict(max_new_tokens=config.max_new_tokens, sampling=sampling, mesh=mesh)
     compiled: set[tuple] = set()
 
     def ensure_compiled(lab: str, prompts: list[list[int]]) -> None:

@@ -17,7 +17,14 @@ import platform
 import statistics
 import sys
 
-from specdec.eval.metrics import finite_or_none, mean_accepted, mismatches, summarize, throughput
+from specdec.eval.metrics import (
+    acceptance_per_depth,
+    finite_or_none,
+    mean_accepted,
+    mismatches,
+    summarize,
+    throughput,
+)
 from specdec.eval.mtbench import BASELINE, EvalResult
 
 TOP_LEVEL = (
@@ -73,6 +80,7 @@ def build_metrics(res: EvalResult) -> dict:
             "throughput_tokens_per_s": throughput(res.records[lab]),
             "accepted_hist": res.hists[lab],
             "mean_accepted": mean_accepted(res.hists[lab]),
+            "acceptance_per_depth": acceptance_per_depth(res.hists[lab]),
             "compile_seconds": res.compile_seconds[lab],
             "warmup_seconds": res.warmup_seconds[lab],
             "timed_compiles": res.timed_compiles[lab],
@@ -202,9 +210,27 @@ def tables(m: dict) -> str:
                 _pm(r["tau"], None),
             ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *depth_table(m)]
     if len(labels) > 1:
         lines += ["", "; ".join(f"m{i + 1} = {_md(lab)}" for i, lab in enumerate(labels))]
     return "\n".join(lines)
+
+
+def depth_table(m: dict) -> list[str]:
+    """Markdown rows: per method, a(d) = P(accepted path reaches depth d), d = 1 .. deepest."""
+    rows = {lab: r.get("acceptance_per_depth") or acceptance_per_depth(r["accepted_hist"])
+            for lab, r in m["methods"].items()}  # fmt: skip
+    depth = max((len(a) for a in rows.values()), default=0)
+    if not depth:
+        return []
+    out = [
+        "| method | " + " | ".join(f"a({d})" for d in range(1, depth + 1)) + " |",
+        "|---|" + "---|" * depth,
+    ]
+    for lab, a in rows.items():
+        cells = [f"{x:.3f}" for x in a] + [""] * (depth - len(a))
+        out.append(f"| {_md(lab)} | " + " | ".join(cells) + " |")
+    return out
 
 
 def write_report_md(m: dict, out: pathlib.Path) -> pathlib.Path:
@@ -237,7 +263,8 @@ def write_report_md(m: dict, out: pathlib.Path) -> pathlib.Path:
         tables(m),
         "Speedup = mean(method per-question tok/s) / mean(baseline per-question tok/s), per-question "
         "tok/s = Σ new tokens / Σ wall time over its turns (Spec-Bench `speed.py`); τ = tokens per "
-        "target forward, bonus token included (AR = 1). Mismatching turns: at temperature 0, turns "
+        "target forward, bonus token included (AR = 1); a(d) = fraction of decode steps whose "
+        "accepted path reaches depth d (τ = 1 + Σ a(d)). Mismatching turns: at temperature 0, turns "
         "whose tokens differ from the baseline's (0 for a lossless verifier; the first differing "
         "positions are in metrics.json).",
         f"Compile seconds are excluded from all timings (baseline: {base['compile_seconds']:.1f} s); "

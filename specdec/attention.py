@@ -37,6 +37,44 @@ def attend(q: Float[Array, "B T Hq Dh"], k: Float[Array, "B S Hkv Dh"], v: Float
     return out.reshape(b, t, cfg.num_heads * cfg.head_dim)
 
 
+def attend_lse(q: Float[Array, "B T Hq Dh"], k: Float[Array, "B S Hkv Dh"], v: Float[Array, "B S Hkv Dh"],
+               mask: Bool[Array, "B T S"], cfg: ModelConfig):  # fmt: skip
+    """GQA attention that also returns each query's log-sum-exp of scores (float32).
+
+    Returns (out [B, T, Hkv, G, Dh] float32, lse [B, T, Hkv, G]); a fully masked query gets
+    lse ≈ NEG_INF, so it weighs nothing when merged (`merge_lse`)."""
+    b, t = q.shape[:2]
+    q = q.reshape(b, t, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
+    scores = jnp.einsum("btkgd,bskd->btkgs", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, :, None, None], scores * (cfg.head_dim**-0.5), NEG_INF)
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    probs = jnp.exp(scores - lse[..., None])
+    return jnp.einsum("btkgs,bskd->btkgd", probs, v.astype(jnp.float32)), lse
+
+
+def merge_lse(parts) -> Float[Array, "B T HqDh"]:
+    """Attention over the union of disjoint key sets from the per-set (out, lse) of `attend_lse`."""
+    m = jnp.max(jnp.stack([lse for _, lse in parts]), axis=0)
+    w = [jnp.exp(lse - m)[..., None] for _, lse in parts]
+    out = sum(wi * o for wi, (o, _) in zip(w, parts, strict=True)) / sum(w)
+    return out.reshape(out.shape[:2] + (-1,))
+
+
+def attend_split(q: Float[Array, "B T Hq Dh"], k_new: Float[Array, "B T Hkv Dh"],
+                 v_new: Float[Array, "B T Hkv Dh"], cache: KVCache, layer: int | Int[Array, ""],
+                 block_mask: Bool[Array, "B T T"], cfg: ModelConfig) -> Float[Array, "B T HqDh"]:  # fmt: skip
+    """Split-prefix attention: the committed cache prefix (slots < lengths, every block token sees
+    all of it) and the new block (dense, under its causal or tree-ancestor `block_mask`), attended
+    separately and merged by log-sum-exp — equal to attending over the cache with the combined
+    mask. The prefix half needs no per-token mask, so an accelerator can run it as ragged
+    (length-masked) attention; the block half is small. No sliding window, no explicit slots."""
+    committed = jnp.arange(cache.size)[None, :] < cache.lengths[:, None]  # [B, S]
+    prefix = attend_lse(q, cache.k[layer], cache.v[layer], jnp.broadcast_to(committed[:, None], q.shape[:2]
+                        + committed.shape[1:]), cfg)  # fmt: skip
+    block = attend_lse(q, k_new, v_new, block_mask, cfg)
+    return merge_lse([prefix, block]).astype(q.dtype)
+
+
 def cache_mask(
     cfg: ModelConfig,
     positions: Int[Array, "B T"],

@@ -29,6 +29,7 @@ from specdec.drafters.protocol import Context
 from specdec.models.config import ModelConfig
 from specdec.models.llama import forward
 from specdec.sampling import SamplingConfig, sample
+from specdec.sharding import constrain_state
 from specdec.tree import Tree, ancestor_mask, positions
 from specdec.verifiers.protocol import Verdict
 
@@ -60,6 +61,7 @@ class Spec:
     drafter: Any = None  # None = autoregressive decoding
     builder: Any = None  # a TreeBuilder (specdec.trees)
     verifier: Any = None  # a Verifier (specdec.verifiers)
+    mesh: Any = None  # a jax Mesh (specdec.sharding): the state is pinned to its layout every step
 
     @property
     def max_depth(self) -> int:
@@ -108,6 +110,7 @@ def _prefill(params, dparams, prompt, prompt_lens, key, eos_ids, max_new, *, spe
         row_steps=jnp.zeros((b,), jnp.int32),
         accepted_hist=jnp.zeros((spec.max_depth + 2,), jnp.int32),
     )
+    state = constrain_state(state, spec.mesh)
     state, _ = emit(state, sample(sub, logits[:, 0], spec.sampling)[:, None], jnp.ones((b,), jnp.int32),
                      eos_ids, max_new)  # fmt: skip
     if spec.drafter is not None:
@@ -168,7 +171,7 @@ def _advance(params, dparams, state: DecodeState, tree: Tree, k_verify, eos_ids,
     state = state.replace(accepted_hist=state.accepted_hist.at[count].add(running.astype(jnp.int32)))
     if spec.drafter is not None:
         state = state.replace(draft=spec.drafter.update(dparams, state.draft, state.ctx, tree, verdict, taps))
-    return state
+    return constrain_state(state, spec.mesh)
 
 
 def _running(state: DecodeState, stop) -> Bool[Array, ""]:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specdec import sharding
 from specdec.decode import Spec, _running, loop_jit, prefill_jit, step_jit
 from specdec.models.config import ModelConfig
 from specdec.models.llama import Params
@@ -104,6 +105,7 @@ def generate(
     seed: int = 0,
     loop: str = "device",
     cache_size: int | None = None,
+    mesh=None,
 ) -> GenerateOutput:
     """Generate for a batch of prompts of different lengths; speculative when a drafter is given.
 
@@ -111,8 +113,11 @@ def generate(
     follow `specdec.drafters` and `specdec.trees`. `verifier` defaults to `specdec.verifiers.auto`
     (picks the lossless verifier that fits the tree's sibling mode). `eos_ids` defaults to the
     model's. `loop`: "device" (one `lax.while_loop`) or "python" (host loop, same jitted step).
+    `mesh` (`specdec.sharding`): `params` and `cfg` from `sharding.shard_params` on that mesh; rows
+    are split over its `data` axis (padded to a multiple of it with finished rows), drafter params
+    replicated. Outputs equal the unsharded run's up to float rounding of the sharded reductions.
     """
-    spec = make_spec(cfg, sampling, drafter, builder, verifier)
+    spec = make_spec(cfg, sampling, drafter, builder, verifier, mesh)
     return _run(
         params, draft_params, spec, prompts, max_new_tokens, max_new_tokens, eos_ids, seed, loop, cache_size
     )
@@ -120,17 +125,23 @@ def generate(
 
 def warmup(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
            sampling: SamplingConfig = SamplingConfig(), drafter=None, draft_params=None, builder=None,
-           verifier=None, loop: str = "device", cache_size: int | None = None) -> None:  # fmt: skip
+           verifier=None, loop: str = "device", cache_size: int | None = None,
+           mesh=None) -> None:  # fmt: skip
     """Compile everything `generate` with these arguments would, running a single step."""
-    spec = make_spec(cfg, sampling, drafter, builder, verifier)
+    spec = make_spec(cfg, sampling, drafter, builder, verifier, mesh)
     _run(params, draft_params, spec, prompts, max_new_tokens, 1, None, 0, loop, cache_size)
 
 
-def make_spec(cfg, sampling, drafter, builder, verifier) -> Spec:
+def make_spec(cfg, sampling, drafter, builder, verifier, mesh=None) -> Spec:
+    if mesh is not None and cfg.tp_groups != sharding.model_size(mesh):
+        raise sharding.MeshError(
+            f"the params are grouped for a model axis of {cfg.tp_groups} but the mesh's is "
+            f"{sharding.model_size(mesh)}; build them with specdec.sharding.shard_params on this mesh"
+        )
     if drafter is None:
         if builder is not None or verifier is not None:
             raise ValueError("a tree builder or verifier needs a drafter (drafter=None is AR decoding)")
-        return Spec(cfg, sampling)
+        return Spec(cfg, sampling, mesh=mesh)
     if builder is None:
         raise ValueError(
             "speculative decoding needs a tree builder (e.g. specdec.trees.parse_tree('chain:4'))"
@@ -143,7 +154,7 @@ def make_spec(cfg, sampling, drafter, builder, verifier) -> Spec:
             f"drafter vocabulary ({vocab}) differs from the target's ({cfg.vocab_size}); a drafter must "
             "share the target's tokenizer (or map its reduced vocabulary onto the target's)"
         )
-    return Spec(cfg, sampling, drafter, builder, verifier)
+    return Spec(cfg, sampling, drafter, builder, verifier, mesh)
 
 
 def _run(params, dparams, spec: Spec, prompts, max_new_tokens, limit, eos_ids, seed, loop, cache_size):
@@ -152,24 +163,34 @@ def _run(params, dparams, spec: Spec, prompts, max_new_tokens, limit, eos_ids, s
     window = (
         1 if spec.drafter is None else max(spec.builder.window, spec.builder.num_nodes) + spec.max_depth + 1
     )
+    n_rows = len(prompts)
+    pad = -n_rows % sharding.data_size(spec.mesh)  # rows split evenly over the data axis
+    prompts = list(prompts) + [prompts[-1]] * pad if pad else prompts
     tokens, lens, cache_size = pad_prompts(prompts, spec.cfg, max_new_tokens, cache_size, window)
     eos = jnp.asarray(list(spec.cfg.eos_token_ids if eos_ids is None else eos_ids) or [-1], jnp.int32)
     max_new = jnp.int32(max_new_tokens)
     stop = jnp.int32(limit)  # loop steps; traced, so a 1-step warm-up compiles the same programs
-    state = prefill_jit(params, dparams, jnp.asarray(tokens), jnp.asarray(lens), jax.random.key(seed), eos,
-                        max_new, spec=spec, cache_size=cache_size)  # fmt: skip
+    if spec.mesh is not None:
+        tokens, lens = (sharding.place(x, sharding.rows(spec.mesh, x.ndim)) for x in (tokens, lens))
+        dparams = sharding.replicate(dparams, spec.mesh)
+    else:
+        tokens, lens = jnp.asarray(tokens), jnp.asarray(lens)
+    state = prefill_jit(params, dparams, tokens, lens, jax.random.key(seed), eos, max_new, spec=spec,
+                        cache_size=cache_size)  # fmt: skip
+    if pad:  # padding rows are finished before the first step: no forwards or tokens counted
+        state = state.replace(done=state.done.at[n_rows:].set(True))
     if loop == "device":
         state = loop_jit(params, dparams, state, eos, max_new, stop, spec=spec)
     else:
         while bool(_running(state, stop)):
             state = step_jit(params, dparams, state, eos, max_new, spec=spec)
-    toks, length = np.asarray(state.tokens), np.asarray(state.length)
-    rows = [toks[i, lens[i] : length[i]].tolist() for i in range(len(prompts))]
+    toks, length, lens = (sharding.fetch(x) for x in (state.tokens, state.length, lens))
+    rows = [toks[i, lens[i] : length[i]].tolist() for i in range(n_rows)]
     eos_set = set(np.asarray(eos).tolist())
     return GenerateOutput(
         tokens=rows,
         finished=[bool(r) and r[-1] in eos_set for r in rows],
-        steps=int(state.steps),
-        row_steps=np.asarray(state.row_steps).tolist(),
-        accepted_hist=np.asarray(state.accepted_hist).tolist(),
+        steps=int(sharding.fetch(state.steps)),
+        row_steps=sharding.fetch(state.row_steps)[:n_rows].tolist(),
+        accepted_hist=sharding.fetch(state.accepted_hist).tolist(),
     )

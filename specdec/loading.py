@@ -78,14 +78,19 @@ def registry_path(name: str) -> pathlib.Path:
     )
 
 
-def load_model(spec: str | os.PathLike, *, dtype: str = "float32", scan_layers: bool = False) -> LoadedModel:
+def load_model(spec: str | os.PathLike, *, dtype: str = "float32", scan_layers: bool = False,
+               mesh=None) -> LoadedModel:  # fmt: skip
     """Load a registry name, an HF checkpoint folder or a .gguf file.
 
-    Params are always numpy float32; `dtype` and `scan_layers` are recorded in the returned `cfg` for the
-    model code (which casts the params to `cfg.dtype`).
+    Params are numpy float32; `dtype` and `scan_layers` are recorded in the returned `cfg` for the
+    model code (which casts the params to `cfg.dtype`). With a `mesh` (`specdec.sharding`), an HF
+    folder's tensors are streamed one at a time into sharded device arrays of `dtype` (the host
+    never holds the whole model) and `cfg` is the mesh's (`tp_groups`); pass both through
+    `sharding.device_params`. GGUF files load to the host first either way.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {DTYPES}")
+    put = None
     if isinstance(spec, str) and spec in REGISTRY:
         loaded = load_gguf(registry_path(spec))
     else:
@@ -95,13 +100,22 @@ def load_model(spec: str | os.PathLike, *, dtype: str = "float32", scan_layers: 
                 f"checkpoint {spec!r} not found: it is neither a registry name ({sorted(REGISTRY)}) nor an "
                 "existing path; pass an HF checkpoint folder (with config.json) or a .gguf file"
             )
-        if path.is_dir():
-            loaded = load_hf_folder(path)
-        elif path.name == "config.json" or path.suffix == ".safetensors":
-            loaded = load_hf_folder(path.parent)  # a file inside an HF folder: mean the folder
-        else:
+        folder = path if path.is_dir() else None
+        if path.name == "config.json" or path.suffix == ".safetensors":
+            folder = path.parent  # a file inside an HF folder: mean the folder
+        if folder is None:
             loaded = load_gguf(path)
+        else:
+            if mesh is not None:
+                from specdec.sharding import tensor_placer
+
+                put = tensor_placer(mesh, dtype)
+            loaded = load_hf_folder(folder, put=put)
     loaded.cfg = loaded.cfg.replace(dtype=dtype, scan_layers=scan_layers)
+    if put is not None:  # streamed onto the mesh
+        from specdec.sharding import model_size, tp_config
+
+        loaded.cfg = tp_config(loaded.cfg, model_size(mesh))[0]
     return loaded
 
 

@@ -81,3 +81,50 @@ def test_commit_then_step_equals_model_that_only_saw_the_path(tiny_models):
         t = seq.shape[1]
         ref, _, _ = forward(params, cfg, jnp.asarray(seq), jnp.arange(t)[None], None, causal_mask(1, t))
         np.testing.assert_allclose(logits[b, 0], ref[0, -1], atol=1e-5)
+
+
+def test_split_prefix_attention_equals_dense_attention():
+    """Committed prefix and new block attended apart and merged by log-sum-exp = one masked pass."""
+    import jax
+
+    from specdec.attention import attend, attend_split
+
+    cfg = ModelConfig(arch="llama", vocab_size=8, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                      head_dim=8, intermediate_size=8)  # fmt: skip
+    b, t, s = 3, 5, 16
+    ks = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(ks[0], (b, t, 4, 8))
+    k_new, v_new = jax.random.normal(ks[1], (2, b, t, 2, 8))
+    cache = KVCache.init(cfg, b, s)
+    kc, vc = jax.random.normal(ks[2], cache.k.shape), jax.random.normal(ks[3], cache.v.shape)
+    cache = cache.replace(k=kc, v=vc, lengths=jnp.array([0, 4, 11]))  # a prefill row, two decode rows
+    tree = np.zeros((t, t), bool)  # parents 0 <- 1, 2; 1 <- 3; 2 <- 4 (ancestors and self)
+    for i, anc in enumerate([[0], [0, 1], [0, 2], [0, 1, 3], [0, 2, 4]]):
+        tree[i, anc] = True
+    for block_mask in (causal_mask(b, t), jnp.broadcast_to(jnp.asarray(tree), (b, t, t))):
+        written = cache.write(0, k_new, v_new)
+        dense = attend(q, written.k[0], written.v[0], written.attention_mask(block_mask), cfg)
+        split = attend_split(q, k_new, v_new, written, 0, block_mask, cfg)
+        np.testing.assert_allclose(split, dense, rtol=1e-5, atol=1e-5)
+    # negative control: dropping the prefix half changes the result of the rows that have one
+    lone = attend(q, k_new, v_new, block_mask, cfg)
+    assert np.abs(np.asarray(lone - dense)[1:]).max() > 1e-2 and np.allclose(lone[0], dense[0], atol=1e-5)
+
+
+def test_split_attention_decodes_like_dense_attention():
+    from specdec.drafters import layer_skip
+    from specdec.generate import generate
+    from specdec.trees import parse_tree
+    from tests.sharded_worker import CFG, random_params
+
+    host = random_params(CFG, 0)
+    prompts = [[5, 9, 3, 5, 9, 3], list(range(20, 41))]
+    for cfg in (CFG, CFG.replace(attention="split")):
+        params = to_device(host, cfg, "plain")
+        d, dp = layer_skip(params, cfg, 1)
+        outs = [generate(params, cfg, prompts, max_new_tokens=10).tokens,
+                generate(params, cfg, prompts, max_new_tokens=10, drafter=d, draft_params=dp,
+                         builder=parse_tree("dynamic:depth=3,topk=3,n=10")).tokens]  # fmt: skip
+        if cfg.attention == "dense":
+            ref = outs
+    assert outs == ref and outs[0] == outs[1]

@@ -44,6 +44,9 @@ def test_generate_json_ar_and_speculative(tiny_folder):
     spec_out = json.loads(spec.stdout.strip().splitlines()[-1])
     assert spec_out["tokens"] == ar_out["tokens"]  # greedy: lossless
     assert {"tau", "steps", "accepted_hist", "tokens_per_s", "seconds"} <= set(spec_out)
+    meshed = _cli(*base, "--drafter", "layerskip:1", "--tree", "chain:3", "--mesh", "data=1,model=1")
+    assert meshed.returncode == 0, meshed.stderr[-2000:]
+    assert json.loads(meshed.stdout.strip().splitlines()[-1])["tokens"] == ar_out["tokens"]  # the 1×1 mesh
 
 
 def test_generate_bad_target_and_tree(tiny_folder, tmp_path):
@@ -83,6 +86,8 @@ def test_every_tool_reports_bad_input_in_one_line_with_exit_code_2(
         (g, ["--target", t, "--raw", "--prompt", long_prompt, "--max_new_tokens", "16"], "model's context"),
         (g, ["--max_new_tokens", "0"], "max_new_tokens"),
         (g, ["--bogus_flag"], "bogus_flag"),
+        (g, ["--target", t, "--raw", "--mesh", "data=1,model=2"], "needs 2 devices"),
+        (g, ["--target", t, "--raw", "--mesh", "model=two"], "data=N,model=M"),
         (e, ["--bench", str(tmp_path / "missing.jsonl")], "neither a bundled benchmark"),
         (e, ["--bench", str(bad[0])], "missing field"),
         (e, ["--target", t, "--raw", "--compare", "ngram|chain:zz", "--out", str(tmp_path)], "chain:zz"),

@@ -11,7 +11,9 @@ import pytest
 from specdec.eval.methods import Method
 from specdec.eval.metrics import (
     TurnRecord,
+    acceptance_per_depth,
     first_difference,
+    mean_accepted,
     mean_std,
     mismatches,
     question_speeds,
@@ -53,6 +55,14 @@ def test_tau_counts_the_bonus_token_and_ar_is_one():
     assert tau(spec) == 3.0
     pooled = spec + [rec(0, 2, "a", 0, 4, 1.0, steps=3, step_tokens=3)]
     assert tau(pooled) == pytest.approx(12 / 6)  # pooled Σ tokens / Σ forwards, not a mean of τs
+
+
+def test_acceptance_per_depth_reads_the_accepted_length_histogram():
+    hist = [0, 5, 3, 2]  # 10 steps: 5 accepted nothing, 3 one draft, 2 two drafts
+    a = acceptance_per_depth(hist)
+    assert a == pytest.approx([0.5, 0.2])  # reached depth 1: 5 of 10; depth 2: 2 of 10
+    assert 1 + sum(a) == pytest.approx(mean_accepted(hist))  # τ = 1 + Σ a(d)
+    assert acceptance_per_depth([]) == [] and acceptance_per_depth([0, 4]) == []
 
 
 def test_per_category_grouping_and_mean_std_over_runs():
@@ -220,6 +230,9 @@ def test_cli_end_to_end_writes_every_output(tiny, tmp_path, capsys):
     method = disk["methods"]["layerskip:1|chain:3|auto"]
     assert method["timed_compiles"] == 0 and disk["baseline"]["timed_compiles"] == 0
     assert sum(method["accepted_hist"]) > 0
+    a = method["acceptance_per_depth"]
+    assert len(a) == 3 and 1 + sum(a) == pytest.approx(method["mean_accepted"])  # chain:3
+    assert "| a(1) | a(2) | a(3) |" in (out / "report.md").read_text()
     assert disk["machine"]["cpu_count"] >= 1 and len(disk["machine"]["loadavg_samples"]) == 2
     printed = capsys.readouterr().out
     assert "| **overall** |" in printed and str(out / "report.md") in printed

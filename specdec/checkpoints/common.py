@@ -87,12 +87,16 @@ def _build_params(
     get: Callable[[str], np.ndarray],
     native: Callable[[str], str],
     where: str,
+    put: Callable[[str, np.ndarray, ModelConfig], Any] | None = None,
 ) -> dict:
     """Assemble the pytree from HF-named, HF-layout float32 tensors; check presence, shapes and leftovers.
 
     `get(name)` returns one tensor (loaded lazily so peak memory stays ~one model); `native(name)` is the name
-    the file uses, for messages.
+    the file uses, for messages. `put(key, array, cfg)`, when given, receives each assembled param
+    (`key` = its pytree name, e.g. "wqkv") as soon as it is built and its result is stored instead:
+    `specdec.sharding` places it on a device mesh, so the host holds ~one tensor at a time.
     """
+    keep = (lambda key, x: x) if put is None else (lambda key, x: put(key, x, cfg))
     shapes = _expected_hf_shapes(cfg)
     missing = [n for n in shapes if n not in names]
     if missing:
@@ -113,9 +117,9 @@ def _build_params(
             "would silently compute a different model. Use a plain Llama/Mistral/Qwen2 checkpoint."
         )
 
-    def t(name: str) -> np.ndarray:
-        w = np.array(get(name), dtype=np.float32)  # a copy: never a view into a memory-mapped file
-        if w.shape != shapes[name]:
+    def checked(name: str) -> np.ndarray:
+        w = get(name)
+        if tuple(w.shape) != shapes[name]:
             raise CheckpointError(
                 f"{where}: tensor {native(name)!r} has shape {tuple(w.shape)}, expected {shapes[name]} from "
                 "the config; the weights and config.json/metadata disagree — use the config that came with "
@@ -123,25 +127,37 @@ def _build_params(
             )
         return w
 
-    params: dict[str, Any] = {"embed": t("model.embed_tokens.weight"), "final_norm": t("model.norm.weight")}
+    def t(*names: str, transpose: bool = False) -> np.ndarray:
+        """float32 copy of tensors joined on the last axis (each transposed first if asked), written
+        into one fresh array: never a view into a memory-mapped file, no intermediate copies."""
+        parts = [checked(n).T if transpose else checked(n) for n in names]
+        out = np.empty(parts[0].shape[:-1] + (sum(w.shape[-1] for w in parts),), np.float32)
+        lo = 0
+        for w in parts:
+            out[..., lo : lo + w.shape[-1]] = w
+            lo += w.shape[-1]
+        return out
+
+    params: dict[str, Any] = {"embed": keep("embed", t("model.embed_tokens.weight")),
+                              "final_norm": keep("final_norm", t("model.norm.weight"))}  # fmt: skip
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = np.ascontiguousarray(t("lm_head.weight").T)
-    layers = []
-    for n in range(cfg.num_layers):
-        p = f"model.layers.{n}."
+        params["lm_head"] = keep("lm_head", t("lm_head.weight", transpose=True))
+
+    def builders(p: str) -> dict[str, Callable[[], np.ndarray]]:
+        """Layer `p`'s params, one thunk each: each is placed (`put`) before the next is read."""
         a, m = p + "self_attn.", p + "mlp."
-        layer = {
-            "attn_norm": t(p + "input_layernorm.weight"),
-            "wqkv": np.concatenate(
-                [t(a + "q_proj.weight").T, t(a + "k_proj.weight").T, t(a + "v_proj.weight").T], 1
-            ),
-            "wo": np.ascontiguousarray(t(a + "o_proj.weight").T),
-            "mlp_norm": t(p + "post_attention_layernorm.weight"),
-            "w_gate_up": np.concatenate([t(m + "gate_proj.weight").T, t(m + "up_proj.weight").T], 1),
-            "w_down": np.ascontiguousarray(t(m + "down_proj.weight").T),
+        build = {
+            "attn_norm": lambda: t(p + "input_layernorm.weight"),
+            "wqkv": lambda: t(*(a + f"{x}_proj.weight" for x in "qkv"), transpose=True),
+            "wo": lambda: t(a + "o_proj.weight", transpose=True),
+            "mlp_norm": lambda: t(p + "post_attention_layernorm.weight"),
+            "w_gate_up": lambda: t(m + "gate_proj.weight", m + "up_proj.weight", transpose=True),
+            "w_down": lambda: t(m + "down_proj.weight", transpose=True),
         }
         if cfg.attention_bias:
-            layer["bqkv"] = np.concatenate([t(a + "q_proj.bias"), t(a + "k_proj.bias"), t(a + "v_proj.bias")])
-        layers.append(layer)
-    params["layers"] = layers
+            build["bqkv"] = lambda: t(*(a + f"{x}_proj.bias" for x in "qkv"))
+        return build
+
+    params["layers"] = [{k: keep(k, f()) for k, f in builders(f"model.layers.{n}.").items()}
+                        for n in range(cfg.num_layers)]  # fmt: skip
     return params

@@ -91,10 +91,10 @@ def _weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     )
 
 
-def load_hf_folder(path: str | pathlib.Path) -> LoadedModel:
+def load_hf_folder(path: str | pathlib.Path, *, put=None) -> LoadedModel:
     """Load an HF checkpoint folder: config.json, safetensors weights (single or sharded) and the tokenizer
     (`AutoTokenizer.from_pretrained(path)`, local files only). EOS ids are the union of config.json's and
-    generation_config.json's. Not memoized."""
+    generation_config.json's. Not memoized. `put`: see `_build_params` (streams tensors to devices)."""
     folder = pathlib.Path(path).expanduser()
     if not folder.is_dir():
         raise CheckpointError(
@@ -149,7 +149,7 @@ def load_hf_folder(path: str | pathlib.Path) -> LoadedModel:
 
     names = set(files)
     cfg = _resolve_tie(cfg, names, get, where)
-    params = _build_params(cfg, names, get, lambda n: n, where)
+    params = _build_params(cfg, names, get, lambda n: n, where, put)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:

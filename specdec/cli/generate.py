@@ -34,6 +34,7 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "verifier", "auto", "auto (lossless, fits the tree), greedy, rrs, specinfer, target_only, ..."
 )
+flags.DEFINE_string("mesh", None, "Device mesh, e.g. data=2,model=4 (default: one device; docs/sharding.md).")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of the text.")
 
 
@@ -45,15 +46,16 @@ def main(argv):
     from specdec.chat import chat_ids, raw_ids
     from specdec.generate import generate, warmup
     from specdec.loading import load_model
-    from specdec.models import to_device
     from specdec.sampling import SamplingConfig
+    from specdec.sharding import device_params, parse_mesh
 
-    model = load_model(FLAGS.target, dtype=FLAGS.dtype)
-    params = to_device(model.params, model.cfg)
+    mesh = parse_mesh(FLAGS.mesh)
+    model = load_model(FLAGS.target, dtype=FLAGS.dtype, mesh=mesh)
+    params, cfg = device_params(model.params, model.cfg, mesh)
     tok = model.tokenizer
     ids = raw_ids(tok, FLAGS.prompt) if FLAGS.raw else chat_ids(tok, FLAGS.prompt, system=FLAGS.system)
     sampling = SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-    kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampling=sampling, loop=FLAGS.loop)
+    kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampling=sampling, loop=FLAGS.loop, mesh=mesh)
     if FLAGS.drafter:
         from specdec.drafters import parse_drafter
         from specdec.trees import parse_tree
@@ -61,16 +63,16 @@ def main(argv):
 
         builder = parse_tree(FLAGS.tree)
         drafter, dparams = parse_drafter(
-            FLAGS.drafter, params, model.cfg, max_depth=builder.max_depth, window=builder.window
+            FLAGS.drafter, params, cfg, max_depth=builder.max_depth, window=builder.window
         )
         kw.update(
             drafter=drafter, draft_params=dparams, builder=builder, verifier=get_verifier(FLAGS.verifier)
         )
     t0 = time.perf_counter()
-    warmup(params, model.cfg, [ids], **kw)
+    warmup(params, cfg, [ids], **kw)
     compile_s = time.perf_counter() - t0  # compile + one step: time the real run cleanly
     t0 = time.perf_counter()
-    out = generate(params, model.cfg, [ids], seed=FLAGS.seed, **kw)
+    out = generate(params, cfg, [ids], seed=FLAGS.seed, **kw)
     seconds = time.perf_counter() - t0
     new = out.tokens[0]
     text = tok.decode(new, skip_special_tokens=True)
@@ -81,7 +83,7 @@ def main(argv):
             "compile_seconds": round(compile_s, 2), "target": model.source,
             "drafter": FLAGS.drafter, "tree": FLAGS.tree if FLAGS.drafter else None,
             "tau": round(out.tau, 3), "steps": out.steps, "accepted_hist": out.accepted_hist,
-            "device": str(jax.devices()[0].platform),
+            "device": str(jax.devices()[0].platform), "mesh": FLAGS.mesh,
         }))  # fmt: skip
     else:
         print(text)

@@ -35,6 +35,13 @@ class ModelConfig:
     attention softmax and logits are always computed in float32.
     `scan_layers` runs the layers with `lax.scan` over stacked weights (compiles faster, decodes
     ~40% slower on CPU) instead of a Python-unrolled loop.
+    `tp_groups` G is the column grouping of the fused projections (`specdec.sharding`): `wqkv` holds
+    G groups [q | k | v of heads g·H/G ...], `w_gate_up` G groups [gate | up of columns g·I/G ...],
+    so that a tensor-parallel shard holds whole heads and matching gate/up columns. G = 1 is the
+    checkpoint's own layout.
+    `attention`: "dense" attends over the whole cache under one [B, T, S] mask; "split" attends
+    the committed prefix and the new block separately, merged by log-sum-exp
+    (`specdec.attention.attend_split`; the accelerator form). Both give the same result.
     """
 
     arch: str
@@ -56,8 +63,12 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"
     scan_layers: bool = False
+    tp_groups: int = 1
+    attention: str = "dense"
 
     def __post_init__(self):
+        if self.attention not in ("dense", "split"):
+            raise ValueError(f"attention={self.attention!r}: use dense or split")
         if self.arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture {self.arch!r} is not supported; specdec runs {SUPPORTED_ARCHITECTURES}. "
@@ -69,6 +80,12 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise UnsupportedModelError(f"head_dim={self.head_dim} must be even for RoPE")
+        g = self.tp_groups
+        if g < 1 or self.num_heads % g or self.num_kv_heads % g or self.intermediate_size % g:
+            raise UnsupportedModelError(
+                f"tp_groups={g} must divide num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads} "
+                f"and intermediate_size={self.intermediate_size}"
+            )
 
     @property
     def q_per_kv(self) -> int:

@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, Int
 
 from specdec.matmul import dense
 from specdec.models.config import ModelConfig
-from specdec.models.llama import rms_norm
+from specdec.models.llama import rms_norm, split_gate_up, split_qkv
 from specdec.models.rope import apply_rope, rope_tables
 
 
@@ -29,15 +29,6 @@ def init_layer(key, cfg: ModelConfig, din: int | None = None) -> dict:
     return {"input_norm": jnp.ones((din,)), "wqkv": w(k[0], din, nq),
             "wo": w(k[1], cfg.num_heads * cfg.head_dim, d) * 0.1, "mlp_norm": jnp.ones((d,)),
             "w_gate_up": w(k[2], d, 2 * i), "w_down": w(k[3], i, d) * 0.1}  # fmt: skip
-
-
-def split_qkv(cfg: ModelConfig, qkv: Float[Array, "... F"]):
-    """q [..., Hq, Dh], k, v [..., Hkv, Dh] from a fused projection."""
-    nq, nkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    sh = qkv.shape[:-1]
-    q = qkv[..., : nq * dh].reshape(sh + (nq, dh))
-    k = qkv[..., nq * dh : (nq + nkv) * dh].reshape(sh + (nkv, dh))
-    return q, k, qkv[..., (nq + nkv) * dh :].reshape(sh + (nkv, dh))
 
 
 def qkv(lp, cfg: ModelConfig, h: Float[Array, "B T Din"], positions: Int[Array, "B T"], *, norm: bool = True):
@@ -63,5 +54,5 @@ def finish(lp, cfg: ModelConfig, h: Float[Array, "B T D"], attn: Float[Array, "B
     """The layer after attention: output projection and residual, then the SwiGLU MLP and residual
     (same shape as `h`)."""
     h = h + dense(attn, lp["wo"])
-    gate, up = jnp.split(dense(rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps), lp["w_gate_up"]), 2, axis=-1)
+    gate, up = split_gate_up(cfg, dense(rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps), lp["w_gate_up"]))
     return h + dense(jax.nn.silu(gate) * up, lp["w_down"])

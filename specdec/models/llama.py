@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from specdec.attention import attend, attend_cache, cache_mask, visible_limit
+from specdec.attention import attend, attend_cache, attend_split, cache_mask, visible_limit
 from specdec.cache import KVCache
 from specdec.matmul import choose_layout, dense, layout_of, pack_params
 from specdec.models.config import ModelConfig
@@ -58,29 +58,53 @@ def rms_norm(x: Float[Array, "... D"], w: Float[Array, " D"], eps: float) -> Flo
     return w * x32.astype(x.dtype)
 
 
-def _layer(lp, h, cos, sin, mask, limit, cache: KVCache | None, slots, layer_idx, cfg: ModelConfig):
+def split_qkv(cfg: ModelConfig, qkv: Float[Array, "... F"]):
+    """q [..., Hq, Dh], k and v [..., Hkv, Dh] from the fused projection, in `cfg.tp_groups` groups.
+
+    Each of the G column groups is [q | k | v] of its heads, so a shard of G-way tensor
+    parallelism splits locally; G = 1 is the plain [q | k | v] layout."""
+    g, dh = cfg.tp_groups, cfg.head_dim
+    nq, nkv = cfg.num_heads // g, cfg.num_kv_heads // g
+    sh = qkv.shape[:-1]
+    x = qkv.reshape(sh + (g, (nq + 2 * nkv) * dh))
+    q = x[..., : nq * dh].reshape(sh + (g * nq, dh))
+    k = x[..., nq * dh : (nq + nkv) * dh].reshape(sh + (g * nkv, dh))
+    return q, k, x[..., (nq + nkv) * dh :].reshape(sh + (g * nkv, dh))
+
+
+def split_gate_up(cfg: ModelConfig, x: Float[Array, "... 2I"]) -> tuple[Array, Array]:
+    """gate, up [..., I] from the fused MLP projection (G column groups [gate | up], see `split_qkv`)."""
+    g = cfg.tp_groups
+    sh = x.shape[:-1]
+    x = x.reshape(sh + (g, 2, x.shape[-1] // (2 * g)))
+    return x[..., 0, :].reshape(sh + (-1,)), x[..., 1, :].reshape(sh + (-1,))
+
+
+def _layer(lp, h, cos, sin, mask, limit, cache: KVCache | None, slots, layer_idx, cfg: ModelConfig,
+           block_mask=None):  # fmt: skip
     """One decoder layer; writes this layer's new keys/values into `cache` (when given).
 
-    `limit` (the slots the block sees, `visible_limit`) is given when the CPU attention kernel runs.
+    `limit` (the slots the block sees, `visible_limit`) is given when the CPU attention kernel runs;
+    `block_mask` when split-prefix attention runs (`cfg.attention == "split"`).
     """
     b, t, _ = h.shape
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
     qkv = dense(x, lp["wqkv"]).astype(h.dtype)
     if "bqkv" in lp:
         qkv = qkv + lp["bqkv"]
-    nq, nkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = qkv[..., : nq * dh].reshape(b, t, nq, dh)
-    k = qkv[..., nq * dh : (nq + nkv) * dh].reshape(b, t, nkv, dh)
-    v = qkv[..., (nq + nkv) * dh :].reshape(b, t, nkv, dh)
+    q, k, v = split_qkv(cfg, qkv)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is None:
         attn = attend(q, k, v, mask, cfg)  # no cache: the block attends to itself only
     else:
         cache = cache.write(layer_idx, k, v, slots)
-        attn = attend_cache(q, cache, layer_idx, mask, cfg, kernel=limit is not None, limit=limit)
+        if block_mask is not None:
+            attn = attend_split(q, k, v, cache, layer_idx, block_mask, cfg)
+        else:
+            attn = attend_cache(q, cache, layer_idx, mask, cfg, kernel=limit is not None, limit=limit)
     h = h + dense(attn.astype(h.dtype), lp["wo"]).astype(h.dtype)
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate, up = jnp.split(dense(x, lp["w_gate_up"]).astype(h.dtype), 2, axis=-1)
+    gate, up = split_gate_up(cfg, dense(x, lp["w_gate_up"]).astype(h.dtype))
     h = h + dense(jax.nn.silu(gate) * up, lp["w_down"]).astype(h.dtype)
     return h, cache
 
@@ -113,6 +137,9 @@ def forward(
     # Packed weights (the CPU layout) also select the CPU attention kernel over the cache prefix.
     kernel = cache is not None and layout_of(params["layers"]) == "packed"
     limit = visible_limit(mask) if kernel else None
+    # Split-prefix attention needs the block at its own window (no explicit slots) and no window.
+    split = cfg.attention == "split" and cache is not None and slots is None and cfg.sliding_window is None
+    bm = block_mask if split else None
     n = cfg.num_layers
     tapped: dict[int, Array] = {}
     if cfg.scan_layers:
@@ -121,7 +148,7 @@ def forward(
             h, c = carry
             lp, i = xs
             h_in = h
-            h, c = _layer(lp, h, cos, sin, mask, limit, c, slots, i, cfg)
+            h, c = _layer(lp, h, cos, sin, mask, limit, c, slots, i, cfg, bm)
             return (h, c), h_in
 
         (h, cache), stream = jax.lax.scan(body, (h, cache), (params["layers"], jnp.arange(n)))
@@ -130,7 +157,7 @@ def forward(
         for i, lp in enumerate(params["layers"]):
             if i in taps:
                 tapped[i] = h
-            h, cache = _layer(lp, h, cos, sin, mask, limit, cache, slots, i, cfg)
+            h, cache = _layer(lp, h, cos, sin, mask, limit, cache, slots, i, cfg, bm)
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     tapped[n] = h
     if logits_idx is not None:
