@@ -18,6 +18,7 @@ Layout with G = the `model` axis size (Megatron-style tensor parallelism):
 | norms | [D] | replicated |
 | KV cache | [L, B, S, Hkv, Dh] | rows on `data`, KV heads on `model` |
 | tokens, lengths, … | [B, …] | rows on `data` |
+| drafter KV caches | [L, B, S, H, Dh] | rows on `data`, replicated over `model` |
 
 The fused projections are regrouped on the host (`cfg.tp_groups = G`, see
 `specdec.models.llama.split_qkv`): the checkpoint's [q | k | v] columns become G groups
@@ -41,6 +42,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from specdec.cache import KVCache
 from specdec.models.config import ModelConfig
 
 AXES = ("data", "model")
@@ -239,15 +241,20 @@ def cache_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def constrain_state(state, mesh: Mesh | None):
-    """Pin the decode state's target cache and per-row arrays to the mesh layout (inside jit).
-
-    The drafter's state is left to propagation (its layout follows the taps and tokens it reads)."""
+    """Pin the decode state to the mesh layout (inside jit): the target cache (rows on `data`, KV
+    heads on `model`), the per-row arrays, and every KV cache inside the drafter's state (rows on
+    `data`, replicated over `model`: a draft stack is small). The drafter's other arrays follow
+    propagation (their layout comes from the taps and tokens they are computed from)."""
     if mesh is None:
         return state
     wsc = jax.lax.with_sharding_constraint
-    cache = state.cache.replace(k=wsc(state.cache.k, cache_sharding(mesh)),
-                                v=wsc(state.cache.v, cache_sharding(mesh)),
-                                lengths=wsc(state.cache.lengths, rows(mesh, 1)))  # fmt: skip
+    draft_kv = NamedSharding(mesh, P(None, "data", None, None, None))
+
+    def pin(c: KVCache, kv: NamedSharding) -> KVCache:
+        return c.replace(k=wsc(c.k, kv), v=wsc(c.v, kv), lengths=wsc(c.lengths, rows(mesh, 1)))
+
     per_row = {f: wsc(getattr(state, f), rows(mesh, getattr(state, f).ndim))
                for f in ("tokens", "length", "prompt_lens", "done", "row_steps")}  # fmt: skip
-    return state.replace(cache=cache, **per_row)
+    is_cache = lambda x: isinstance(x, KVCache)  # noqa: E731
+    draft = jax.tree.map(lambda x: pin(x, draft_kv) if is_cache(x) else x, state.draft, is_leaf=is_cache)
+    return state.replace(cache=pin(state.cache, cache_sharding(mesh)), draft=draft, **per_row)
