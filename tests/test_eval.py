@@ -202,10 +202,10 @@ def test_cli_end_to_end_writes_every_output(tiny, tmp_path, capsys):
     from specdec.eval.report import PLOTS
 
     path, model, qfile = tiny
-    out = tmp_path / "out"
+    out = tmp_path / "out"  # on the 1×1 mesh: the sharded path end to end
     argv = ["specdec-eval", f"--bench={qfile}", f"--target={path}", "--raw", "--drafter=layerskip:1",
             "--tree=chain:3", "--max_new_tokens=6", "--per_category=1", f"--out={out}",
-            "--noprogress"]  # fmt: skip
+            "--noprogress", "--mesh=data=1,model=1"]  # fmt: skip
     m = evaluate(argv, model=model)
     names = sorted(p.name for p in (out / "model_answer").glob("*.jsonl"))
     assert names == [f"{path.name}-baseline.jsonl", f"{path.name}-layerskip1-chain3-auto.jsonl"]
@@ -224,6 +224,7 @@ def test_cli_end_to_end_writes_every_output(tiny, tmp_path, capsys):
                 "lossless_mismatches", "compile_seconds", "config", "machine"):  # fmt: skip
         assert key in disk, key
     assert disk["lossless_mismatches"] == 0 and m["lossless_checked"]
+    assert disk["config"]["mesh"] == "data=1,model=1"
     assert list(disk["per_category"]) == ["math", "writing"]
     assert {"speedup", "tau"} <= set(disk["per_category"]["math"])
     assert disk["speedup"] > 0 and disk["tau"] >= 1.0
