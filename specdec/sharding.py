@@ -207,6 +207,9 @@ def place(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     whole would not), never an alias of `x` (on CPU XLA may otherwise keep the host buffer alive)."""
     shards = [jax.device_put(x[idx], d, may_alias=False)
               for d, idx in sharding.addressable_devices_indices_map(x.shape).items()]  # fmt: skip
+    # Wait for the copies: an asynchronous transfer keeps `x` alive, and a streamed load would
+    # then hold several tensors on the host at once.
+    jax.block_until_ready(shards)
     return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
 
 

@@ -101,7 +101,7 @@ def test_mesh_errors_name_the_problem_and_the_fix():
     assert out.tokens == generate(params, CFG, [[1, 2]], max_new_tokens=3).tokens  # the 1×1 mesh
 
 
-def _sharded_folder(path, *, layers=4, d=512, inter=2048, vocab=1024, heads=8, kv=4):
+def _sharded_folder(path, *, layers=8, d=512, inter=2048, vocab=1024, heads=8, kv=4):
     """A synthetic HF Llama folder saved as three safetensors shards plus the index."""
     from safetensors.numpy import save_file
 
@@ -158,8 +158,8 @@ def test_sharded_loading_streams_one_tensor_at_a_time(tmp_path):
     host_peak, host = peak()
     stream_peak, streamed = peak(mesh=mesh)
     assert host_peak > total  # negative control: the plain load holds the whole model on the host
-    # streamed: the largest fused tensor and its transfer copy, not the model (8x that here)
-    assert stream_peak < 2.5 * largest < total / 3, (stream_peak, largest, total)
+    # streamed: the largest fused tensor, its transfer copy and some slack — not the model (15x it)
+    assert stream_peak < 4 * largest < total / 3, (stream_peak, largest, total)
     assert sharding.on_mesh(streamed.params["layers"][0]["wqkv"], mesh)
     params, cfg = sharding.device_params(streamed.params, streamed.cfg, mesh)
     ref = generate(*sharding.device_params(host.params, host.cfg), [[3, 4, 5]], max_new_tokens=4).tokens
