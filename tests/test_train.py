@@ -324,3 +324,39 @@ def test_data_parallel_on_8_devices_matches_one(tiny, tmp_path):
         res.append(json.loads(r.stdout.strip().splitlines()[-1]))
     assert res[0][0] == 1 and res[1][0] == 8
     np.testing.assert_allclose(res[0][1], res[1][1], rtol=1e-4)
+
+
+def test_features_from_a_tensor_parallel_target_equal_one_device(tiny, tmp_path):
+    """`--target_mesh`: the target sharded 4 ways (its 2 KV heads repeated) over 4 simulated CPU
+    devices writes the same feature cache as one device (float16 storage tolerance)."""
+    _, _, path, _, tiny_dir = tiny
+    script = textwrap.dedent(f"""
+        import os, sys
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        from specdec import sharding
+        from specdec.loading import load_hf_folder
+        from specdec.train import data, features
+        m = load_hf_folder(sys.argv[1])
+        params, cfg = sharding.device_params(m.params, m.cfg.replace(scan_layers=True),
+                                             sharding.parse_mesh("model=4"))
+        assert cfg.tp_groups == 4 and cfg.num_kv_heads == 4
+        fs = features.FeatureSet.open({str(path)!r})
+        exs = [data.Example(*(fs.seq(i, ["tokens", "loss_mask"])[k] for k in ("tokens", "loss_mask")))
+               for i in range(len(fs))]
+        features.extract(params, cfg, "tiny", exs, sys.argv[2], taps=(0, 1, 2), shard_size=16, progress=False)
+    """)
+    out = tmp_path / "tp_feats"
+    r = subprocess.run([sys.executable, "-c", script, tiny_dir, str(out)], capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, tp = features.FeatureSet.open(path), features.FeatureSet.open(out)
+    assert len(tp) == len(one) == 40
+    for i in (0, 17, 39):
+        a, b = (
+            one.seq(i, ["tokens", "top1", "tap_1", "tap_2"]),
+            tp.seq(i, ["tokens", "top1", "tap_1", "tap_2"]),
+        )
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+        assert (a["top1"] == b["top1"]).mean() > 0.95
+        for k in ("tap_1", "tap_2"):
+            np.testing.assert_allclose(a[k], b[k], atol=2e-3, rtol=2e-3)

