@@ -177,7 +177,7 @@ def run_eval(
     from specdec.generate import PromptTooLongError, bucket, generate, warmup
     from specdec.loading import load_model
     from specdec.sampling import SamplingConfig
-    from specdec.sharding import device_params, parse_mesh
+    from specdec.sharding import device_params, parse_mesh, replicate
 
     if config.runs < 1 or config.batch_size < 1 or config.warmup_runs < 0:
         raise ValueError("runs and batch_size must be >= 1, warmup_runs >= 0")
@@ -201,6 +201,10 @@ def run_eval(
         methods[m.label] = m
     labels = list(methods)
     engine = {lab: m.build(params, cfg) for lab, m in methods.items()}
+    if mesh is not None:  # once here, not in every generate call
+        for e in engine.values():
+            if "draft_params" in e:
+                e["draft_params"] = replicate(e["draft_params"], mesh)
     jr = None if journal is None else Journal(journal, config, [q.question_id for q in questions],
                                                restart=restart)  # fmt: skip
     tid = target_id(config.target)

@@ -38,7 +38,7 @@ def attend(q: Float[Array, "B T Hq Dh"], k: Float[Array, "B S Hkv Dh"], v: Float
 
 
 def attend_lse(q: Float[Array, "B T Hq Dh"], k: Float[Array, "B S Hkv Dh"], v: Float[Array, "B S Hkv Dh"],
-               mask: Bool[Array, "B T S"], cfg: ModelConfig):  # fmt: skip
+               mask: Bool[Array, "B T|1 S"], cfg: ModelConfig):  # fmt: skip
     """GQA attention that also returns each query's log-sum-exp of scores (float32).
 
     Returns (out [B, T, Hkv, G, Dh] float32, lse [B, T, Hkv, G]); a fully masked query gets
@@ -68,9 +68,8 @@ def attend_split(q: Float[Array, "B T Hq Dh"], k_new: Float[Array, "B T Hkv Dh"]
     separately and merged by log-sum-exp — equal to attending over the cache with the combined
     mask. The prefix half needs no per-token mask, so an accelerator can run it as ragged
     (length-masked) attention; the block half is small. No sliding window, no explicit slots."""
-    committed = jnp.arange(cache.size)[None, :] < cache.lengths[:, None]  # [B, S]
-    prefix = attend_lse(q, cache.k[layer], cache.v[layer], jnp.broadcast_to(committed[:, None], q.shape[:2]
-                        + committed.shape[1:]), cfg)  # fmt: skip
+    committed = jnp.arange(cache.size)[None, None, :] < cache.lengths[:, None, None]  # [B, 1, S]
+    prefix = attend_lse(q, cache.k[layer], cache.v[layer], committed, cfg)
     block = attend_lse(q, k_new, v_new, block_mask, cfg)
     return merge_lse([prefix, block]).astype(q.dtype)
 

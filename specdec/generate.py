@@ -170,12 +170,12 @@ def _run(params, dparams, spec: Spec, prompts, max_new_tokens, limit, eos_ids, s
     eos = jnp.asarray(list(spec.cfg.eos_token_ids if eos_ids is None else eos_ids) or [-1], jnp.int32)
     max_new = jnp.int32(max_new_tokens)
     stop = jnp.int32(limit)  # loop steps; traced, so a 1-step warm-up compiles the same programs
-    if spec.mesh is not None:
-        tokens, lens = (sharding.place(x, sharding.rows(spec.mesh, x.ndim)) for x in (tokens, lens))
+    if spec.mesh is not None:  # drafter params already on the mesh (replicate once, outside) stay put
+        tokens_d, lens_d = (sharding.place(x, sharding.rows(spec.mesh, x.ndim)) for x in (tokens, lens))
         dparams = sharding.replicate(dparams, spec.mesh)
     else:
-        tokens, lens = jnp.asarray(tokens), jnp.asarray(lens)
-    state = prefill_jit(params, dparams, tokens, lens, jax.random.key(seed), eos, max_new, spec=spec,
+        tokens_d, lens_d = jnp.asarray(tokens), jnp.asarray(lens)
+    state = prefill_jit(params, dparams, tokens_d, lens_d, jax.random.key(seed), eos, max_new, spec=spec,
                         cache_size=cache_size)  # fmt: skip
     if pad:  # padding rows are finished before the first step: no forwards or tokens counted
         state = state.replace(done=state.done.at[n_rows:].set(True))
@@ -184,7 +184,7 @@ def _run(params, dparams, spec: Spec, prompts, max_new_tokens, limit, eos_ids, s
     else:
         while bool(_running(state, stop)):
             state = step_jit(params, dparams, state, eos, max_new, spec=spec)
-    toks, length, lens = (sharding.fetch(x) for x in (state.tokens, state.length, lens))
+    toks, length = sharding.fetch(state.tokens), sharding.fetch(state.length)
     rows = [toks[i, lens[i] : length[i]].tolist() for i in range(n_rows)]
     eos_set = set(np.asarray(eos).tolist())
     return GenerateOutput(
