@@ -44,14 +44,31 @@ def process_logits(logits: Float[Array, "... V"], s: SamplingConfig) -> Float[Ar
         kth = jax.lax.top_k(x, s.top_k)[0][..., -1:]
         x = jnp.where(x < kth, _NEG_INF, x)
     if s.top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose mass reaches top_p (at least one).
-        sorted_x = jnp.sort(x, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_x, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = mass_before < s.top_p
-        cutoff = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
-        x = jnp.where(x < cutoff, _NEG_INF, x)
+        x = jnp.where(x < top_p_cutoff(x, s.top_p), _NEG_INF, x)
     return x
+
+
+def top_p_cutoff(x: Float[Array, "... V"], top_p: float) -> Float[Array, "... 1"]:
+    """The smallest logit kept by top-p: the most likely tokens whose mass reaches `top_p` (at least
+    one; ties with the last one kept too).
+
+    Found by bisection on the probabilities' bit patterns (non-negative floats order as their int32
+    bits), 31 masked sums over the vocabulary, instead of a sort: XLA:CPU sorts a 49k vocabulary for
+    32 rows in 0.47 s, the bisection takes 0.045 s, same kept set.
+    """
+    p = jax.nn.softmax(x, axis=-1)
+    bits = jax.lax.bitcast_convert_type(p, jnp.int32)
+    lo = jnp.zeros(p.shape[:-1] + (1,), jnp.int32)  # invariant: mass(p >= lo) >= top_p
+    hi = jnp.max(bits, axis=-1, keepdims=True) + 1  # invariant: mass(p >= hi) < top_p
+
+    def halve(_, c):
+        lo, hi = c
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(jnp.where(bits >= mid, p, 0.0), axis=-1, keepdims=True) >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 31, halve, (lo, hi))
+    return jnp.min(jnp.where(bits >= lo, x, jnp.inf), axis=-1, keepdims=True)
 
 
 def argmax(logits: Float[Array, "... V"]) -> Int[Array, "..."]:

@@ -204,11 +204,17 @@ def device_params(params: dict, cfg: ModelConfig, mesh: Mesh | None = None) -> t
 def place(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from a host value every process holds: each local device gets a copy of only
     its slice (so it also works when the mesh spans several processes, where `device_put` of the
-    whole would not), never an alias of `x` (on CPU XLA may otherwise keep the host buffer alive)."""
-    shards = [jax.device_put(x[idx], d, may_alias=False)
-              for d, idx in sharding.addressable_devices_indices_map(x.shape).items()]  # fmt: skip
-    # Wait for the copies: an asynchronous transfer keeps `x` alive, and a streamed load would
-    # then hold several tensors on the host at once.
+    whole would not), never an alias of `x`, so a streamed load holds one tensor on the host at a
+    time."""
+
+    def put(idx, d):
+        y = jax.device_put(x[idx], d, may_alias=False)
+        # The CPU runtime may still adopt an aligned host buffer as the device buffer (jax 0.10,
+        # measured: `x` stays referenced for as long as `y` lives); a copy on the device frees it.
+        return jnp.copy(y) if d.platform == "cpu" else y
+
+    shards = [put(idx, d) for d, idx in sharding.addressable_devices_indices_map(x.shape).items()]
+    # Wait for the copies: an asynchronous transfer keeps `x` alive as well.
     jax.block_until_ready(shards)
     return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
 

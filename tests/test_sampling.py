@@ -24,6 +24,25 @@ def test_top_k_and_top_p_masks():
     np.testing.assert_array_equal(probabilities(logits, SamplingConfig()), [1, 0, 0, 0, 0])
 
 
+def test_top_p_bisection_matches_a_sort():
+    # The kept set by bisection = the sorted definition (numpy, float64 cumulative mass), over peaked
+    # and flat rows of a 49k-like vocabulary and rows with tied logits; top_p = 1 - 1e-6 keeps ~all.
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([rng.normal(0, s, (16, 4096)) for s in (0.3, 2.0, 6.0)]).astype(np.float32)
+    rows[:4] = np.round(rows[:4] * 2) / 2  # many ties
+    for top_p in (0.05, 0.5, 0.9, 0.99, 1 - 1e-6):
+        got = np.isfinite(np.asarray(process_logits(jnp.asarray(rows), SamplingConfig(1.0, top_p=top_p))))
+        for x, g in zip(rows, got, strict=True):
+            order = np.argsort(-x, kind="stable")
+            p = np.exp(x[order] - x.max(), dtype=np.float64)
+            p /= p.sum()
+            n = int(np.searchsorted(np.cumsum(p) - p, top_p, side="left"))  # mass before < top_p
+            want = x >= x[order[max(n, 1) - 1]]
+            # float32 mass sums may differ from float64 only in tokens of negligible mass at the edge
+            pr = np.exp(x - x.max(), dtype=np.float64) / np.exp(x - x.max(), dtype=np.float64).sum()
+            assert g[order[0]] and pr[g != want].sum() < 2e-6, (top_p, g.sum(), want.sum())
+
+
 @pytest.mark.parametrize(
     "s", [SamplingConfig(0.7), SamplingConfig(1.3, top_k=5), SamplingConfig(1.0, top_p=0.8)]
 )

