@@ -42,7 +42,11 @@ _int("max_len", 512, "Tokens per conversation at most (truncated).", lower_bound
 _string("features", None, "Feature cache folder (default: <out>/../features-<target>-<n>-<max_len>).")
 _bool("extract_only", False, "Stop after the feature cache is complete.")
 _bool("partial_features", False, "Train on the finished shards of a cache still being built (experiments).")
-_int("max_sequences", 0, "Train on the first N sequences of the cache (input order; 0 = all).", lower_bound=0)
+_int(
+    "max_sequences", 0,
+    "Train on the first N sequences of the cache (input order; 0 = all); with --regenerated only those are "
+    "extracted.", lower_bound=0,
+)  # fmt: skip
 _bool(
     "regenerate", False,
     "Self-distillation: the target rewrites every assistant turn and the feature cache is written from "
@@ -117,6 +121,8 @@ def main(argv):
         from specdec.train.regenerated_set import load_exported
 
         examples = load_exported(FLAGS.regenerated)  # the set grows run by run: its size names the cache
+        if FLAGS.max_sequences:  # only these are trained on: extract no more
+            examples = examples[: FLAGS.max_sequences]
         name = f"features-{pathlib.Path(FLAGS.regenerated).name}-{len(examples)}"
     feat_dir = pathlib.Path(FLAGS.features or out.parent / (name + ("-regen" if FLAGS.regenerate else "")))
     m = features._read_manifest(feat_dir) if feat_dir.exists() else None

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Original vs regenerated answers at an equal budget, per drafter (docs/training.md, "Original vs
+# regenerated answers"). The same first N ShareGPT prompts of the seeded shuffle, the same recipe
+# per drafter; then MT-Bench (all 80, T=0) chains for τ and acceptance per depth.
+#
+#   recipes/ablation_smollm2.sh train     # features + 6 drafters (resumable: rerun after a kill)
+#   recipes/ablation_smollm2.sh eval      # specdec-eval of both arms (resumes its journal)
+#
+# The regenerated arm reads the committed set (data/selfdistill/...), so only features are rebuilt
+# on a new machine. ARMS / DRAFTERS / N / RUNS / EVAL_OUT override the defaults; pin with taskset.
+set -euo pipefail
+RUNS=${RUNS:-runs/abl}
+SET=${SET:-data/selfdistill/smollm2-135m-instruct}
+N=${N:-1500}
+EVAL_OUT=${EVAL_OUT:-docs/results/ablation}
+ARMS=${ARMS:-orig regen}
+DRAFTERS=${DRAFTERS:-medusa eagle eagle3}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/xla_cache}
+
+recipe() {
+  case $1 in
+    medusa) echo "--steps 300 --heads 4" ;;
+    eagle) echo "--steps 600" ;;
+    eagle3) echo "--steps 300 --ttt_steps 3" ;;
+  esac
+}
+chain() { case $1 in medusa) echo chain:4 ;; *) echo chain:6 ;; esac; }
+data() {
+  if [ "$1" = orig ]; then
+    echo "--num_conversations $N --features $RUNS/features-orig-$N"
+  else
+    echo "--regenerated $SET --max_sequences $N --features $RUNS/features-regen-$N"
+  fi
+}
+
+case ${1:-train} in
+  train)
+    for arm in $ARMS; do
+      for d in $DRAFTERS; do
+        out=$RUNS/$arm-$d
+        if [ -f "$out/drafter/drafter.json" ]; then echo "$out: trained"; continue; fi
+        # shellcheck disable=SC2046
+        specdec-train --drafter "$d" $(data "$arm") --max_len 512 --lr 1e-3 --warmup 30 \
+          $(recipe "$d") --out "$out"
+      done
+    done
+    ;;
+  eval)
+    for arm in $ARMS; do
+      args=()
+      for d in $DRAFTERS; do args+=(--compare "$RUNS/$arm-$d/drafter|$(chain "$d")|auto"); done
+      [ "$arm" = orig ] && args+=(--compare "eagle|chain:6|auto")  # the shipped EAGLE-1, a reference
+      specdec-eval --all --batch_size 8 --temperature 0 "${args[@]}" --out "$EVAL_OUT/$arm"
+    done
+    ;;
+  *) echo "usage: $0 train|eval" >&2; exit 2 ;;
+esac
