@@ -445,8 +445,9 @@ def regenerate(
     for d in out.glob(".shard_*.tmp"):  # a shard cut off by an interruption
         shutil.rmtree(d)
     done = {i for sh in m["shards"] for i in sh["conversations"] + sh["skipped"]}
-    todo = [i for i in range(len(convs)) if i not in done and i not in set(skip)]
-    m["elsewhere"] = len(set(skip) - done)  # in the export's other parts, not in this cache
+    skip = set(skip) - done
+    todo = [i for i in range(len(convs)) if i not in done and i not in skip]
+    m["elsewhere"] = len(skip)  # in the export's other parts, not in this cache
     if stop_after_shards is not None:
         target = len(m["shards"]) + stop_after_shards
     eos = cfg.eos_token_ids if eos_ids is None else eos_ids

@@ -17,6 +17,7 @@ import gzip
 import json
 import os
 import pathlib
+import shutil
 
 import numpy as np
 
@@ -67,15 +68,16 @@ def check(dest: os.PathLike, m: dict) -> None:
 def exported_indices(dest: os.PathLike, *, but: str | None = None) -> set[int]:
     """Conversation indices held by `dest`'s parts (except part `but`, the caller's own)."""
     have = read(dest)
-    parts = {} if have is None else have["parts"]
-    return {i for name, p in parts.items() if name != but for i in p["conversations"]}
+    names = [] if have is None else [n for n in have["parts"] if n != but]
+    return {int(i) for n in names for i in np.load(pathlib.Path(dest) / n / "tokens.npz")["conv_index"]}
 
 
 def export(out_dir: os.PathLike, dest: os.PathLike) -> pathlib.Path:
     """Write (or rewrite) run `out_dir`'s part of the set in `dest`: its finished shards' text and ids.
 
     The run's part is named by its `run_id`; other parts are left as they are. The manifest lists
-    every part's conversations and cost (tokens, seconds of regeneration)."""
+    every part's size and cost (tokens, seconds of regeneration); its conversations are the
+    `conv_index` of its `tokens.npz`."""
     src, dest = pathlib.Path(out_dir), pathlib.Path(dest)
     m = _read_manifest(src)
     check(dest, m)
@@ -104,15 +106,11 @@ def export(out_dir: os.PathLike, dest: os.PathLike) -> pathlib.Path:
         offsets=np.cumsum([0] + [len(t) for t in toks]).astype(np.int64),
         conv_index=np.asarray(idx, np.int64)[order],
     )  # fmt: skip
-    final = dest / name
-    if final.exists():
-        for f in final.iterdir():
-            f.unlink()
-        final.rmdir()
-    os.replace(tmp, final)
+    shutil.rmtree(dest / name, ignore_errors=True)
+    os.replace(tmp, dest / name)
     have = read(dest) or {"settings": settings(m), "parts": {}}
     have["parts"][name] = {
-        "conversations": sorted(int(i) for i in idx), "sequences": len(toks), "tokens": int(len(flat)),
+        "sequences": len(toks), "tokens": int(len(flat)),
         "seconds": round(sum(sh.get("seconds", 0.0) for sh in m["shards"]), 1),
         "complete": bool(m["complete"]),
     }  # fmt: skip
@@ -128,13 +126,13 @@ def export(out_dir: os.PathLike, dest: os.PathLike) -> pathlib.Path:
 
 def load_exported(dest: os.PathLike) -> list[Example]:
     """Every part's exact token sequences, in conversation order (for `features.extract`)."""
-    dest = pathlib.Path(dest)
-    if read(dest) is None:
+    dest, have = pathlib.Path(dest), read(dest)
+    if have is None:
         raise FeatureCacheError(
             f"{dest} holds no exported regenerated set (no manifest.json); check the path"
         )
     out = []
-    for name in sorted(read(dest)["parts"]):
+    for name in sorted(have["parts"]):
         z = np.load(dest / name / "tokens.npz")
         o, t, ci = z["offsets"], z["tokens"].astype(np.int32), z["conv_index"]
         mask = np.unpackbits(z["loss_mask"])[: len(t)].astype(bool)
