@@ -50,7 +50,8 @@ case ${1:-train} in
       args=()
       for d in $DRAFTERS; do args+=(--compare "$RUNS/$arm-$d/drafter|$(chain "$d")|auto"); done
       [ "$arm" = orig ] && args+=(--compare "eagle|chain:6|auto")  # the shipped EAGLE-1, a reference
-      specdec-eval --all --batch_size 8 --temperature 0 "${args[@]}" --out "$EVAL_OUT/$arm"
+      # τ and a(d) only, no timing: no warm-up generations (wall-clock comes from the main evaluation)
+      specdec-eval --all --batch_size 8 --temperature 0 --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/$arm"
     done
     ;;
   *) echo "usage: $0 train|eval" >&2; exit 2 ;;

@@ -90,8 +90,28 @@ def probabilities(logits: Float[Array, "... V"], s: SamplingConfig) -> Float[Arr
     return jax.nn.softmax(process_logits(logits, s), axis=-1)
 
 
+def inverse_cdf(u: Float[Array, "..."], p: Float[Array, "... V"]) -> Int[Array, "..."]:
+    """The token whose CDF interval holds u * total mass, per leading index: a draw from p (which
+    need not be normalised) when u ~ U[0, 1).
+
+    Never a token of zero mass: the chosen one is the first whose CDF exceeds u * total, and the
+    clamp to the last token with mass guards against float rounding at the top of the CDF.
+    """
+    v = p.shape[-1]
+    cdf = jnp.cumsum(p, axis=-1)
+    idx = jnp.sum(cdf <= u[..., None] * cdf[..., -1:], axis=-1)
+    last = jnp.max(jnp.where(p > 0, jnp.arange(v, dtype=jnp.int32), 0), axis=-1)
+    return jnp.minimum(idx, last).astype(jnp.int32)
+
+
 def sample(key: PRNGKeyArray, logits: Float[Array, "... V"], s: SamplingConfig) -> Int[Array, "..."]:
-    """Draw one token per leading index (argmax when greedy)."""
+    """Draw one token per leading index (argmax when greedy); the same key gives the same tokens.
+
+    By inverse CDF, one uniform per row, not `jax.random.categorical`'s Gumbel per token: for 32 rows
+    of a 49k vocabulary at T=0.8, top-p 0.9 on XLA:CPU, 130 vs 247 ms per call (medians, one
+    contended core; 86 ms of either is the top-p processing).
+    """
     if s.greedy:
         return argmax(logits)
-    return jax.random.categorical(key, process_logits(logits, s), axis=-1).astype(jnp.int32)
+    probs = jax.nn.softmax(process_logits(logits, s), axis=-1)
+    return inverse_cdf(jax.random.uniform(key, logits.shape[:-1]), probs)

@@ -46,6 +46,20 @@ def test_packed_matmul_equals_plain(monkeypatch, isa, k, n):
 
 
 @needs_kernel
+def test_many_rows_go_to_the_xla_gemm():
+    """Past GEMM_ROWS rows (extraction, long prefills) a packed weight multiplies through XLA's dot on
+    the unpacked weight: the same product as the plain layout, bitwise; up to it, the kernel."""
+    rng = np.random.default_rng(3)
+    w = _rand(rng, 64, 40)
+    p = pack(w)
+    x = _rand(rng, 2, matmul.GEMM_ROWS // 2 + 1, 64)  # rows counted over all leading axes
+    y = np.asarray(jax.jit(dense)(x, p))
+    np.testing.assert_array_equal(y, np.asarray(jax.jit(dense)(x, jnp.asarray(w))))
+    assert "custom_call" not in jax.jit(dense).lower(x, p).as_text()
+    assert "custom_call" in jax.jit(dense).lower(x[:, : matmul.GEMM_ROWS // 2], p).as_text()
+
+
+@needs_kernel
 def test_isas_agree_bitwise(monkeypatch):
     """Every ISA path runs one FMA chain per element in k order: identical results."""
     rng = np.random.default_rng(1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from specdec.sampling import SamplingConfig, probabilities, process_logits, sample
+from specdec.sampling import SamplingConfig, inverse_cdf, probabilities, process_logits, sample
 
 
 def test_top_k_and_top_p_masks():
@@ -56,6 +56,16 @@ def test_sampled_frequencies_match_probabilities(s):
     assert counts[~support].sum() == 0
     _, pval = stats.chisquare(counts[support], p[support] / p[support].sum() * n)
     assert pval > 1e-3
+
+
+def test_inverse_cdf_never_draws_a_zero_mass_token():
+    # zero mass at both ends and in the middle; u at the extremes of [0, 1)
+    p = jnp.array([0.0, 0.3, 0.0, 0.7, 0.0, 0.0])
+    u = jnp.array([0.0, 0.2999, 0.3, 0.5, np.nextafter(np.float32(1), np.float32(0))])
+    np.testing.assert_array_equal(inverse_cdf(u, jnp.broadcast_to(p, (5, 6))), [1, 1, 3, 3, 3])
+    # unnormalised mass draws the same tokens
+    u = jnp.array([0.0, 0.2, 0.5, 0.999])
+    np.testing.assert_array_equal(inverse_cdf(u, jnp.broadcast_to(p * 7, (4, 6))), [1, 1, 3, 3])
 
 
 def test_invalid_configs():

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from specdec.cache import causal_mask
 from specdec.models.config import ModelConfig
 from specdec.models.llama import forward
+from specdec.sampling import argmax
 from specdec.train.data import Example
 
 MANIFEST = "manifest.json"
@@ -109,7 +110,7 @@ def extract(
         b, t = tokens.shape
         pos = jnp.broadcast_to(jnp.arange(t), (b, t))
         logits, hs, _ = forward(params, cfg, tokens, pos, None, causal_mask(b, t), taps=taps)
-        return jnp.argmax(logits, -1).astype(jnp.int32), tuple(h.astype(jnp.float16) for h in hs)
+        return argmax(logits), tuple(h.astype(jnp.float16) for h in hs)
 
     n_shards = -(-len(examples) // shard_size)
     done = {s["index"] for s in m["shards"]}

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from specdec.sampling import SamplingConfig, probabilities
+from specdec.sampling import SamplingConfig, inverse_cdf, probabilities
 from specdec.tree import Tree, child_mask, root_paths
 from specdec.verifiers.protocol import Verdict
 
@@ -79,9 +79,7 @@ def emit(u: Float[Array, ""], dist: Float[Array, " V"], sampling: SamplingConfig
     """One token from `dist` by inverse CDF with the uniform u (argmax when greedy: dist is one-hot)."""
     if sampling.greedy:
         return jnp.argmax(dist).astype(jnp.int32)
-    cdf = jnp.cumsum(dist)
-    last = dist.shape[0] - 1 - jnp.argmax(dist[::-1] > 0)  # the last token with mass
-    return jnp.minimum(jnp.sum(cdf <= u * cdf[-1]), last).astype(jnp.int32)
+    return inverse_cdf(u, dist)
 
 
 def first_true(mask: Bool[Array, " N"]) -> Int[Array, ""]:

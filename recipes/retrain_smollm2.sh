@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Every drafter family retrained on the whole self-distilled set (docs/training.md, "Retraining on
+# the self-distilled set"), then MT-Bench (all 80, T=0) τ per drafter and tree.
+#
+#   recipes/retrain_smollm2.sh features        # the set's feature cache (both cores, resumable)
+#   recipes/retrain_smollm2.sh train eagle     # one drafter (resumable from its checkpoints)
+#   recipes/retrain_smollm2.sh eval eagle      # its τ table rows (resumes the journal)
+#
+# The feature cache and run folders live in $RUNS (ignored by git): a new machine rebuilds the
+# cache, ~1 h for 1M tokens on two Zen 4 cores. The set itself is in git. STEPS overrides a
+# drafter's step count; pin a job with taskset to run two drafters side by side.
+set -euo pipefail
+RUNS=${RUNS:-runs/retrain}
+SET=${SET:-data/selfdistill/smollm2-135m-instruct}
+EVAL_OUT=${EVAL_OUT:-docs/results/retrain}
+FEATURES=$RUNS/features
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/xla_cache}
+COMMON="--regenerated $SET --features $FEATURES --max_len 512 --lr 1e-3 --warmup 30 --eval_every 500"
+
+recipe() {
+  case $1 in
+    eagle) echo "--steps ${STEPS:-2000}" ;;
+    eagle3) echo "--steps ${STEPS:-600} --ttt_steps 5" ;;
+    medusa) echo "--steps ${STEPS:-1000} --heads 4" ;;
+    amphista) echo "--steps ${STEPS:-1000} --heads 4" ;;
+    falcon) echo "--steps ${STEPS:-2000} --falcon_k 2" ;;
+    dflash) echo "--steps ${STEPS:-1000} --block_size 16" ;;
+    *) echo "unknown drafter $1 (eagle eagle3 medusa amphista falcon dflash)" >&2; exit 2 ;;
+  esac
+}
+# MT-Bench configurations per drafter: chains for a(d), the published tree shapes for τ.
+trees() {
+  case $1 in
+    eagle) echo "chain:6 dynamic:depth=6,topk=10,n=60" ;;
+    falcon) echo "chain:6 static:falcon" ;;
+    eagle3) echo "chain:7 dynamic:depth=6,topk=10,n=60" ;;
+    medusa | amphista) echo "chain:4 static:medusa63" ;;
+    dflash) echo "chain:15" ;;
+  esac
+}
+
+case ${1:-} in
+  features)
+    specdec-train --extract_only $COMMON --out "$RUNS/extract"
+    ;;
+  train)
+    d=${2:?drafter}
+    out=$RUNS/$d
+    if [ -f "$out/drafter/drafter.json" ]; then echo "$out: trained"; exit 0; fi
+    # shellcheck disable=SC2046,SC2086
+    specdec-train --drafter "$d" $COMMON $(recipe "$d") --out "$out"
+    ;;
+  eval)
+    d=${2:?drafter}
+    args=()
+    for t in $(trees "$d"); do args+=(--compare "$RUNS/$d/drafter|$t|auto"); done
+    specdec-eval --all --batch_size 8 --temperature 0 --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/$d"
+    ;;
+  *) echo "usage: $0 features | train DRAFTER | eval DRAFTER" >&2; exit 2 ;;
+esac
