@@ -4,15 +4,17 @@
 # per drafter; then MT-Bench (all 80, T=0) chains for τ and acceptance per depth.
 #
 #   recipes/ablation_smollm2.sh train     # features + 6 drafters (resumable: rerun after a kill)
-#   recipes/ablation_smollm2.sh eval      # specdec-eval of both arms (resumes its journal)
+#   recipes/ablation_smollm2.sh eval      # specdec-eval per drafter, both arms (resumes its journal)
 #
 # The regenerated arm reads the committed set (data/selfdistill/...), so only features are rebuilt
-# on a new machine. ARMS / DRAFTERS / N / RUNS / EVAL_OUT override the defaults; pin with taskset.
+# on a new machine; trained drafters are copied to $KEEP (committed), so the evaluation, which takes
+# hours on one core at batch 8, resumes its journal on any machine. ARMS / DRAFTERS / N / RUNS / EVAL_OUT override the defaults; pin with taskset.
 set -euo pipefail
 RUNS=${RUNS:-runs/abl}
 SET=${SET:-data/selfdistill/smollm2-135m-instruct}
 N=${N:-1500}
 EVAL_OUT=${EVAL_OUT:-docs/results/ablation}
+KEEP=${KEEP:-data/ablation}  # the trained drafters (8 MB for an EAGLE-1), in git: an eval resumes anywhere
 ARMS=${ARMS:-orig regen}
 DRAFTERS=${DRAFTERS:-medusa eagle eagle3}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/xla_cache}
@@ -38,20 +40,22 @@ case ${1:-train} in
     for arm in $ARMS; do
       for d in $DRAFTERS; do
         out=$RUNS/$arm-$d
-        if [ -f "$out/drafter/drafter.json" ]; then echo "$out: trained"; continue; fi
+        if [ -f "$KEEP/$arm-$d/drafter.json" ]; then echo "$KEEP/$arm-$d: trained"; continue; fi
         # shellcheck disable=SC2046
         specdec-train --drafter "$d" $(data "$arm") --max_len 512 --lr 1e-3 --warmup 30 \
           $(recipe "$d") --out "$out"
+        mkdir -p "$KEEP" && cp -r "$out/drafter" "$KEEP/$arm-$d"  # commit it: runs/ is not kept
       done
     done
     ;;
   eval)
-    for arm in $ARMS; do
+    # One run per drafter, both arms against one AR baseline.
+    for d in $DRAFTERS; do
       args=()
-      for d in $DRAFTERS; do args+=(--compare "$RUNS/$arm-$d/drafter|$(chain "$d")|auto"); done
-      [ "$arm" = orig ] && args+=(--compare "eagle|chain:6|auto")  # the shipped EAGLE-1, a reference
+      for arm in $ARMS; do args+=(--compare "$KEEP/$arm-$d|$(chain "$d")|auto"); done
+      [ "$d" = eagle ] && args+=(--compare "eagle|chain:6|auto")  # the shipped EAGLE-1, a reference
       # τ and a(d) only, no timing: no warm-up generations (wall-clock comes from the main evaluation)
-      specdec-eval --all --batch_size 8 --temperature 0 --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/$arm"
+      specdec-eval --all --batch_size 8 --temperature 0 --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/$d"
     done
     ;;
   *) echo "usage: $0 train|eval" >&2; exit 2 ;;

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from specdec.attention import attend, attend_cache, attend_split, cache_mask, visible_limit
+from specdec.attention import KERNEL_MAX_BLOCK, attend, attend_cache, attend_split, cache_mask, visible_limit
 from specdec.cache import KVCache
 from specdec.matmul import choose_layout, dense, layout_of, pack_params
 from specdec.models.config import ModelConfig
@@ -134,8 +134,10 @@ def forward(
     h = params["embed"][tokens]
     cos, sin = rope_tables(cfg, positions)
     mask = cache_mask(cfg, positions, cache, block_mask, slots)
-    # Packed weights (the CPU layout) also select the CPU attention kernel over the cache prefix.
-    kernel = cache is not None and layout_of(params["layers"]) == "packed"
+    # Packed weights (the CPU layout) also select the CPU attention kernel over the cache prefix,
+    # for decode and verification blocks; a long block (a prefill) is faster in XLA's attention.
+    kernel = (cache is not None and layout_of(params["layers"]) == "packed"
+              and tokens.shape[1] <= KERNEL_MAX_BLOCK)  # fmt: skip
     limit = visible_limit(mask) if kernel else None
     # Split-prefix attention needs the block at its own window (no explicit slots) and no window.
     split = cfg.attention == "split" and cache is not None and slots is None and cfg.sliding_window is None
