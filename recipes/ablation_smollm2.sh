@@ -8,7 +8,8 @@
 #
 # The regenerated arm reads the committed set (data/selfdistill/...), so only features are rebuilt
 # on a new machine; trained drafters are copied to $KEEP (committed), so the evaluation, which takes
-# hours on one core at batch 8, resumes its journal on any machine. ARMS / DRAFTERS / N / RUNS / EVAL_OUT override the defaults; pin with taskset.
+# hours on one core at batch 8, resumes its journal on any machine. ARMS / DRAFTERS / N / RUNS /
+# EVAL_OUT / KEEP override the defaults; pin with taskset.
 set -euo pipefail
 RUNS=${RUNS:-runs/abl}
 SET=${SET:-data/selfdistill/smollm2-135m-instruct}

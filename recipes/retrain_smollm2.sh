@@ -7,12 +7,14 @@
 #   recipes/retrain_smollm2.sh eval eagle      # its τ table rows (resumes the journal)
 #
 # The feature cache and run folders live in $RUNS (ignored by git): a new machine rebuilds the
-# cache, ~1 h for 1M tokens on two Zen 4 cores. The set itself is in git. STEPS overrides a
+# cache, ~1 h for 1M tokens on two Zen 4 cores. The set itself is in git, and so is each trained
+# drafter ($KEEP/<drafter>), so its evaluation journal resumes on any machine. STEPS overrides a
 # drafter's step count; pin a job with taskset to run two drafters side by side.
 set -euo pipefail
 RUNS=${RUNS:-runs/retrain}
 SET=${SET:-data/selfdistill/smollm2-135m-instruct}
 EVAL_OUT=${EVAL_OUT:-docs/results/retrain}
+KEEP=${KEEP:-data/retrain}
 FEATURES=$RUNS/features
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/xla_cache}
 COMMON="--regenerated $SET --features $FEATURES --max_len 512 --lr 1e-3 --warmup 30 --eval_every 500"
@@ -46,14 +48,15 @@ case ${1:-} in
   train)
     d=${2:?drafter}
     out=$RUNS/$d
-    if [ -f "$out/drafter/drafter.json" ]; then echo "$out: trained"; exit 0; fi
+    if [ -f "$KEEP/$d/drafter.json" ]; then echo "$KEEP/$d: trained"; exit 0; fi
     # shellcheck disable=SC2046,SC2086
     specdec-train --drafter "$d" $COMMON $(recipe "$d") --out "$out"
+    mkdir -p "$KEEP" && cp -r "$out/drafter" "$KEEP/$d"  # commit it: runs/ is not kept
     ;;
   eval)
     d=${2:?drafter}
     args=()
-    for t in $(trees "$d"); do args+=(--compare "$RUNS/$d/drafter|$t|auto"); done
+    for t in $(trees "$d"); do args+=(--compare "$KEEP/$d|$t|auto"); done
     specdec-eval --all --batch_size 8 --temperature 0 --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/$d"
     ;;
   *) echo "usage: $0 features | train DRAFTER | eval DRAFTER" >&2; exit 2 ;;

@@ -113,5 +113,4 @@ def sample(key: PRNGKeyArray, logits: Float[Array, "... V"], s: SamplingConfig) 
     """
     if s.greedy:
         return argmax(logits)
-    probs = jax.nn.softmax(process_logits(logits, s), axis=-1)
-    return inverse_cdf(jax.random.uniform(key, logits.shape[:-1]), probs)
+    return inverse_cdf(jax.random.uniform(key, logits.shape[:-1]), probabilities(logits, s))
