@@ -9,7 +9,7 @@
 # The regenerated arm reads the committed set (data/selfdistill/...), so only features are rebuilt
 # on a new machine; trained drafters are copied to $KEEP (committed), so the evaluation, which takes
 # hours on one core at batch 8, resumes its journal on any machine. ARMS / DRAFTERS / N / RUNS /
-# EVAL_OUT / KEEP override the defaults; pin with taskset.
+# EVAL_OUT / KEEP / DTYPE override the defaults; pin with taskset.
 set -euo pipefail
 RUNS=${RUNS:-runs/abl}
 SET=${SET:-data/selfdistill/smollm2-135m-instruct}
@@ -18,6 +18,9 @@ EVAL_OUT=${EVAL_OUT:-docs/results/ablation}
 KEEP=${KEEP:-data/ablation}  # the trained drafters (8 MB for an EAGLE-1), in git: an eval resumes anywhere
 ARMS=${ARMS:-orig regen}
 DRAFTERS=${DRAFTERS:-medusa eagle eagle3}
+# The target's matmuls in feature extraction, the same for both arms: EAGLE-1's arms were extracted
+# in float32; Medusa's and EAGLE-3's in bfloat16 (1.6x faster, --extract_dtype; docs/training.md).
+DTYPE=${DTYPE:-bfloat16}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/xla_cache}
 
 recipe() {
@@ -30,9 +33,9 @@ recipe() {
 chain() { case $1 in medusa) echo chain:4 ;; *) echo chain:6 ;; esac; }
 data() {
   if [ "$1" = orig ]; then
-    echo "--num_conversations $N --features $RUNS/features-orig-$N"
+    echo "--num_conversations $N --features $RUNS/features-orig-$N-$DTYPE --extract_dtype $DTYPE"
   else
-    echo "--regenerated $SET --max_sequences $N --features $RUNS/features-regen-$N"
+    echo "--regenerated $SET --max_sequences $N --features $RUNS/features-regen-$N-$DTYPE --extract_dtype $DTYPE"
   fi
 }
 

@@ -152,6 +152,8 @@ def dense(x: Float[Array, "... K"], w: Float[Array, "K N"] | PackedWeight) -> Fl
         if math.prod(x.shape[:-1]) > GEMM_ROWS:
             return jnp.dot(x, unpack(w), preferred_element_type=jnp.float32)
         return _dense_packed_vjp(x, w)
+    if jnp.dtype(w.dtype).itemsize < jnp.dtype(x.dtype).itemsize:
+        x = x.astype(w.dtype)  # low-precision weights: the product in theirs, accumulated in f32
     return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
@@ -192,6 +194,36 @@ def pack_params(tree: Any, layout: str) -> Any:
         return node
 
     return walk(tree)
+
+
+def cast_dense(tree: Any, dtype: Any, *, add_lm_head: bool = True) -> Any:
+    """Every dense projection (`DENSE_KEYS`) of a params tree as a plain `dtype` matrix; the rest
+    unchanged. With `add_lm_head`, a tied model gets an `lm_head` (the embedding transposed) and
+    keeps its f32 embedding for the lookup, so only the products run in `dtype` (`dense` casts x
+    to the weight's dtype and accumulates in f32): residual stream, norms, attention, softmax f32.
+
+    bfloat16 runs a 4x512 SmolLM2-135M forward 1.6x faster than float32 on a Zen 4 core (top-1
+    agrees at ~99% of positions, taps within ~0.4%): the options `specdec-train --extract_dtype`
+    and `--train_dtype` (docs/training.md), never the decode path. Differentiable (the casts pass
+    gradients to the f32 weights: mixed-precision training).
+    """
+    dtype = jnp.dtype(dtype)
+
+    def leaf(v):
+        v = unpack(v) if isinstance(v, PackedWeight) else v
+        return v.astype(dtype) if getattr(v, "ndim", 0) >= 2 else v
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: (leaf(v) if k in DENSE_KEYS else walk(v)) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(walk(v) for v in node)
+        return node
+
+    out = walk(tree)
+    if add_lm_head and isinstance(out, dict) and "embed" in out and "lm_head" not in out:
+        out["lm_head"] = jnp.asarray(out["embed"]).T.astype(dtype)
+    return out
 
 
 def _pack_leaf(v):
