@@ -7,7 +7,7 @@
 #   recipes/retrain_smollm2.sh eval eagle      # its τ table rows (resumes the journal)
 #
 # The feature cache and run folders live in $RUNS (ignored by git): a new machine rebuilds the
-# cache, ~1 h for 2.5M tokens on two Zen 4 cores (bf16 products). The set itself is in git, and so is each trained
+# cache, ~1.2 h for 2.5M tokens on two Zen 4 cores (bf16 products). The set itself is in git, and so is each trained
 # drafter ($KEEP/<drafter>), so its evaluation journal resumes on any machine. STEPS overrides a
 # drafter's step count; pin a job with taskset to run two drafters side by side.
 set -euo pipefail

@@ -45,11 +45,6 @@ flags.DEFINE_enum(
     "The target's matmuls during feature extraction: bfloat16 is 1.6x faster on CPU (f32 accumulation and "
     "residual stream; top-1 labels = f32 argmax at ~99% of positions; docs/training.md).", flag_values=FLAGS,
 )  # fmt: skip
-flags.DEFINE_enum(
-    "train_dtype", "float32", ["float32", "bfloat16"],
-    "The drafter's matmuls in training: bfloat16 = mixed precision (f32 weights, gradients and optimizer; "
-    "docs/training.md).", flag_values=FLAGS,
-)  # fmt: skip
 _bool("extract_only", False, "Stop after the feature cache is complete.")
 _bool("partial_features", False, "Train on the finished shards of a cache still being built (experiments).")
 _int(
@@ -146,16 +141,8 @@ def main(argv):
         pass
     elif FLAGS.regenerated:
         print(f"{len(examples)} regenerated sequences from {FLAGS.regenerated}")
-        features.extract(
-            params,
-            cfg,
-            model.source,
-            examples,
-            feat_dir,
-            taps=taps,
-            progress=FLAGS.progress,
-            matmul_dtype=FLAGS.extract_dtype,
-        )
+        features.extract(params, cfg, model.source, examples, feat_dir, taps=taps,
+                         progress=FLAGS.progress, matmul_dtype=FLAGS.extract_dtype)  # fmt: skip
     else:
         convs = data.load_sharegpt(FLAGS.data)
         print(f"{len(convs)} usable conversations; taking {FLAGS.num_conversations} (seed {FLAGS.seed})")
@@ -206,8 +193,7 @@ def main(argv):
         block_size=FLAGS.block_size,
         num_anchors=FLAGS.num_anchors, dflash_weighting=FLAGS.dflash_weighting,
         dflash_gamma=FLAGS.dflash_gamma,
-        draft_vocab=FLAGS.draft_vocab or None, matmul_dtype=FLAGS.train_dtype, heldout=FLAGS.heldout,
-        eval_every=FLAGS.eval_every,
+        draft_vocab=FLAGS.draft_vocab or None, heldout=FLAGS.heldout, eval_every=FLAGS.eval_every,
         save_every=FLAGS.save_every,
     )  # fmt: skip
     command = "specdec-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -101,11 +101,13 @@ def extract(
     want = {"target": _target_id(source, cfg), "taps": list(taps), "num_examples": len(examples),
             "matmul_dtype": matmul_dtype}  # fmt: skip
     m = _read_manifest(out)
+    if m is not None:
+        m.setdefault("matmul_dtype", "float32")  # caches written before the option ran in float32
     if m is None:
         m = {**want, "dtype": "float16", "shards": [], "complete": False}
         _write_manifest(out, m)
-    elif any(m.get(k, "float32") != v for k, v in want.items()):  # caches before the option: f32
-        diff = {k: (m.get(k, "float32"), v) for k, v in want.items() if m.get(k, "float32") != v}
+    elif any(m[k] != v for k, v in want.items()):
+        diff = {k: (m[k], v) for k, v in want.items() if m[k] != v}
         raise FeatureCacheError(
             f"{out} holds features of a different extraction (cached vs requested: {diff}); "
             "use another --features directory or delete this one"

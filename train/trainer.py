@@ -34,7 +34,6 @@ from tqdm import tqdm
 
 from specdec.drafters import amphista, dflash, eagle, falcon, medusa
 from specdec.drafters import checkpoint as ckpt
-from specdec.matmul import cast_dense
 from specdec.models.config import ModelConfig
 from specdec.train import losses
 from specdec.train.features import FeatureSet
@@ -63,7 +62,6 @@ class TrainConfig:
     dflash_weighting: str = "decay"  # decay (exp(-(k-1)/gamma)) | dpace
     dflash_gamma: float = 7.0
     draft_vocab: int | None = 8192
-    matmul_dtype: str = "float32"  # the drafter's products in training (bfloat16: mixed precision)
     heldout: int = 32  # sequences held out (the last ones of the feature set)
     eval_every: int = 200
     save_every: int = 100
@@ -245,10 +243,7 @@ def train(
     def step_fn(state, frozen, batch, key):
         def f(p):
             extra = {"step": state["step"]} if family == "falcon" else {}  # CSGD's glancing schedule
-            rp = _runtime(p, frozen)
-            if tc.matmul_dtype != "float32":  # bf16 products, f32 weights/grads/optimizer state
-                rp = cast_dense(rp, tc.matmul_dtype, add_lm_head=False)
-            return loss_fn(rp, batch=batch, t2d=t2d, key=key, **extra)
+            return loss_fn(_runtime(p, frozen), batch=batch, t2d=t2d, key=key, **extra)
 
         (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(state["params"])
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
