@@ -6,12 +6,11 @@
 // slots holding a 200-token conversation costs 200 slots, not 2,048 (XLA's einsum reads them all,
 // after copying K and V to a head-major layout on every layer).
 //
-// Vectorisation: the rows of one KV head (t, g) are the 16 lanes of a vector for q.k and the
-// softmax (each lane one row), and the head dimension is the lanes for p @ v. Numerics: each row's
-// scores, max, exponentials, sum (j ascending) and output are computed in the same order whatever
-// T, the other rows or the lane they sit in, so a row's result does not depend on the block it is
-// part of (greedy speculative = AR). Masked slots contribute exactly nothing; a row that sees no
-// slot gets zeros.
+// Vectorisation: the rows of one KV head (t, g) are the lanes of a vector (16 on AVX-512, 8 on
+// AVX2) for q.k, the softmax and p @ v. Numerics: each row's scores, max, exponentials, sum
+// (j ascending) and output are computed in the same order whatever T, the other rows or the lane
+// they sit in, so a row's result does not depend on the block it is part of (greedy speculative =
+// AR). Masked slots contribute exactly nothing; a row that sees no slot gets zeros.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -26,10 +25,15 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef float vf_u __attribute__((vector_size(64), aligned(4)));  // in scratch buffers: unaligned
+// Lanes per vector: 16 floats on AVX-512, 8 on AVX2 (a 16-lane vector there is two ymm halves:
+// the p @ v accumulators no longer fit the 16 registers and spilled, measured on Zen 3: the AR step
+// was ~5 ms slower than with XLA's attention). Rows of a KV head fill the lanes.
+template <int L>
+struct Vec {
+  typedef float f __attribute__((vector_size(4 * L)));
+  typedef int32_t i __attribute__((vector_size(4 * L)));
+  typedef float fu __attribute__((vector_size(4 * L), aligned(4)));  // in scratch buffers: unaligned
+};
 
 struct Problem {
   const float* q;        // [B, T, Hq, D]
@@ -44,6 +48,7 @@ struct Problem {
 
 // exp for x <= 0 (x = score - row max), lane-wise: Cody-Waite reduction and a degree-6 polynomial
 // (relative error ~2 ulp); always this function, so every row gets identical exponentials.
+template <typename vf, typename vi>
 __attribute__((always_inline)) static inline vf vexp(vf x) {
   x = x < -87.0f ? vf{} - 87.0f : x;  // exp(-87) ~ 1.6e-38: still a normal float
   const vf magic = vf{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
@@ -63,9 +68,14 @@ __attribute__((always_inline)) static inline vf vexp(vf x) {
   return p * scale;
 }
 
-// One task: KV head h of row b, block rows r0 .. r0+nr-1 (row r = t * G + g), nr <= 16.
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void attend_rows(
-    const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t nr, std::vector<float>& buf) {
+// One task: KV head h of row b, block rows r0 .. r0+nr-1 (row r = t * G + g), nr <= L.
+template <int L>
+__attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t b, int64_t h, int64_t r0,
+                                                       int64_t nr, std::vector<float>& buf) {
+  typedef typename Vec<L>::f vf;
+  typedef typename Vec<L>::i vi;
+  typedef typename Vec<L>::fu vf_u;
+  constexpr int kLanes = L;
   const int64_t g_per = p.hq / p.hkv, d = p.d;
   const int64_t lim = std::min<int64_t>(std::max<int32_t>(p.limit[b], 0), p.s);
   buf.resize((d + lim) * kLanes);
@@ -125,7 +135,7 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   const vf mx0 = none ? vf{} : mx;
   for (j = 0; j < lim; ++j) {
     const vf sv = sc[j];
-    const vf e = sv == neg_inf ? vf{} : vexp(sv - mx0);
+    const vf e = sv == neg_inf ? vf{} : vexp<vf, vi>(sv - mx0);
     sc[j] = e;
     sum += e;
   }
@@ -157,6 +167,18 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   }
 }
 
+__attribute__((target("avx512f"))) void attend_rows16(const Problem& p, int64_t b, int64_t h, int64_t r0,
+                                                      int64_t nr, std::vector<float>& buf) {
+  attend_rows<16>(p, b, h, r0, nr, buf);
+}
+__attribute__((target("avx2,fma"))) void attend_rows8(const Problem& p, int64_t b, int64_t h, int64_t r0,
+                                                     int64_t nr, std::vector<float>& buf) {
+  attend_rows<8>(p, b, h, r0, nr, buf);
+}
+void attend_rows_default(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t nr, std::vector<float>& buf) {
+  attend_rows<8>(p, b, h, r0, nr, buf);
+}
+
 ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer,
                               ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> limit,
@@ -170,7 +192,10 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   if (kd[1] != p.b || kd[4] != p.d || p.hq % p.hkv || md[0] != p.b || md[1] != p.t || md[2] != p.s)
     return ffi::Error::InvalidArgument("cache_attention: shapes of q, k/v and mask disagree");
   if (p.layer < 0 || p.layer >= kd[0]) return ffi::Error::InvalidArgument("cache_attention: layer out of range");
-  const int64_t rows = p.t * (p.hq / p.hkv), groups = (rows + kLanes - 1) / kLanes;
+  const int64_t isa = specdec::best_isa();
+  const int64_t lanes = isa == 2 ? 16 : 8;
+  const auto rows_fn = isa == 2 ? attend_rows16 : isa == 1 ? attend_rows8 : attend_rows_default;
+  const int64_t rows = p.t * (p.hq / p.hkv), groups = (rows + lanes - 1) / lanes;
   const int64_t tasks = p.b * p.hkv * groups;
   int64_t work = 0;
   for (int64_t b = 0; b < p.b; ++b) work += p.limit[b];
@@ -180,7 +205,7 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   specdec::parallel_for(pool, tasks, std::min<int64_t>(threads, 2), [&](int64_t i) {
     thread_local std::vector<float> buf;
     const int64_t g = i % groups, h = (i / groups) % p.hkv, b = i / (groups * p.hkv);
-    attend_rows(p, b, h, g * kLanes, std::min<int64_t>(kLanes, rows - g * kLanes), buf);
+    rows_fn(p, b, h, g * lanes, std::min<int64_t>(lanes, rows - g * lanes), buf);
   });
   return ffi::Error::Success();
 }

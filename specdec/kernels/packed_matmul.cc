@@ -67,17 +67,37 @@ __attribute__((target("avx512f"))) void block512(const Problem& p, int64_t r0, i
 }
 
 // ---- AVX2 + FMA: one tile per block (two ymm per row), MR rows ----------------------------------
+// Pass g of G over the tile (G row groups): G == 1 prefetches its own tile ahead; with several
+// passes the tile is in L1/L2 after the first, so every pass prefetches 1/G of the *next* tile,
+// spread over its k steps: memory streams while the later passes compute (Zen 3, one run:
+// T=8 1.97x -> 1.29x, T=16 3.5x -> 1.6x a T=1 pass over the embedded target's weights).
+// K in a local, restrict and unrolled row loops: without them GCC kept the accumulators in memory
+// and stored all 2*MR of them on every k step (a third of the FMA rate).
 template <int MR>
-__attribute__((target("avx2,fma"))) void block256(const Problem& p, int64_t r0, int64_t b0) {
+__attribute__((target("avx2,fma"))) void block256(const Problem& p, int64_t r0, int64_t b0, int64_t g,
+                                                  int64_t groups) {
+  const int64_t K = p.k;
+  const float* __restrict w = p.w + b0 * K * kTile;
+  const float* __restrict x = p.x + r0 * K;
   __m256 lo[MR], hi[MR];
-  for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
-  const float* w = p.w + b0 * p.k * kTile;
-  const float* x = p.x + r0 * p.k;
-  for (int64_t kk = 0; kk < p.k; ++kk) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + (kk + kPrefetch) * kTile), _MM_HINT_T0);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    lo[r] = _mm256_setzero_ps();
+    hi[r] = _mm256_setzero_ps();
+  }
+  const bool ahead = groups > 1 && b0 + 1 < p.nb;
+  const char* pf = reinterpret_cast<const char*>(ahead ? w + (K + g * K / groups) * kTile : w + kPrefetch * kTile);
+  const int64_t every = ahead ? groups : 1;
+  for (int64_t kk = 0, count = 0; kk < K; ++kk) {
+    if (++count == every) {
+      count = 0;
+      _mm_prefetch(pf, _MM_HINT_T0);
+      pf += kTile * sizeof(float);
+    }
     const __m256 w0 = _mm256_loadu_ps(w + kk * kTile), w1 = _mm256_loadu_ps(w + kk * kTile + 8);
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m256 xv = _mm256_broadcast_ss(x + r * p.k + kk);
+      const __m256 xv = _mm256_broadcast_ss(x + r * K + kk);
       lo[r] = _mm256_fmadd_ps(xv, w0, lo[r]);
       hi[r] = _mm256_fmadd_ps(xv, w1, hi[r]);
     }
@@ -85,6 +105,7 @@ __attribute__((target("avx2,fma"))) void block256(const Problem& p, int64_t r0, 
   const int64_t col = b0 * kTile;
   const int64_t rem = std::min<int64_t>(kTile, p.n - col);
   alignas(32) float buf[kTile];
+#pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     float* out = p.y + (r0 + r) * p.n + col;
     if (rem == kTile) {
@@ -117,7 +138,7 @@ void rows_in_groups(int64_t m, int64_t max_rows, const Fn& fn) {
   const int64_t groups = (m + max_rows - 1) / max_rows, base = m / groups, extra = m % groups;
   for (int64_t g = 0, r0 = 0; g < groups; ++g) {
     const int64_t mr = base + (g < extra ? 1 : 0);
-    fn(r0, mr);
+    fn(r0, mr, g, groups);
     r0 += mr;
   }
 }
@@ -127,15 +148,16 @@ void rows512(const Problem& p, int64_t b0, std::integer_sequence<int, MRs...>) {
   constexpr int kMaxRows = 12;  // 12 rows x 2 tiles = 24 accumulators of the 32 zmm registers
   using Fn = void (*)(const Problem&, int64_t, int64_t);
   static constexpr Fn table[] = {block512<MRs + 1, NT>...};
-  rows_in_groups(p.m, kMaxRows, [&](int64_t r0, int64_t mr) { table[mr - 1](p, r0, b0); });
+  rows_in_groups(p.m, kMaxRows, [&](int64_t r0, int64_t mr, int64_t, int64_t) { table[mr - 1](p, r0, b0); });
 }
 
 template <int... MRs>
 void rows256(const Problem& p, int64_t b0, std::integer_sequence<int, MRs...>) {
   constexpr int kMaxRows = 6;  // 6 rows x 2 ymm = 12 accumulators + 2 weights + 1 broadcast
-  using Fn = void (*)(const Problem&, int64_t, int64_t);
+  using Fn = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t);
   static constexpr Fn table[] = {block256<MRs + 1>...};
-  rows_in_groups(p.m, kMaxRows, [&](int64_t r0, int64_t mr) { table[mr - 1](p, r0, b0); });
+  rows_in_groups(p.m, kMaxRows,
+                 [&](int64_t r0, int64_t mr, int64_t g, int64_t groups) { table[mr - 1](p, r0, b0, g, groups); });
 }
 
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
