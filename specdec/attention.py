@@ -127,4 +127,4 @@ def attend_cache(q: Float[Array, "B T Hq Dh"], cache: KVCache, layer: int | Int[
     layer = jnp.asarray(layer, jnp.int32)
     scale = np.float32(cfg.head_dim**-0.5)
     return call(q.astype(jnp.float32), cache.k, cache.v, layer, mask, limit.astype(jnp.int32), scale=scale,
-                threads=np.int64(0))  # fmt: skip
+                isa=np.int64(kernels.isa_cap()), threads=np.int64(0))  # fmt: skip

@@ -100,8 +100,10 @@ def test_packed_matmul_batch_rows_vmap_grad_and_while_loop():
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ISAS)  # 16 lanes on AVX-512, 8 on AVX2 and in the portable path
 @pytest.mark.parametrize("tree", [False, True])
-def test_cache_attention_equals_xla(tiny_models, tree):
+def test_cache_attention_equals_xla(tiny_models, monkeypatch, tree, isa):
+    monkeypatch.setenv("SPECDEC_CPU_ISA", isa)
     cfg = tiny_models["llama"][1].cfg
     rng = np.random.default_rng(3)
     b, s, t = 2, 40, 9

@@ -18,6 +18,7 @@ from specdec import sharding
 from specdec.cache import causal_mask
 from specdec.generate import generate
 from specdec.models import forward, to_device
+from tests.conftest import XLA_TEST_FLAGS
 from tests.sharded_worker import CFG, MULTIHOST_CASES, random_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ MESHES = ["model=8", "data=2,model=4", "data=8"]  # 1Ã—8 (KV heads repeated), 2Ã
 @pytest.fixture(scope="module")
 def sharded_runs():
     """The worker's outputs: a fresh process, so the 8 simulated devices do not leak into the suite."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {XLA_TEST_FLAGS}", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "tests.sharded_worker", *MESHES], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1200)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -53,7 +54,7 @@ def test_two_processes_decode_on_one_mesh_like_one_device(sharded_runs):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {XLA_TEST_FLAGS}", "JAX_PLATFORMS": "cpu"}
     cmd = lambda i: [sys.executable, "-m", "tests.sharded_worker", f"process={i}", f"port={port}",  # noqa: E731
                      "data=2,model=2"]  # fmt: skip
     procs = [subprocess.Popen(cmd(i), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

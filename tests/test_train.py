@@ -338,7 +338,7 @@ def test_data_parallel_on_8_devices_matches_one(tiny, tmp_path):
     _, _, path, _, tiny_dir = tiny
     script = textwrap.dedent(f"""
         import os, sys, json
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[1]
+        os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=" + sys.argv[1]
         import jax
         from specdec.loading import load_hf_folder
         from specdec.models import to_device
@@ -371,7 +371,7 @@ def test_features_from_a_tensor_parallel_target_equal_one_device(tiny, tmp_path)
     _, _, path, _, tiny_dir = tiny
     script = textwrap.dedent(f"""
         import os, sys
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
         from specdec import sharding
         from specdec.loading import load_hf_folder
         from specdec.train import data, features

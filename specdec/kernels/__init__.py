@@ -45,7 +45,7 @@ def available() -> bool:
 
 
 def isa_cap() -> int:
-    """`SPECDEC_CPU_ISA=scalar|avx2` caps the matmul kernel's ISA (to test the narrower paths); -1 = none."""
+    """`SPECDEC_CPU_ISA=scalar|avx2` caps the kernels' ISA (to test the narrower paths); -1 = none."""
     name = os.environ.get("SPECDEC_CPU_ISA", "")
     if name and name not in ISA_NAMES:
         raise ValueError(f"SPECDEC_CPU_ISA={name!r}: use one of {ISA_NAMES} (or leave it unset)")

@@ -182,7 +182,8 @@ void attend_rows_default(const Problem& p, int64_t b, int64_t h, int64_t r0, int
 ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer,
                               ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> limit,
-                              ffi::ResultBuffer<ffi::F32> out, float scale, int64_t threads_attr) {
+                              ffi::ResultBuffer<ffi::F32> out, float scale, int64_t isa_attr,
+                              int64_t threads_attr) {
   const auto qd = q.dimensions(), kd = k.dimensions(), md = mask.dimensions();
   if (qd.size() != 4 || kd.size() != 5 || md.size() != 3 ||
       !std::equal(kd.begin(), kd.end(), v.dimensions().begin(), v.dimensions().end()))
@@ -192,7 +193,7 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   if (kd[1] != p.b || kd[4] != p.d || p.hq % p.hkv || md[0] != p.b || md[1] != p.t || md[2] != p.s)
     return ffi::Error::InvalidArgument("cache_attention: shapes of q, k/v and mask disagree");
   if (p.layer < 0 || p.layer >= kd[0]) return ffi::Error::InvalidArgument("cache_attention: layer out of range");
-  const int64_t isa = specdec::best_isa();
+  const int64_t isa = isa_attr >= 0 ? std::min(specdec::best_isa(), isa_attr) : specdec::best_isa();
   const int64_t lanes = isa == 2 ? 16 : 8;
   const auto rows_fn = isa == 2 ? attend_rows16 : isa == 1 ? attend_rows8 : attend_rows_default;
   const int64_t rows = p.t * (p.hq / p.hkv), groups = (rows + lanes - 1) / lanes;
@@ -223,4 +224,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CacheAttention, CacheAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // limit
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
+                                  .Attr<int64_t>("isa")
                                   .Attr<int64_t>("threads"));
