@@ -25,10 +25,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESHES = ["model=8", "data=2,model=4", "data=8"]  # 1×8 (KV heads repeated), 2×4 (KV heads split), 8×1
 
 
+def _env(devices: int) -> dict:
+    """A subprocess's environment: `devices` simulated CPU devices (and the suite's XLA flags)."""
+    flags = f"--xla_force_host_platform_device_count={devices} {XLA_TEST_FLAGS}"
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+
+
 @pytest.fixture(scope="module")
 def sharded_runs():
     """The worker's outputs: a fresh process, so the 8 simulated devices do not leak into the suite."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {XLA_TEST_FLAGS}", "JAX_PLATFORMS": "cpu"}
+    env = _env(8)
     proc = subprocess.run([sys.executable, "-m", "tests.sharded_worker", *MESHES], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1200)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -54,7 +60,7 @@ def test_two_processes_decode_on_one_mesh_like_one_device(sharded_runs):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {XLA_TEST_FLAGS}", "JAX_PLATFORMS": "cpu"}
+    env = _env(2)
     cmd = lambda i: [sys.executable, "-m", "tests.sharded_worker", f"process={i}", f"port={port}",  # noqa: E731
                      "data=2,model=2"]  # fmt: skip
     procs = [subprocess.Popen(cmd(i), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
