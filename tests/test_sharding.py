@@ -18,7 +18,6 @@ from specdec import sharding
 from specdec.cache import causal_mask
 from specdec.generate import generate
 from specdec.models import forward, to_device
-from tests.conftest import XLA_TEST_FLAGS
 from tests.sharded_worker import CFG, MULTIHOST_CASES, random_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -26,8 +25,8 @@ MESHES = ["model=8", "data=2,model=4", "data=8"]  # 1Ã—8 (KV heads repeated), 2Ã
 
 
 def _env(devices: int) -> dict:
-    """A subprocess's environment: `devices` simulated CPU devices (and the suite's XLA flags)."""
-    flags = f"--xla_force_host_platform_device_count={devices} {XLA_TEST_FLAGS}"
+    """A subprocess's environment: the suite's XLA flags plus `devices` simulated CPU devices."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
 
 

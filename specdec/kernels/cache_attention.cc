@@ -193,9 +193,11 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   if (kd[1] != p.b || kd[4] != p.d || p.hq % p.hkv || md[0] != p.b || md[1] != p.t || md[2] != p.s)
     return ffi::Error::InvalidArgument("cache_attention: shapes of q, k/v and mask disagree");
   if (p.layer < 0 || p.layer >= kd[0]) return ffi::Error::InvalidArgument("cache_attention: layer out of range");
-  const int64_t isa = isa_attr >= 0 ? std::min(specdec::best_isa(), isa_attr) : specdec::best_isa();
-  const int64_t lanes = isa == 2 ? 16 : 8;
-  const auto rows_fn = isa == 2 ? attend_rows16 : isa == 1 ? attend_rows8 : attend_rows_default;
+  const specdec::Isa isa = specdec::run_isa(isa_attr);
+  const int64_t lanes = isa == specdec::kAvx512 ? 16 : 8;
+  const auto rows_fn = isa == specdec::kAvx512 ? attend_rows16
+                       : isa == specdec::kAvx2 ? attend_rows8
+                                               : attend_rows_default;
   const int64_t rows = p.t * (p.hq / p.hkv), groups = (rows + lanes - 1) / lanes;
   const int64_t tasks = p.b * p.hkv * groups;
   int64_t work = 0;

@@ -160,7 +160,7 @@ void rows256(const Problem& p, int64_t b0, std::integer_sequence<int, MRs...>) {
                  [&](int64_t r0, int64_t mr, int64_t g, int64_t groups) { table[mr - 1](p, r0, b0, g, groups); });
 }
 
-enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+using specdec::Isa, specdec::kScalar, specdec::kAvx2, specdec::kAvx512;
 
 // Column blocks [c0, c1): a block is 2 tiles on AVX-512, 1 tile otherwise.
 void run_blocks(const Problem& p, Isa isa, int64_t c0, int64_t c1) {
@@ -189,8 +189,7 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
     return ffi::Error::InvalidArgument("packed_matmul: shapes of x, w and y disagree");
   if (m == 0 || n == 0) return ffi::Error::Success();
 
-  Isa isa = static_cast<Isa>(specdec::best_isa());
-  if (isa_attr >= 0) isa = std::min(isa, static_cast<Isa>(isa_attr));
+  const Isa isa = specdec::run_isa(isa_attr);
   const Problem p{x.typed_data(), w.typed_data(), y->typed_data(), m, k, n, nb};
   const int64_t blocks = isa == kAvx512 ? (nb + 1) / 2 : nb;
   int64_t threads = threads_attr > 0 ? threads_attr : std::min<int64_t>(pool.num_threads(), 2);

@@ -47,11 +47,18 @@ void parallel_for(xla::ffi::ThreadPool& pool, int64_t n, int64_t threads, const 
     while (s->state.load(std::memory_order_acquire) != kDone) _mm_pause();
 }
 
-// 0 scalar, 1 AVX2 + FMA, 2 AVX-512: the widest this CPU runs.
-inline int64_t best_isa() {
-  if (__builtin_cpu_supports("avx512f")) return 2;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
-  return 0;
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };  // as specdec.kernels.ISA_NAMES
+
+// The widest ISA this CPU runs.
+inline Isa best_isa() {
+  if (__builtin_cpu_supports("avx512f")) return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+  return kScalar;
+}
+
+// The ISA a kernel runs: the widest here, capped by the call's `isa` attribute when >= 0.
+inline Isa run_isa(int64_t cap) {
+  return cap >= 0 ? static_cast<Isa>(std::min<int64_t>(best_isa(), cap)) : best_isa();
 }
 
 }  // namespace specdec
