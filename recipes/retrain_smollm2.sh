@@ -4,10 +4,10 @@
 #
 #   recipes/retrain_smollm2.sh features        # the set's feature cache (both cores, resumable)
 #   recipes/retrain_smollm2.sh train eagle     # one drafter (resumable from its checkpoints)
-#   recipes/retrain_smollm2.sh eval eagle      # its τ table rows (resumes the journal)
+#   recipes/retrain_smollm2.sh eval            # all drafters' τ table, one run (resumes its journal)
 #
 # The feature cache and run folders live in $RUNS (ignored by git): a new machine rebuilds the
-# cache, ~1.2 h for 2.5M tokens on two Zen 4 cores (bf16 products). The set itself is in git, and so is each trained
+# cache, ~1.2 h for 2.5M tokens on two Zen 4 cores (bf16 products), less what REUSE holds. The set itself is in git, and so is each trained
 # drafter ($KEEP/<drafter>), so its evaluation journal resumes on any machine. STEPS overrides a
 # drafter's step count; pin a job with taskset to run two drafters side by side.
 set -euo pipefail
@@ -17,13 +17,17 @@ EVAL_OUT=${EVAL_OUT:-docs/results/retrain}
 KEEP=${KEEP:-data/retrain}
 FEATURES=$RUNS/features
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/xla_cache}
-# bf16 products in extraction (1.6x faster; labels = the f32 argmax at ~99% of positions)
-COMMON="--regenerated $SET --features $FEATURES --extract_dtype bfloat16 --max_len 512 --lr 1e-3 --warmup 30 --eval_every 500"
+# bf16 products in extraction where the CPU has bf16 instructions (Zen 4: 1.6x faster, labels = the
+# f32 argmax at ~99% of positions); f32 on AVX2-only CPUs, where bf16 is 1.35x slower.
+DTYPE=${DTYPE:-auto}
+# Conversations regenerated on this machine already have features (--regenerate writes them): copied.
+REUSE=${REUSE-$(ls -d runs/train/features-*-regen 2>/dev/null | paste -sd, -)}
+COMMON="--regenerated $SET --features $FEATURES --extract_dtype $DTYPE --max_len 512 --lr 1e-3 --warmup 30 --eval_every 500"
 
 recipe() {
   case $1 in
     eagle) echo "--steps ${STEPS:-2000}" ;;
-    eagle3) echo "--steps ${STEPS:-600} --ttt_steps 5" ;;
+    eagle3) echo "--steps ${STEPS:-600} --ttt_steps 7" ;;
     medusa) echo "--steps ${STEPS:-1000} --heads 4" ;;
     amphista) echo "--steps ${STEPS:-1000} --heads 4" ;;
     falcon) echo "--steps ${STEPS:-2000} --falcon_k 2" ;;
@@ -44,7 +48,8 @@ trees() {
 
 case ${1:-} in
   features)
-    specdec-train --extract_only $COMMON --out "$RUNS/extract"
+    # shellcheck disable=SC2086
+    specdec-train --extract_only $COMMON ${REUSE:+--reuse_features "$REUSE"} --out "$RUNS/extract"
     ;;
   train)
     d=${2:?drafter}
@@ -55,10 +60,15 @@ case ${1:-} in
     mkdir -p "$KEEP" && cp -r "$out/drafter" "$KEEP/$d"  # commit it: runs/ is not kept
     ;;
   eval)
-    d=${2:?drafter}
+    # One run, one AR baseline, every drafter's trees: the issue's table (and 1 baseline, not 6).
+    shift
+    [ $# -gt 0 ] || set -- eagle eagle3 medusa amphista falcon dflash
     args=()
-    for t in $(trees "$d"); do args+=(--compare "$KEEP/$d|$t|auto"); done
-    specdec-eval --all --batch_size 8 --temperature 0 --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/$d"
+    for d in "$@"; do
+      [ -f "$KEEP/$d/drafter.json" ] || { echo "$KEEP/$d is not trained yet: $0 train $d" >&2; exit 2; }
+      for t in $(trees "$d"); do args+=(--compare "$KEEP/$d|$t|auto"); done
+    done
+    specdec-eval --all --batch_size 8 --temperature 0 --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/table"
     ;;
-  *) echo "usage: $0 features | train DRAFTER | eval DRAFTER" >&2; exit 2 ;;
+  *) echo "usage: $0 features | train DRAFTER | eval [DRAFTER...]" >&2; exit 2 ;;
 esac

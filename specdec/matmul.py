@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import math
 import os
+import pathlib
 from typing import Any
 
 import jax
@@ -218,6 +219,20 @@ def cast_dense(tree: Any, dtype: Any) -> Any:
     if isinstance(out, dict) and "embed" in out and "lm_head" not in out:
         out["lm_head"] = jnp.asarray(out["embed"]).T.astype(dtype)
     return out
+
+
+def native_bf16() -> bool:
+    """Whether bf16 products pay here: any accelerator, or a CPU with bf16 dot-product instructions
+    (`avx512_bf16` / `amx_bf16`). Without them XLA widens bf16 to f32 around every product: on a
+    Zen 3 core (AVX2) a 4x512 SmolLM2-135M forward ran 1.35x *slower* in bf16 (173 vs 129 tok/s).
+    """
+    if jax.default_backend() != "cpu":
+        return True
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to tell, keep f32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _pack_leaf(v):

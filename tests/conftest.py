@@ -100,6 +100,35 @@ def tiny_models(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_models, tmp_path_factory):
+    """A tiny target and a feature cache of 40 random sequences (loss on the second half):
+    (params, cfg, cache folder, examples, checkpoint folder)."""
+    import pathlib
+
+    import numpy as np
+
+    from specdec.models import to_device
+    from specdec.train import data, features
+
+    _, loaded = tiny_models["llama"]
+    cfg = loaded.cfg
+    params = to_device(loaded.params, cfg)
+    rng = np.random.default_rng(0)
+    exs = []
+    motifs = [rng.integers(3, cfg.vocab_size, k) for k in (3, 4, 5)]
+    for _ in range(40):  # repeated motifs at random phases: a learnable, predictable future
+        n = int(rng.integers(24, 40))
+        motif = motifs[int(rng.integers(3))]
+        toks = np.roll(np.resize(motif, n + len(motif)), -int(rng.integers(len(motif))))[:n].astype(np.int32)
+        exs.append(data.Example(toks, np.arange(n) >= n // 3))
+    path = tmp_path_factory.mktemp("feats")
+    taps = (0, 1, 2)  # L = 2: EAGLE-3 taps (2, 1, 0) and the final state 2
+    features.extract(params, cfg, "tiny", exs, path, taps=taps, shard_size=16, progress=False)
+    src = pathlib.Path(loaded.source)
+    return params, cfg, path, exs, str(src if src.is_dir() else src.parent)
+
+
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded default target (SmolLM2-135M-Instruct GGUF), loaded once."""

@@ -95,6 +95,7 @@ def test_every_tool_reports_bad_input_in_one_line_with_exit_code_2(
         (tr, ["--target", t, "--out", str(tmp_path / "r"), "--data", str(tmp_path / "x")], "does not exist"),
         (tr, ["--drafter", "falcon9"], "drafter"),
         (tr, ["--out", str(tmp_path / "r2"), "--target_mesh", "model=two"], "data=N,model=M"),
+        (tr, ["--out", str(tmp_path / "r3"), "--reuse_features", "x"], "--regenerated DIR"),
     ]
     for (run, prog), args, needle in cases:
         code, err = _console(monkeypatch, capsys, run, prog, *args)

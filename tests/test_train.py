@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ from specdec.cache import causal_mask
 from specdec.drafters import checkpoint as ckpt
 from specdec.drafters import eagle
 from specdec.drafters.protocol import Context
-from specdec.models import forward, to_device
+from specdec.models import forward
 from specdec.train import data, features, losses, trainer
 from specdec.tree import Tree
 
@@ -71,66 +70,8 @@ def test_assistant_only_mask(embedded):
 
 # --------------------------------------------------------------------------------------------- tiny target
 @pytest.fixture(scope="module")
-def tiny(tiny_models, tmp_path_factory):
-    """A tiny target and a feature cache of 40 random sequences (loss on the second half)."""
-    _, loaded = tiny_models["llama"]
-    cfg = loaded.cfg
-    params = to_device(loaded.params, cfg)
-    rng = np.random.default_rng(0)
-    exs = []
-    motifs = [rng.integers(3, cfg.vocab_size, k) for k in (3, 4, 5)]
-    for _ in range(40):  # repeated motifs at random phases: a learnable, predictable future
-        n = int(rng.integers(24, 40))
-        motif = motifs[int(rng.integers(3))]
-        toks = np.roll(np.resize(motif, n + len(motif)), -int(rng.integers(len(motif))))[:n].astype(np.int32)
-        exs.append(data.Example(toks, np.arange(n) >= n // 3))
-    path = tmp_path_factory.mktemp("feats")
-    taps = (0, 1, 2)  # L = 2: EAGLE-3 taps (2, 1, 0) and the final state 2
-    features.extract(params, cfg, "tiny", exs, path, taps=taps, shard_size=16, progress=False)
-    src = pathlib.Path(loaded.source)
-    return params, cfg, path, exs, str(src if src.is_dir() else src.parent)
-
-
-def test_feature_cache_resumes_and_matches_forward(tiny, tmp_path):
-    params, cfg, path, exs, _ = tiny
-    fs = features.FeatureSet.open(path)
-    assert len(fs) == 40 and fs.manifest["complete"]
-    d = fs.seq(17, ["tokens", "top1", "tap_2"])
-    n = len(exs[17].tokens)
-    logits, taps, _ = forward(params, cfg, jnp.asarray(exs[17].tokens)[None], jnp.arange(n)[None], None,
-                              causal_mask(1, n), taps=(2,))  # fmt: skip
-    np.testing.assert_array_equal(d["tokens"], exs[17].tokens)
-    np.testing.assert_allclose(d["tap_2"], taps[0][0], atol=2e-3, rtol=2e-3)  # float16 storage
-    assert (d["top1"] == np.argmax(logits[0], -1)).mean() > 0.95
-    # an interrupted extraction (manifest lists one shard of three) resumes and completes
-    part = tmp_path / "part"
-    features.extract(params, cfg, "tiny", exs[:16], part, taps=(2,), shard_size=16, progress=False)
-    m = json.loads((part / "manifest.json").read_text())
-    with pytest.raises(features.FeatureCacheError, match="different extraction"):
-        features.extract(params, cfg, "tiny", exs, part, taps=(2,), shard_size=16, progress=False)
-    m.update(num_examples=40, complete=False)
-    (part / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(features.FeatureCacheError, match="interrupted"):
-        features.FeatureSet.open(part)
-    features.extract(params, cfg, "tiny", exs, part, taps=(2,), shard_size=16, progress=False)
-    fs2 = features.FeatureSet.open(part)
-    np.testing.assert_array_equal(fs2.seq(39, ["tokens"])["tokens"], exs[39].tokens)
-
-
-def test_bfloat16_extraction_is_close_and_recorded(tiny, tmp_path):
-    params, cfg, path, exs, _ = tiny
-    ref = features.FeatureSet.open(path)
-    out = tmp_path / "bf16"
-    features.extract(params, cfg, "tiny", exs[:8], out, taps=(2,), shard_size=8, matmul_dtype="bfloat16",
-                     progress=False)  # fmt: skip
-    fs = features.FeatureSet.open(out)
-    assert fs.manifest["matmul_dtype"] == "bfloat16"
-    got, want = fs.seq(5, ["tap_2", "top1"]), ref.seq(5, ["tap_2", "top1"])
-    err = np.linalg.norm(got["tap_2"] - want["tap_2"]) / np.linalg.norm(want["tap_2"])
-    assert 1e-5 < err < 2e-2  # the products really ran in bf16, and stayed close
-    assert (got["top1"] == want["top1"]).mean() > 0.9
-    with pytest.raises(features.FeatureCacheError, match="matmul_dtype"):  # no mixing of precisions
-        features.extract(params, cfg, "tiny", exs[:8], out, taps=(2,), shard_size=8, progress=False)
+def tiny(tiny_cache):
+    return tiny_cache
 
 
 def _regen_setup(tiny):

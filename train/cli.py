@@ -41,9 +41,15 @@ _int("num_conversations", 1500, "Conversations to use (train + held-out).", lowe
 _int("max_len", 512, "Tokens per conversation at most (truncated).", lower_bound=16)
 _string("features", None, "Feature cache folder (default: <out>/../features-<target>-<n>-<max_len>).")
 flags.DEFINE_enum(
-    "extract_dtype", "float32", ["float32", "bfloat16"],
-    "The target's matmuls during feature extraction: bfloat16 is 1.6x faster on CPU (f32 accumulation and "
-    "residual stream; top-1 labels = f32 argmax at ~99% of positions; docs/training.md).", flag_values=FLAGS,
+    "extract_dtype", "float32", ["float32", "bfloat16", "auto"],
+    "The target's matmuls during feature extraction: bfloat16 is 1.6x faster on a Zen 4 CPU (f32 "
+    "accumulation and residual stream; top-1 labels = f32 argmax at ~99% of positions) but 1.35x slower "
+    "on AVX2-only CPUs; auto = bfloat16 where the CPU has bf16 instructions or on an accelerator "
+    "(docs/training.md).", flag_values=FLAGS,
+)  # fmt: skip
+flags.DEFINE_list(
+    "reuse_features", [], "With --regenerated: feature caches of --regenerate runs (folders) whose "
+    "conversations are copied instead of re-extracted (same target, taps and precision).", flag_values=FLAGS,
 )  # fmt: skip
 _bool("extract_only", False, "Stop after the feature cache is complete.")
 _bool("partial_features", False, "Train on the finished shards of a cache still being built (experiments).")
@@ -116,7 +122,14 @@ def main(argv):
 
     if not FLAGS.out:
         raise app.UsageError("--out RUN_FOLDER is required (checkpoints and the trained drafter go there)")
-    if FLAGS.regenerate and FLAGS.extract_dtype != "float32":
+    from specdec.matmul import native_bf16
+
+    dtype = FLAGS.extract_dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if native_bf16() and not FLAGS.regenerate else "float32"
+    if FLAGS.reuse_features and not FLAGS.regenerated:
+        raise app.UsageError("--reuse_features applies to --regenerated DIR (re-extracting an exported set)")
+    if FLAGS.regenerate and dtype != "float32":
         raise app.UsageError(
             "--extract_dtype applies to extraction; --regenerate decodes in float32 (re-extract its "
             "export with --regenerated DIR --extract_dtype bfloat16)"
@@ -141,8 +154,8 @@ def main(argv):
         pass
     elif FLAGS.regenerated:
         print(f"{len(examples)} regenerated sequences from {FLAGS.regenerated}")
-        features.extract(params, cfg, model.source, examples, feat_dir, taps=taps,
-                         progress=FLAGS.progress, matmul_dtype=FLAGS.extract_dtype)  # fmt: skip
+        features.extract(params, cfg, model.source, examples, feat_dir, taps=taps, progress=FLAGS.progress,
+                         matmul_dtype=dtype, reuse=FLAGS.reuse_features)  # fmt: skip
     else:
         convs = data.load_sharegpt(FLAGS.data)
         print(f"{len(convs)} usable conversations; taking {FLAGS.num_conversations} (seed {FLAGS.seed})")
@@ -173,7 +186,7 @@ def main(argv):
         else:
             examples = data.prepare_examples(model.tokenizer, convs, len(convs), FLAGS.max_len, FLAGS.seed)
             features.extract(params, cfg, model.source, examples, feat_dir, taps=taps,
-                             progress=FLAGS.progress, matmul_dtype=FLAGS.extract_dtype)  # fmt: skip
+                             progress=FLAGS.progress, matmul_dtype=dtype)  # fmt: skip
     if FLAGS.regenerate and FLAGS.export_regenerated:
         from specdec.train.regenerated_set import export
 

@@ -76,6 +76,30 @@ def _batches(examples: Sequence[Example], tokens_per_batch: int, quantum: int = 
         i += len(group)
 
 
+def reusable(caches: Sequence[os.PathLike], source: str, cfg: ModelConfig, taps: tuple[int, ...],
+             matmul_dtype: str) -> dict[bytes, tuple[FeatureSet, int]]:  # fmt: skip
+    """Sequences of other caches of the same target, taps and precision, by their token ids.
+
+    A regeneration run's cache holds the features of the conversations it wrote (from the generating
+    forwards); an extraction of the exported set copies them instead of running the target again.
+    The file name of the target's source identifies it (the set travels between machines).
+    """
+    want = _target_id(pathlib.Path(str(source)).name, cfg)
+    found: dict[bytes, tuple[FeatureSet, int]] = {}
+    for c in caches:
+        fs = FeatureSet.open(c, allow_partial=True)
+        m = fs.manifest
+        have = {**m["target"], "source": pathlib.Path(m["target"]["source"]).name}
+        dt, missing = m.get("matmul_dtype", "float32"), sorted(set(taps) - set(m["taps"]))
+        why = (f"target {have} vs {want}" if have != want else f"taps {m['taps']} lack {missing}" if missing
+               else f"matmul_dtype {dt} vs {matmul_dtype}" if dt != matmul_dtype else None)  # fmt: skip
+        if why:
+            raise FeatureCacheError(f"--reuse_features {c} does not fit this extraction ({why}); drop it")
+        for s in range(len(fs)):
+            found.setdefault(fs.seq(s, ["tokens"])["tokens"].tobytes(), (fs, s))
+    return found
+
+
 def extract(
     params,
     cfg: ModelConfig,
@@ -87,14 +111,17 @@ def extract(
     shard_size: int = 64,
     tokens_per_batch: int = 2048,
     matmul_dtype: str = "float32",
+    reuse: Sequence[os.PathLike] = (),
     progress: bool = True,
 ) -> pathlib.Path:
     """Run the target over `examples` and cache `taps` + argmax ids; resumes an interrupted run.
 
     `matmul_dtype="bfloat16"` runs the target's products in bf16 (f32 accumulation, residual stream
     and attention; `specdec.matmul.cast_dense`): 1.6x faster on a Zen 4 core, labels = the f32
-    argmax at ~99% of positions. Raises `FeatureCacheError` if `out_dir` holds a cache for another
-    target, other taps or another matmul dtype.
+    argmax at ~99% of positions. `reuse`: caches (e.g. of `--regenerate` runs) whose sequences with
+    the same tokens and loss mask are copied, not recomputed (see `reusable`). Raises
+    `FeatureCacheError` if `out_dir` holds a cache for another target, other taps or another matmul
+    dtype, or a `reuse` cache does not fit.
     """
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,6 +150,7 @@ def extract(
         logits, hs, _ = forward(params, cfg, tokens, pos, None, causal_mask(b, t), taps=taps)
         return argmax(logits), tuple(h.astype(jnp.float16) for h in hs)
 
+    found = reusable(reuse, source, cfg, taps, matmul_dtype) if reuse else {}
     n_shards = -(-len(examples) // shard_size)
     done = {s["index"] for s in m["shards"]}
     total = sum(len(e.tokens) for e in examples)
@@ -134,7 +162,15 @@ def extract(
         exs = examples[si * shard_size : (si + 1) * shard_size]
         top1 = [None] * len(exs)
         feats = [None] * len(exs)
-        for group, t in _batches(exs, tokens_per_batch):
+        for j, e in enumerate(exs):
+            fs, k = found.get(np.asarray(e.tokens, np.int32).tobytes(), (None, 0))
+            d = fs.seq(k, ["loss_mask", "top1", *(f"tap_{t}" for t in taps)]) if fs else None
+            if d is not None and np.array_equal(d["loss_mask"], e.loss_mask):
+                top1[j], feats[j] = np.asarray(d["top1"]), [np.asarray(d[f"tap_{t}"]) for t in taps]
+                bar.update(len(e.tokens))
+        todo = [j for j in range(len(exs)) if top1[j] is None]
+        for group, t in _batches([exs[j] for j in todo], tokens_per_batch):
+            group = [todo[g] for g in group]
             batch = np.zeros((len(group), t), np.int32)
             for r, j in enumerate(group):
                 batch[r, : len(exs[j].tokens)] = exs[j].tokens
@@ -156,7 +192,8 @@ def extract(
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         m["shards"].append({"index": si, "name": final.name, "sequences": len(exs),
-                            "tokens": int(sum(len(e.tokens) for e in exs))})  # fmt: skip
+                            "tokens": int(sum(len(e.tokens) for e in exs)),
+                            "reused": len(exs) - len(todo)})  # fmt: skip
         _write_manifest(out, m)
     bar.close()
     m["complete"] = True
