@@ -5,6 +5,8 @@
 #   recipes/retrain_smollm2.sh features        # the set's feature cache (both cores, resumable)
 #   recipes/retrain_smollm2.sh train eagle     # one drafter (resumable from its checkpoints)
 #   recipes/retrain_smollm2.sh eval            # all drafters' τ table, one run (resumes its journal)
+#   recipes/retrain_smollm2.sh cost            # draft cost per step (ms, vs a T=1 step), batch 1
+#   recipes/retrain_smollm2.sh all             # all of the above in order; rerun after a kill
 #
 # The feature cache and run folders live in $RUNS (ignored by git): a new machine rebuilds the
 # cache, ~1.2 h for 2.5M tokens on two Zen 4 cores (bf16 products), less what REUSE holds. The set itself is in git, and so is each trained
@@ -16,6 +18,7 @@ SET=${SET:-data/selfdistill/smollm2-135m-instruct}
 EVAL_OUT=${EVAL_OUT:-docs/results/retrain}
 KEEP=${KEEP:-data/retrain}
 FEATURES=$RUNS/features
+FAMILIES="eagle eagle3 medusa amphista falcon dflash"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/xla_cache}
 # bf16 products in extraction where the CPU has bf16 instructions (Zen 4: 1.6x faster, labels = the
 # f32 argmax at ~99% of positions); f32 on AVX2-only CPUs, where bf16 is 1.35x slower.
@@ -42,7 +45,7 @@ trees() {
     falcon) echo "chain:6 static:falcon" ;;
     eagle3) echo "chain:7 dynamic:depth=6,topk=10,n=60" ;;
     medusa | amphista) echo "chain:4 static:medusa63" ;;
-    dflash) echo "chain:15" ;;
+    dflash) echo "chain:15 dynamic:depth=15,topk=10,n=60" ;;
   esac
 }
 
@@ -62,7 +65,8 @@ case ${1:-} in
   eval)
     # One run, one AR baseline, every drafter's trees: the issue's table (and 1 baseline, not 6).
     shift
-    [ $# -gt 0 ] || set -- eagle eagle3 medusa amphista falcon dflash
+    # shellcheck disable=SC2086
+    [ $# -gt 0 ] || set -- $FAMILIES
     args=()
     for d in "$@"; do
       [ -f "$KEEP/$d/drafter.json" ] || { echo "$KEEP/$d is not trained yet: $0 train $d" >&2; exit 2; }
@@ -70,5 +74,16 @@ case ${1:-} in
     done
     specdec-eval --all --batch_size 8 --temperature 0 --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/table"
     ;;
-  *) echo "usage: $0 features | train DRAFTER | eval [DRAFTER...]" >&2; exit 2 ;;
+  cost)
+    args=()
+    for d in $FAMILIES; do for t in $(trees "$d"); do args+=(--config "$KEEP/$d|$t"); done; done
+    python benchmarks/spec_vs_ar.py --max_new_tokens 128 "${args[@]}" --out "$EVAL_OUT/cost.json"
+    ;;
+  all)
+    "$0" features
+    for d in $FAMILIES; do "$0" train "$d"; done
+    "$0" eval
+    "$0" cost
+    ;;
+  *) echo "usage: $0 features | train DRAFTER | eval [DRAFTER...] | cost | all" >&2; exit 2 ;;
 esac
