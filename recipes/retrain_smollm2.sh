@@ -5,6 +5,7 @@
 #   recipes/retrain_smollm2.sh features        # the set's feature cache (both cores, resumable)
 #   recipes/retrain_smollm2.sh train eagle     # one drafter (resumable from its checkpoints)
 #   recipes/retrain_smollm2.sh eval            # all drafters' τ table, one run (resumes its journal)
+#   recipes/retrain_smollm2.sh eval-t1         # τ at T = 1 (lossless verifier), chains, one run
 #   recipes/retrain_smollm2.sh cost            # draft cost per step (ms, vs a T=1 step), batch 1
 #   recipes/retrain_smollm2.sh all             # all of the above in order; rerun after a kill
 #
@@ -74,6 +75,12 @@ case ${1:-} in
     done
     specdec-eval --all --batch_size 8 --temperature 0 --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/table"
     ;;
+  eval-t1)
+    # T = 1 with the lossless default verifier (auto: recursive rejection sampling on trees), chains.
+    args=()
+    for d in $FAMILIES; do t=$(trees "$d"); args+=(--compare "$KEEP/$d|${t%% *}|auto"); done
+    specdec-eval --all --batch_size 8 --temperature 1 --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/table-t1"
+    ;;
   cost)
     args=()
     for d in $FAMILIES; do for t in $(trees "$d"); do args+=(--config "$KEEP/$d|$t"); done; done
@@ -83,7 +90,8 @@ case ${1:-} in
     "$0" features
     for d in $FAMILIES; do "$0" train "$d"; done
     "$0" eval
+    "$0" eval-t1
     "$0" cost
     ;;
-  *) echo "usage: $0 features | train DRAFTER | eval [DRAFTER...] | cost | all" >&2; exit 2 ;;
+  *) echo "usage: $0 features | train DRAFTER | eval [DRAFTER...] | eval-t1 | cost | all" >&2; exit 2 ;;
 esac
