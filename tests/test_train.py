@@ -200,7 +200,7 @@ def test_fused_regeneration_features_equal_extraction_and_resume(tiny, tmp_path)
 @pytest.mark.parametrize("family,own_heads,loss", [
     ("medusa", True, "ce"), ("medusa", False, "lk"), ("eagle", False, "ce"), ("eagle", False, "tv"),
     ("eagle3", False, "ce"), ("eagle3", False, "lk"), ("dflash", False, "ce"), ("dflash", False, "dpace"),
-    ("amphista", False, "ce"), ("amphista", True, "lk"), ("falcon", False, "ce"),
+    ("amphista", False, "ce"), ("amphista", True, "lk"), ("falcon", False, "ce"), ("eagle", False, "align"),
 ])  # fmt: skip
 def test_training_learns_and_checkpoint_loads(tiny, tmp_path, family, own_heads, loss):
     """Every family and loss (cross-entropy, total variation, the LK hybrid; DFlash's position decay
@@ -208,11 +208,12 @@ def test_training_learns_and_checkpoint_loads(tiny, tmp_path, family, own_heads,
     params, cfg, path, _, _ = tiny
     fs = features.FeatureSet.open(path)
     weighting = "dpace" if loss == "dpace" else "decay"
-    loss = "ce" if loss == "dpace" else loss
+    align = 2 if loss == "align" else 1  # EAGLE-1 with HASS context alignment
+    loss = "ce" if loss in ("dpace", "align") else loss
     tc = trainer.TrainConfig(family=family, steps=60, batch_size=4, seq_len=40, lr=1e-2, warmup=5,
                              heldout=8, eval_every=60, save_every=30, draft_vocab=64, heads=2, ttt_steps=2,
                              own_heads=own_heads, loss=loss, dflash_layers=1, block_size=4, num_anchors=8,
-                             dflash_weighting=weighting)  # fmt: skip
+                             dflash_weighting=weighting, align_steps=align)  # fmt: skip
     before = trainer.train(dataclasses_replace(tc, steps=1, eval_every=1), params, cfg, "tiny", fs,
                            tmp_path / "zero", progress=False, log=lambda s: None)["heldout"]  # fmt: skip
     out = trainer.train(tc, params, cfg, "tiny", fs, tmp_path / "run", progress=False, log=lambda s: None)
@@ -254,10 +255,12 @@ def test_interrupted_training_resumes_to_the_same_state(tiny, tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-def test_training_time_test_equals_inference_chain(tiny):
-    """TTT step k's output at position p = the EAGLE-3 drafter's output at a depth-k chain node."""
+@pytest.mark.parametrize("version", [1, 3])
+def test_training_time_test_equals_inference_chain(tiny, version):
+    """TTT step k's output at position p = the drafter's output at a depth-k chain node: EAGLE-3's
+    training-time test, and EAGLE-1's HASS context alignment (`--align_steps`)."""
     params, cfg, _, exs, _ = tiny
-    c = eagle.EagleConfig.for_target(cfg, 3)
+    c = eagle.EagleConfig.for_target(cfg, version)
     dp = ckpt.bind("eagle", c, eagle.init_params(c, jax.random.PRNGKey(1)), params)
     toks = jnp.asarray(exs[3].tokens[:20])[None]
     n = toks.shape[1]

@@ -87,6 +87,8 @@ _int("heads", 4, "Medusa / Amphista heads.")
 _bool("own_heads", False, "Medusa / Amphista: one LM head per head instead of the target's shared head.")
 _int("ttt_steps", 3, "EAGLE-3 training-time-test steps (paper: 7).")
 _float("noise", 0.1, "EAGLE-1 feature noise U(-a, a).")
+_int("align_steps", 1, "EAGLE-1: HASS harmonised context alignment, steps feeding the draft's own features "
+     "back (1 = teacher-forced only; docs/training.md).", lower_bound=1)  # fmt: skip
 _int("falcon_k", 2, "Falcon: tokens drafted per semi-autoregressive pass.", lower_bound=1)
 _int("dflash_layers", 3, "DFlash: draft decoder layers at the target's width.", lower_bound=1)
 _int("block_size", 16, "DFlash: block size (the anchor + block_size - 1 drafted tokens).", lower_bound=2)
@@ -127,6 +129,8 @@ def main(argv):
     dtype = FLAGS.extract_dtype
     if dtype == "auto":
         dtype = "bfloat16" if native_bf16() and not FLAGS.regenerate else "float32"
+    if FLAGS.align_steps > 1 and FLAGS.drafter != "eagle":
+        raise app.UsageError("--align_steps applies to --drafter eagle (EAGLE-3 has --ttt_steps)")
     if FLAGS.reuse_features and not FLAGS.regenerated:
         raise app.UsageError("--reuse_features applies to --regenerated DIR (re-extracting an exported set)")
     if FLAGS.regenerate and dtype != "float32":
@@ -202,6 +206,7 @@ def main(argv):
         family=FLAGS.drafter, steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.max_len,
         lr=FLAGS.lr, warmup=FLAGS.warmup, weight_decay=FLAGS.weight_decay, clip=FLAGS.clip, seed=FLAGS.seed,
         heads=FLAGS.heads, own_heads=FLAGS.own_heads, ttt_steps=FLAGS.ttt_steps, noise=FLAGS.noise,
+        align_steps=FLAGS.align_steps,
         loss=FLAGS.loss, falcon_k=FLAGS.falcon_k, dflash_layers=FLAGS.dflash_layers,
         block_size=FLAGS.block_size,
         num_anchors=FLAGS.num_anchors, dflash_weighting=FLAGS.dflash_weighting,

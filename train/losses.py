@@ -144,25 +144,44 @@ def _pairs(batch: Batch):
     return toks, pos, target_mask
 
 
-def eagle1_loss(params, cfg: eagle.EagleConfig, batch: Batch, t2d, key, noise: float = 0.1, loss: str = "ce"):
+def eagle1_loss(params, cfg: eagle.EagleConfig, batch: Batch, t2d, key, noise: float = 0.1, loss: str = "ce",
+                align_steps: int = 1):  # fmt: skip
+    """EAGLE-1: feature regression (SmoothL1) + 0.1 x divergence to the target, teacher-forced.
+
+    `align_steps` > 1 adds HASS's harmonised context alignment (arXiv 2408.15766): step k feeds the
+    draft's own outputs of step k - 1 back as the features of the last k context positions, exactly
+    what a chain node at depth k + 1 sees at inference (`eagle3_outputs`, tested against the
+    drafter); step k's losses are weighted 0.8^k, like EAGLE-3's training-time test.
+    """
     tap = str(cfg.taps[0])
     f = batch.taps[tap].astype(jnp.float32)
     toks, pos, tmask = _pairs(batch)
     feat = f[:, :-1]
-    if noise:
+    if noise:  # on the target's features only, as EAGLE; drafted features enter unperturbed
         feat = feat + jax.random.uniform(key, feat.shape, minval=-noise, maxval=noise)
-    n = toks.shape[1]
-    out, _ = eagle.run_layer(params, cfg, toks, feat, pos, None, causal_mask(toks.shape[0], n))
+    if align_steps == 1:
+        n = toks.shape[1]
+        out, _ = eagle.run_layer(params, cfg, toks, feat, pos, None, causal_mask(toks.shape[0], n))
+        outs = [out]
+    else:  # eagle3_outputs takes taps at positions 0..T-1 (the last is never an input)
+        padded = jnp.pad(feat, ((0, 0), (0, 1), (0, 0)))
+        outs = eagle3_outputs(params, cfg, batch.tokens, (padded,), align_steps)
     lab, ok = _labels(t2d, batch.top1[:, 1:])
-    m = tmask & ok
-    reg = jnp.sum(optax.huber_loss(out, f[:, 1:], delta=1.0), -1)  # = SmoothL1 with beta 1
-    logp = jax.nn.log_softmax(eagle.draft_logits(params, cfg, out), -1)
     soft = _soft_targets(params, batch, tap)[:, 1:]
-    d = divergence(soft, logp, loss)
-    total = _masked_mean(reg, m) / cfg.hidden_size + 0.1 * _masked_mean(d, m)
-    # The feature loss is summed over D in EAGLE's code with mean over tokens; we divide by D so the
-    # two terms stay comparable across hidden sizes (a constant rescaling of the learning signal).
-    return total, {"acc0": _masked_mean(jnp.argmax(logp, -1) == lab, m), "reg": _masked_mean(reg, m)}
+    j = jnp.arange(tmask.shape[1])
+    total, metrics = 0.0, {}
+    for k, out in enumerate(outs):
+        m = tmask & ok & (j >= k)[None, :]  # step k needs a real pair at p - k
+        reg = jnp.sum(optax.huber_loss(out, f[:, 1:], delta=1.0), -1)  # = SmoothL1 with beta 1
+        logp = jax.nn.log_softmax(eagle.draft_logits(params, cfg, out), -1)
+        d = divergence(soft, logp, loss)
+        # The feature loss is summed over D in EAGLE's code with mean over tokens; we divide by D so
+        # the two terms stay comparable across hidden sizes (a constant rescaling of the signal).
+        total = total + 0.8**k * (_masked_mean(reg, m) / cfg.hidden_size + 0.1 * _masked_mean(d, m))
+        metrics[f"acc{k}"] = _masked_mean(jnp.argmax(logp, -1) == lab, m)
+        if k == 0:
+            metrics["reg"] = _masked_mean(reg, m)
+    return total, metrics
 
 
 def _shift(x, s: int):

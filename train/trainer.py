@@ -54,6 +54,7 @@ class TrainConfig:
     own_heads: bool = False  # Medusa: per-head LM heads instead of the target's shared head
     ttt_steps: int = 3  # EAGLE-3
     noise: float = 0.1  # EAGLE-1 feature noise
+    align_steps: int = 1  # EAGLE-1: HASS context-alignment steps (1 = teacher-forced only)
     loss: str = "ce"  # divergence to the target distribution: ce | tv | lk (losses.py)
     dflash_layers: int = 3  # DFlash draft layers
     block_size: int = 16  # DFlash block: anchor + block_size - 1 drafted positions
@@ -159,7 +160,8 @@ def build(tc: TrainConfig, target_cfg: ModelConfig, target_params, d2t, key):
     frozen["embed"] = target_params["embed"]
     if version == 1:
         frozen["head"] = head_d
-        fn = functools.partial(losses.eagle1_loss, cfg=cfg, noise=tc.noise, loss=tc.loss)
+        fn = functools.partial(losses.eagle1_loss, cfg=cfg, noise=tc.noise, loss=tc.loss,
+                               align_steps=tc.align_steps)  # fmt: skip
     else:
         fn = functools.partial(
             losses.eagle3_loss, cfg=cfg, ttt_steps=tc.ttt_steps, tap_final=target_cfg.num_layers, loss=tc.loss
