@@ -18,9 +18,13 @@ EVAL_OUT=${EVAL_OUT:-docs/results/ablation}
 KEEP=${KEEP:-data/ablation}  # the trained drafters (8 MB for an EAGLE-1), in git: an eval resumes anywhere
 ARMS=${ARMS:-orig regen}
 DRAFTERS=${DRAFTERS:-medusa eagle eagle3}
-# The target's matmuls in feature extraction, the same for both arms: EAGLE-1's arms were extracted
-# in float32; Medusa's and EAGLE-3's in bfloat16 (1.6x faster, --extract_dtype; docs/training.md).
-DTYPE=${DTYPE:-bfloat16}
+# The target's matmuls in feature extraction, the same for both arms: float32 (EAGLE-1's arms ran
+# so; bf16 is 1.35x slower on the AVX2-only machines, and Medusa's/EAGLE-3's earlier bf16 original
+# arms were dropped before evaluation to keep all three ablations in one precision).
+DTYPE=${DTYPE:-float32}
+# The regenerated arm's sequences are the set's first N: copied from the retrain recipe's cache when
+# it exists (same target, taps and precision), not extracted again.
+REUSE=${REUSE-$(ls -d runs/retrain/features 2>/dev/null || true)}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/xla_cache}
 
 recipe() {
@@ -35,7 +39,8 @@ data() {
   if [ "$1" = orig ]; then
     echo "--num_conversations $N --features $RUNS/features-orig-$N-$DTYPE --extract_dtype $DTYPE"
   else
-    echo "--regenerated $SET --max_sequences $N --features $RUNS/features-regen-$N-$DTYPE --extract_dtype $DTYPE"
+    echo "--regenerated $SET --max_sequences $N --features $RUNS/features-regen-$N-$DTYPE --extract_dtype $DTYPE" \
+      "${REUSE:+--reuse_features $REUSE}"
   fi
 }
 
