@@ -7,6 +7,7 @@
 #   recipes/retrain_smollm2.sh eval            # all drafters' τ table, one run (resumes its journal)
 #   recipes/retrain_smollm2.sh eval-t1         # τ at T = 1 (lossless verifier), chains, one run
 #   recipes/retrain_smollm2.sh cost            # draft cost per step (ms, vs a T=1 step), batch 1
+#   recipes/retrain_smollm2.sh table           # the comparison table from the three runs above
 #   recipes/retrain_smollm2.sh all             # all of the above in order; rerun after a kill
 #
 # The feature cache and run folders live in $RUNS (ignored by git): a new machine rebuilds the
@@ -87,12 +88,17 @@ case ${1:-} in
     for d in $FAMILIES; do for t in $(trees "$d"); do args+=(--config "$KEEP/$d|$t"); done; done
     python benchmarks/spec_vs_ar.py --max_new_tokens 128 "${args[@]}" --out "$EVAL_OUT/cost.json"
     ;;
+  table)  # τ, a(d), draft cost and batch-1 speedup in one markdown table (docs/drafters.md)
+    python benchmarks/drafter_table.py --eval "$EVAL_OUT/table" --eval_t1 "$EVAL_OUT/table-t1" \
+      --cost "$EVAL_OUT/cost.json" --out "$EVAL_OUT/table.md"
+    ;;
   all)
     "$0" features
     for d in $FAMILIES; do "$0" train "$d"; done
     "$0" eval
     "$0" eval-t1
     "$0" cost
+    "$0" table
     ;;
-  *) echo "usage: $0 features | train DRAFTER | eval [DRAFTER...] | eval-t1 | cost | all" >&2; exit 2 ;;
+  *) echo "usage: $0 features | train DRAFTER | eval [DRAFTER...] | eval-t1 | cost | table | all" >&2; exit 2 ;;
 esac

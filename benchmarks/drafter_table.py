@@ -1,0 +1,74 @@
+"""One comparison table of drafters from the runs that measured them (no new measurement).
+
+Joins, per `drafter|tree`: τ and acceptance per depth a(d) from a `specdec-eval` run at T = 0
+(`metrics.json`: MT-Bench, one AR baseline for every row), its mismatching turns (0 for a lossless
+verifier), τ at T = 1 from a second `specdec-eval` run when given, and from
+`benchmarks/spec_vs_ar.py` (batch 1, same machine) the draft cost per step in ms, that cost as a
+fraction of a T = 1 target step, the whole speculative step, and the batch-1 wall-clock speedup.
+
+    python benchmarks/drafter_table.py --eval docs/results/retrain/table \\
+        --eval_t1 docs/results/retrain/table-t1 --cost docs/results/retrain/cost.json \\
+        --out docs/results/retrain/table.md
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("eval", None, "specdec-eval output folder at T = 0 (holds metrics.json).", required=True)
+flags.DEFINE_string("eval_t1", None, "specdec-eval output folder at T = 1 (optional).")
+flags.DEFINE_string("cost", None, "benchmarks/spec_vs_ar.py JSON of the same configurations (optional).")
+flags.DEFINE_integer("depths", 3, "Acceptance-per-depth columns a(1)..a(D).")
+flags.DEFINE_string("out", None, "Write the markdown table here (printed either way).")
+
+
+def _methods(folder: str | None) -> dict[str, dict]:
+    """`drafter|tree` → the method's metrics (the verifier part of the label dropped)."""
+    if folder is None:
+        return {}
+    m = json.loads((pathlib.Path(folder) / "metrics.json").read_text())
+    return {"|".join(label.split("|")[:2]): v for label, v in m["methods"].items()}
+
+
+def _fmt(x, spec: str, missing: str = "–") -> str:
+    return missing if x is None else format(x, spec)
+
+
+def table(t0: dict[str, dict], t1: dict[str, dict], cost: dict | None, depths: int) -> str:
+    runs = (cost or {}).get("runs", {})
+    ar_step = runs.get("AR", {}).get("step_ms", {}).get("loop_step")
+    head = ["drafter", "tree", "τ T=0", *(f"a({d})" for d in range(1, depths + 1)), "mismatching turns",
+            "τ T=1", "draft ms", "draft / T=1 step", "step ms", "speedup (batch 1)"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, m in t0.items():
+        drafter, tree = key.split("|")
+        apd = (m.get("acceptance_per_depth") or []) + [None] * depths
+        c = runs.get(key, {})
+        ms = c.get("step_ms", {})
+        draft = ms.get("draft")
+        row = [f"`{drafter}`", f"`{tree}`", _fmt(m["tau"], ".2f")]
+        row += [_fmt(a, ".3f") for a in apd[:depths]]
+        row += [f"{m['lossless_mismatches']}", _fmt(t1.get(key, {}).get("tau"), ".2f"), _fmt(draft, ".1f"),
+                _fmt(None if draft is None or not ar_step else draft / ar_step, ".2f"),
+                _fmt(ms.get("loop_step"), ".1f"), _fmt(c.get("speedup"), ".2f")]  # fmt: skip
+        lines.append("| " + " | ".join(row) + " |")
+    if ar_step:
+        lines.append(f"\nT = 1 target step (AR loop step, batch 1): {ar_step:.1f} ms.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    del argv
+    cost = json.loads(pathlib.Path(FLAGS.cost).read_text()) if FLAGS.cost else None
+    text = table(_methods(FLAGS.eval), _methods(FLAGS.eval_t1), cost, FLAGS.depths)
+    print(text)
+    if FLAGS.out:
+        pathlib.Path(FLAGS.out).write_text(text)
+
+
+if __name__ == "__main__":
+    app.run(main)
