@@ -36,7 +36,8 @@ def _kv(arg: str) -> dict[str, int]:
     return out
 
 
-SHIPPED = ("medusa", "eagle", "eagle3")
+SHIPPED = ("medusa", "eagle", "eagle3", "amphista", "falcon", "dflash")
+CONFIDENCE = ("eagle", "eagle3")  # drafters with the conf= option (draft only when confident)
 
 
 def shipped_path(name: str) -> pathlib.Path:
@@ -70,9 +71,14 @@ def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, windo
             raise ValueError(
                 f"--drafter {spec!r}: use {kind} or {kind}:conf=0.5 (draft only when confident)"
             ) from None
-        if conf and kind == "medusa":
-            raise ValueError("--drafter medusa takes no options (conf= is for eagle and eagle3)")
+        if conf and kind not in CONFIDENCE:
+            raise ValueError(f"--drafter {kind} takes no options (conf= is for eagle and eagle3)")
         path = shipped_path(kind)
+        if not checkpoint.is_checkpoint(path) and kind in ("amphista", "falcon", "dflash"):
+            raise ValueError(
+                f"--drafter {kind}: no {kind} checkpoint ships with this version yet; train one with "
+                f"`specdec-train --drafter {kind} --out RUN` and pass RUN/drafter as --drafter"
+            )
         if not checkpoint.is_checkpoint(path):
             raise ValueError(f"--drafter {kind}: the shipped drafter {path} is missing; reinstall specdec")
         try:
@@ -95,7 +101,7 @@ def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, windo
         m = load_model(spec, dtype=dtype or target_cfg.dtype)
     except CheckpointError as e:
         raise ValueError(
-            f"--drafter {spec!r} is not ngram[:n=N], layerskip:K, medusa, eagle, eagle3, a drafter "
+            f"--drafter {spec!r} is not ngram[:n=N], layerskip:K, {', '.join(SHIPPED)}, a drafter "
             f"checkpoint folder or a loadable draft model: {e}"
         ) from None
     if m.cfg.vocab_size != target_cfg.vocab_size:
