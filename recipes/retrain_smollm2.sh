@@ -8,6 +8,7 @@
 #   recipes/retrain_smollm2.sh eval-t1         # τ at T = 1 (lossless verifier), chains, one run
 #   recipes/retrain_smollm2.sh cost            # draft cost per step (ms, vs a T=1 step), batch 1
 #   recipes/retrain_smollm2.sh table           # the comparison table from the three runs above
+#   recipes/retrain_smollm2.sh ship            # retrained drafters become the shipped ones where better
 #   recipes/retrain_smollm2.sh all             # all of the above in order; rerun after a kill
 #
 # The feature cache and run folders live in $RUNS (ignored by git): a new machine rebuilds the
@@ -26,7 +27,7 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/xla_cach
 # f32 argmax at ~99% of positions); f32 on AVX2-only CPUs, where bf16 is 1.35x slower.
 DTYPE=${DTYPE:-auto}
 # Conversations regenerated on this machine already have features (--regenerate writes them): copied.
-REUSE=${REUSE-$(ls -d runs/train/features-*-regen 2>/dev/null | paste -sd, -)}
+REUSE=${REUSE-$( (ls -d runs/train/features-*-regen 2>/dev/null || true) | paste -sd, -)}
 COMMON="--regenerated $SET --features $FEATURES --extract_dtype $DTYPE --max_len 512 --lr 1e-3 --warmup 30 --eval_every 500"
 
 recipe() {
@@ -75,6 +76,8 @@ case ${1:-} in
       [ -f "$KEEP/$d/drafter.json" ] || { echo "$KEEP/$d is not trained yet: $0 train $d" >&2; exit 2; }
       for t in $(trees "$d"); do args+=(--compare "$KEEP/$d|$t|auto"); done
     done
+    # the drafters shipped before the retrain, on chains: the reference for `ship`
+    for c in "eagle|chain:6" "eagle3|chain:7" "medusa|chain:4"; do args+=(--compare "$c|auto"); done
     specdec-eval --all --batch_size 8 --temperature 0 --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/table"
     ;;
   eval-t1)
@@ -92,6 +95,23 @@ case ${1:-} in
     python benchmarks/drafter_table.py --eval "$EVAL_OUT/table" --eval_t1 "$EVAL_OUT/table-t1" \
       --cost "$EVAL_OUT/cost.json" --out "$EVAL_OUT/table.md"
     ;;
+  ship)
+    # Retrained drafters replace the shipped ones where their chain τ (T = 0, the table) is higher;
+    # the new families ship as they are. Each must stay <= 40 MB.
+    for d in $FAMILIES; do
+      mb=$(du -sm "$KEEP/$d" | cut -f1)
+      [ "$mb" -le 40 ] || { echo "$KEEP/$d is $mb MB (> 40): not shipped" >&2; continue; }
+      python - "$EVAL_OUT/table/metrics.json" "$KEEP/$d" "$d" "$(trees "$d" | cut -d' ' -f1)" <<'PY' || continue
+import json, sys
+m = json.load(open(sys.argv[1]))["methods"]
+new, old = m[f"{sys.argv[2]}|{sys.argv[4]}|auto"]["tau"], m.get(f"{sys.argv[3]}|{sys.argv[4]}|auto", {}).get("tau", 0)
+print(f"{sys.argv[3]} {sys.argv[4]}: tau {new:.2f} retrained vs {old:.2f} shipped")
+sys.exit(0 if new > old else 1)
+PY
+      rm -rf "specdec/data/drafters/$d" && cp -r "$KEEP/$d" "specdec/data/drafters/$d"
+      echo "shipped specdec/data/drafters/$d"
+    done
+    ;;
   all)
     "$0" features
     for d in $FAMILIES; do "$0" train "$d"; done
@@ -100,5 +120,5 @@ case ${1:-} in
     "$0" cost
     "$0" table
     ;;
-  *) echo "usage: $0 features | train DRAFTER | eval [DRAFTER...] | eval-t1 | cost | table | all" >&2; exit 2 ;;
+  *) echo "usage: $0 features | train DRAFTER | eval [DRAFTER...] | eval-t1 | cost | table | ship | all" >&2; exit 2 ;;
 esac
