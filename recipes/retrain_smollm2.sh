@@ -3,6 +3,7 @@
 # the self-distilled set"), then MT-Bench (all 80, T=0) τ per drafter and tree.
 #
 #   recipes/retrain_smollm2.sh features        # the set's feature cache (both cores, resumable)
+#   recipes/retrain_smollm2.sh dflash-layers   # DFlash depth 3/4/5 by held-out τ (300 steps each)
 #   recipes/retrain_smollm2.sh train eagle     # one drafter (resumable from its checkpoints)
 #   recipes/retrain_smollm2.sh eval            # all drafters' τ table, one run (resumes its journal)
 #   recipes/retrain_smollm2.sh eval-t1         # τ at T = 1 (lossless verifier), chains, one run
@@ -30,6 +31,15 @@ DTYPE=${DTYPE:-auto}
 REUSE=${REUSE-$( (ls -d runs/train/features-*-regen 2>/dev/null || true) | paste -sd, -)}
 COMMON="--regenerated $SET --features $FEATURES --extract_dtype $DTYPE --max_len 512 --lr 1e-3 --warmup 30 --eval_every 500"
 
+# DFlash's depth for SmolLM2 (3-5 layers at the target's width) by measurement: `dflash-layers`
+# trains each for 300 steps; the fewest layers whose held-out τ estimate is within 2% of the best.
+dflash_layers() {
+  if [ -n "${DFLASH_LAYERS:-}" ]; then echo "$DFLASH_LAYERS"; return; fi
+  [ -f "$EVAL_OUT/dflash_layers.json" ] || { echo 3; return; }
+  python -c 'import json, sys; t = json.load(open(sys.argv[1])); best = max(t.values())
+print(min(int(k) for k, v in t.items() if v >= 0.98 * best))' "$EVAL_OUT/dflash_layers.json"
+}
+
 recipe() {
   case $1 in
     eagle) echo "--steps ${STEPS:-2000}" ;;
@@ -38,7 +48,7 @@ recipe() {
     medusa) echo "--steps ${STEPS:-1000} --heads 4" ;;
     amphista) echo "--steps ${STEPS:-1000} --heads 4" ;;
     falcon) echo "--steps ${STEPS:-2000} --falcon_k 2" ;;
-    dflash) echo "--steps ${STEPS:-1000} --block_size 16" ;;
+    dflash) echo "--steps ${STEPS:-1000} --block_size 16 --dflash_layers $(dflash_layers)" ;;
     *) echo "unknown drafter $1 (eagle eagle-hass eagle3 medusa amphista falcon dflash)" >&2; exit 2 ;;
   esac
 }
@@ -95,6 +105,21 @@ case ${1:-} in
     python benchmarks/drafter_table.py --eval "$EVAL_OUT/table" --eval_t1 "$EVAL_OUT/table-t1" \
       --cost "$EVAL_OUT/cost.json" --out "$EVAL_OUT/table.md"
     ;;
+  dflash-layers)
+    for l in 3 4 5; do
+      out=$RUNS/dflash-layers-$l
+      # shellcheck disable=SC2086
+      [ -f "$out/drafter/drafter.json" ] || specdec-train --drafter dflash $COMMON --steps 300 --block_size 16 \
+        --dflash_layers "$l" --out "$out"
+    done
+    python - "$RUNS" "$EVAL_OUT/dflash_layers.json" <<'PY'
+import json, sys
+t = {l: json.load(open(f"{sys.argv[1]}/dflash-layers-{l}/drafter/drafter.json"))["training"]["heldout"]["tau_est"]
+     for l in (3, 4, 5)}
+print("DFlash held-out tau estimate after 300 steps, by layers:", {k: round(v, 3) for k, v in t.items()})
+json.dump(t, open(sys.argv[2], "w"), indent=1)
+PY
+    ;;
   ship)
     # Retrained drafters replace the shipped ones where their chain τ (T = 0, the table) is higher;
     # the new families ship as they are. Each must stay <= 40 MB.
@@ -114,11 +139,12 @@ PY
     ;;
   all)
     "$0" features
+    "$0" dflash-layers
     for d in $FAMILIES; do "$0" train "$d"; done
     "$0" eval
     "$0" eval-t1
     "$0" cost
     "$0" table
     ;;
-  *) echo "usage: $0 features | train DRAFTER | eval [DRAFTER...] | eval-t1 | cost | table | ship | all" >&2; exit 2 ;;
+  *) echo "usage: $0 features | dflash-layers | train DRAFTER | eval [DRAFTER...] | eval-t1 | cost | table | ship | all" >&2; exit 2 ;;
 esac
