@@ -91,10 +91,11 @@ def reusable(caches: Sequence[os.PathLike], source: str, cfg: ModelConfig, taps:
         m = fs.manifest
         have = {**m["target"], "source": pathlib.Path(m["target"]["source"]).name}
         dt, missing = m.get("matmul_dtype", "float32"), sorted(set(taps) - set(m["taps"]))
-        why = (f"target {have} vs {want}" if have != want else f"taps {m['taps']} lack {missing}" if missing
-               else f"matmul_dtype {dt} vs {matmul_dtype}" if dt != matmul_dtype else None)  # fmt: skip
-        if why:
-            raise FeatureCacheError(f"--reuse_features {c} does not fit this extraction ({why}); drop it")
+        checks = [(have != want, f"target {have} vs {want}"), (missing, f"taps {m['taps']} lack {missing}"),
+                  (dt != matmul_dtype, f"matmul_dtype {dt} vs {matmul_dtype}")]  # fmt: skip
+        for bad, why in checks:
+            if bad:
+                raise FeatureCacheError(f"--reuse_features {c} does not fit this extraction ({why}); drop it")
         for s in range(len(fs)):
             found.setdefault(fs.seq(s, ["tokens"])["tokens"].tobytes(), (fs, s))
     return found
