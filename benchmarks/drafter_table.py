@@ -1,13 +1,14 @@
 """One comparison table of drafters from the runs that measured them (no new measurement).
 
-Joins, per `drafter|tree`: τ and acceptance per depth a(d) from a `specdec-eval` run at T = 0
-(`metrics.json`: MT-Bench, one AR baseline for every row), its mismatching turns (0 for a lossless
-verifier), τ at T = 1 from a second `specdec-eval` run when given, and from
+Joins, per `drafter|tree`: τ and acceptance per depth a(d) from `specdec-eval` runs at T = 0
+(`metrics.json`: MT-Bench; one run per drafter family, each with its own AR baseline, so a run
+killed by a session's end loses at most one family), its mismatching turns (0 for a lossless
+verifier), τ at T = 1 from `specdec-eval` runs at T = 1 when given, and from
 `benchmarks/spec_vs_ar.py` (batch 1, same machine) the draft cost per step in ms, that cost as a
 fraction of a T = 1 target step, the whole speculative step, and the batch-1 wall-clock speedup.
 
-    python benchmarks/drafter_table.py --eval docs/results/retrain/table \\
-        --eval_t1 docs/results/retrain/table-t1 --cost docs/results/retrain/cost.json \\
+    python benchmarks/drafter_table.py --eval docs/results/retrain/t0/eagle,docs/results/retrain/t0/medusa \\
+        --eval_t1 docs/results/retrain/t1/eagle --cost docs/results/retrain/cost.json \\
         --out docs/results/retrain/table.md
 """
 
@@ -19,19 +20,29 @@ import pathlib
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("eval", None, "specdec-eval output folder at T = 0 (holds metrics.json).", required=True)
-flags.DEFINE_string("eval_t1", None, "specdec-eval output folder at T = 1 (optional).")
+flags.DEFINE_list(
+    "eval", None, "specdec-eval output folders at T = 0 (each holds metrics.json).", required=True
+)
+flags.DEFINE_list("eval_t1", [], "specdec-eval output folders at T = 1 (optional).")
 flags.DEFINE_string("cost", None, "benchmarks/spec_vs_ar.py JSON of the same configurations (optional).")
 flags.DEFINE_integer("depths", 3, "Acceptance-per-depth columns a(1)..a(D).")
 flags.DEFINE_string("out", None, "Write the markdown table here (printed either way).")
 
 
-def _methods(folder: str | None) -> dict[str, dict]:
-    """`drafter|tree` → the method's metrics (the verifier part of the label dropped)."""
-    if folder is None:
-        return {}
-    m = json.loads((pathlib.Path(folder) / "metrics.json").read_text())
-    return {"|".join(label.split("|")[:2]): v for label, v in m["methods"].items()}
+def _methods(folders: list[str]) -> dict[str, dict]:
+    """`drafter|tree` → the method's metrics (the verifier part of the label dropped), over runs.
+
+    Folders without metrics.json (a run not finished yet) are skipped with a note, so the table
+    can be drawn while later families are still being evaluated."""
+    out = {}
+    for folder in folders:
+        f = pathlib.Path(folder) / "metrics.json"
+        if not f.exists():
+            print(f"drafter_table: {folder} has no metrics.json yet (run unfinished): left out")
+            continue
+        for label, v in json.loads(f.read_text())["methods"].items():
+            out["|".join(label.split("|")[:2])] = v
+    return out
 
 
 def _fmt(x, spec: str, missing: str = "–") -> str:

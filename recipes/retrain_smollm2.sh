@@ -5,8 +5,8 @@
 #   recipes/retrain_smollm2.sh features        # the set's feature cache (both cores, resumable)
 #   recipes/retrain_smollm2.sh dflash-layers   # DFlash depth 3/4/5 by held-out τ (300 steps each)
 #   recipes/retrain_smollm2.sh train eagle     # one drafter (resumable from its checkpoints)
-#   recipes/retrain_smollm2.sh eval            # all drafters' τ table, one run (resumes its journal)
-#   recipes/retrain_smollm2.sh eval-t1         # τ at T = 1 (lossless verifier), chains, one run
+#   recipes/retrain_smollm2.sh eval [D...]     # τ at T = 0, one run per family (resumes its journal)
+#   recipes/retrain_smollm2.sh eval-t1 [D...]  # τ at T = 1 (lossless verifier), chains, one run each
 #   recipes/retrain_smollm2.sh cost            # draft cost per step (ms, vs a T=1 step), batch 1
 #   recipes/retrain_smollm2.sh table           # the comparison table from the three runs above
 #   recipes/retrain_smollm2.sh ship            # retrained drafters become the shipped ones where better
@@ -77,24 +77,30 @@ case ${1:-} in
     mkdir -p "$KEEP" && cp -r "$out/drafter" "$KEEP/$d"  # commit it: runs/ is not kept
     ;;
   eval)
-    # One run, one AR baseline, every drafter's trees: the issue's table (and 1 baseline, not 6).
+    # One run per family ($EVAL_OUT/t0/<d>: its trees, the drafter it replaces, its own AR baseline,
+    # ~10 min of ~1 h on one core), so a session's end costs at most one family's run.
     shift
     # shellcheck disable=SC2086
     [ $# -gt 0 ] || set -- $FAMILIES
-    args=()
     for d in "$@"; do
       [ -f "$KEEP/$d/drafter.json" ] || { echo "$KEEP/$d is not trained yet: $0 train $d" >&2; exit 2; }
+      args=()
       for t in $(trees "$d"); do args+=(--compare "$KEEP/$d|$t|auto"); done
+      # the drafter shipped before the retrain, on its chain: the reference for `ship`
+      case $d in eagle | eagle3 | medusa) args+=(--compare "$d|$(trees "$d" | cut -d' ' -f1)|auto") ;; esac
+      specdec-eval --all --batch_size 8 --temperature 0 --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/t0/$d"
     done
-    # the drafters shipped before the retrain, on chains: the reference for `ship`
-    for c in "eagle|chain:6" "eagle3|chain:7" "medusa|chain:4"; do args+=(--compare "$c|auto"); done
-    specdec-eval --all --batch_size 8 --temperature 0 --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/table"
     ;;
   eval-t1)
     # T = 1 with the lossless default verifier (auto: recursive rejection sampling on trees), chains.
-    args=()
-    for d in $FAMILIES; do t=$(trees "$d"); args+=(--compare "$KEEP/$d|${t%% *}|auto"); done
-    specdec-eval --all --batch_size 8 --temperature 1 --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/table-t1"
+    shift
+    # shellcheck disable=SC2086
+    [ $# -gt 0 ] || set -- $FAMILIES
+    for d in "$@"; do
+      t=$(trees "$d")
+      specdec-eval --all --batch_size 8 --temperature 1 --warmup_runs 0 --compare "$KEEP/$d|${t%% *}|auto" \
+        --out "$EVAL_OUT/t1/$d"
+    done
     ;;
   cost)
     args=()
@@ -102,8 +108,11 @@ case ${1:-} in
     python benchmarks/spec_vs_ar.py --max_new_tokens 128 "${args[@]}" --out "$EVAL_OUT/cost.json"
     ;;
   table)  # τ, a(d), draft cost and batch-1 speedup in one markdown table (docs/drafters.md)
-    python benchmarks/drafter_table.py --eval "$EVAL_OUT/table" --eval_t1 "$EVAL_OUT/table-t1" \
-      --cost "$EVAL_OUT/cost.json" --out "$EVAL_OUT/table.md"
+    cost=()
+    [ -f "$EVAL_OUT/cost.json" ] && cost=(--cost "$EVAL_OUT/cost.json")
+    python benchmarks/drafter_table.py --eval "$(ls -d "$EVAL_OUT"/t0/* | paste -sd,)" \
+      --eval_t1 "$( (ls -d "$EVAL_OUT"/t1/* 2>/dev/null || true) | paste -sd,)" \
+      "${cost[@]}" --out "$EVAL_OUT/table.md"
     ;;
   dflash-layers)
     for l in 3 4 5; do
@@ -126,7 +135,7 @@ PY
     for d in $FAMILIES; do
       mb=$(du -sm "$KEEP/$d" | cut -f1)
       [ "$mb" -le 40 ] || { echo "$KEEP/$d is $mb MB (> 40): not shipped" >&2; continue; }
-      python - "$EVAL_OUT/table/metrics.json" "$KEEP/$d" "$d" "$(trees "$d" | cut -d' ' -f1)" <<'PY' || continue
+      python - "$EVAL_OUT/t0/$d/metrics.json" "$KEEP/$d" "$d" "$(trees "$d" | cut -d' ' -f1)" <<'PY' || continue
 import json, sys
 m = json.load(open(sys.argv[1]))["methods"]
 new, old = m[f"{sys.argv[2]}|{sys.argv[4]}|auto"]["tau"], m.get(f"{sys.argv[3]}|{sys.argv[4]}|auto", {}).get("tau", 0)
@@ -141,7 +150,7 @@ PY
     "$0" features
     "$0" dflash-layers
     for d in $FAMILIES; do "$0" train "$d"; done
-    "$0" eval
+    for d in $FAMILIES; do "$0" eval "$d"; done
     "$0" eval-t1
     "$0" cost
     "$0" table
