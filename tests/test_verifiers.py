@@ -1,7 +1,8 @@
 """Verifier unit tests: hand-built trees, temperature-0 reduction to greedy, typical acceptance's own
 definition, analytic acceptance rates, numerics, the registry and the docs example.
 
-The distributional (chi-square) tests and the negative controls are in test_verifiers_stats.py.
+The distributional (chi-square) tests are in test_verifiers_stats.py, the negative controls in
+test_verifiers_controls.py (harness: verifier_toy.py).
 """
 
 from __future__ import annotations

@@ -28,12 +28,14 @@ A killed run resumes: finished shards are kept, conversations in flight are rege
 `regenerated_set.export` gathers the text and token ids into a compact folder for the repository
 (after every shard, with `on_shard`), from which `features.extract` rebuilds the features on a new
 machine without regenerating, and a run there skips what the folder holds (`skip`).
+
+Host bookkeeping of a conversation's turns is in `regen_turns.py`, the jitted device steps in
+`regen_steps.py`; this module schedules slots and writes shards.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import os
 import pathlib
@@ -49,48 +51,11 @@ import numpy as np
 from specdec.cache import KVCache
 from specdec.generate import bucket
 from specdec.models.config import ModelConfig
-from specdec.train.data import _ids
 from specdec.train.features import FeatureCacheError, _read_manifest, _target_id, _write_manifest
 from specdec.train.regen_steps import RegenConfig, decode_step, prefill_rows
+from specdec.train.regen_turns import Conversation, Flight, end_turn, next_prompt, turn_tail
 
 __all__ = ["RegenConfig", "regenerate", "turn_tail"]
-
-Conversation = Sequence[dict[str, str]]
-_FROM = {"user": "human", "assistant": "gpt", "system": "system"}
-
-
-def turn_tail(tokenizer) -> list[int]:
-    """The template's tokens after an assistant turn's content (ChatML: `<|im_end|>`, `\\n`)."""
-    user, bot = {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}
-    head, full = _ids(tokenizer, [user], True), _ids(tokenizer, [user, bot], False)
-    y = tokenizer.encode("y", add_special_tokens=False)
-    if full[: len(head)] != head or full[len(head) : len(head) + len(y)] != y:
-        raise ValueError("the chat template is not prefix-stable; fused regeneration cannot use it")
-    return full[len(head) + len(y) :]
-
-
-@dataclasses.dataclass
-class _Flight:
-    """Host bookkeeping of one conversation being regenerated in a slot."""
-
-    index: int
-    src: Conversation
-    msgs: list[dict[str, str]] = dataclasses.field(default_factory=list)
-    pos: int = 0  # next source message to copy or regenerate
-    ids: list[int] = dataclasses.field(default_factory=list)  # tokens in the slot's cache
-    mask: list[bool] = dataclasses.field(default_factory=list)
-    top1: list[int] = dataclasses.field(default_factory=list)
-    taps: list[np.ndarray] = dataclasses.field(default_factory=list)  # [n, n_taps, D] chunks
-    gen: list[int] = dataclasses.field(default_factory=list)  # the current answer's tokens
-    turns: list[dict] = dataclasses.field(default_factory=list)
-    pending: int = -1  # sampled, not yet fed
-    delta: tuple[list[int], list[bool]] | None = None  # tokens to prefill next
-    last: bool = False  # the conversation ends after this prefill
-
-    def record(self) -> dict:
-        turns = [{"from": _FROM.get(m["role"], m["role"]), "value": m["content"]} for m in self.msgs]
-        return {"id": f"regen-{self.index}", "index": self.index, "conversations": turns,
-                "turns": self.turns}  # fmt: skip
 
 
 class _Run:
@@ -105,55 +70,17 @@ class _Run:
         b = rc.slots
         cache = KVCache.init(cfg, b, rc.max_len)
         self.cache = cache.replace(v=jnp.zeros_like(cache.k))  # separate buffers: both are donated
-        self.slots: list[_Flight | None] = [None] * b
-        self.buffer: list[_Flight] = []
+        self.slots: list[Flight | None] = [None] * b
+        self.buffer: list[Flight] = []
         self.skipped: list[int] = []
         self.tokens_done = 0
         self.t_shard = time.perf_counter()  # wall time per shard (compiles included), for the cost
         self.clock = {"prefill": [0.0, 0], "decode": [0.0, 0]}  # seconds, tokens (compiles included)
 
-    # -- conversation logic (host) -----------------------------------------------------------------
-    def _next_prompt(self, f: _Flight, first: bool) -> None:
-        """Set `f.delta` to the tokens up to the next assistant turn's generation prompt (or the
-        template tail only, when the conversation is over)."""
-        rendered = _ids(self.tok, f.msgs, False) if f.msgs else []
-        while f.pos < len(f.src) and f.src[f.pos]["role"] != "assistant":
-            f.msgs.append(dict(f.src[f.pos]))
-            f.pos += 1
-        tail, tail_mask = [], []
-        if not first:  # close the answer just written: the template's tail
-            stopped = f.turns[-1]["finish"] == "eos"
-            tail = self.tail
-            tail_mask = [stopped] * len(tail)
-            if self.tail and rendered[-len(self.tail) :] != self.tail:
-                raise ValueError("the chat template's turn ending changed with the content")
-        fit = self.rc.max_len - len(f.ids)
-        if f.pos >= len(f.src):  # no assistant turn left
-            f.delta, f.last = (tail[:fit], tail_mask[:fit]), True
-            return
-        nxt = _ids(self.tok, f.msgs, True)
-        if rendered and nxt[: len(rendered)] != rendered:
-            raise ValueError("the chat template is not prefix-stable; fused regeneration cannot use it")
-        prompt = tail + nxt[len(rendered) :]
-        if len(prompt) >= fit:  # no room for an answer: close the last one and stop
-            f.delta, f.last = (tail[:fit], tail_mask[:fit]), True
-            return
-        f.delta, f.last = (prompt, tail_mask + [False] * (len(prompt) - len(tail))), False
+    def _end_turn(self, f: Flight, finish: str) -> None:
+        end_turn(f, finish, self.tok, self.eos, self.tail, self.rc.max_len)
 
-    def _end_turn(self, f: _Flight, finish: str) -> None:
-        stop = self.eos
-        text = self.tok.decode([t for t in f.gen if t not in stop], skip_special_tokens=True).strip()
-        f.msgs.append({"role": "assistant", "content": text})
-        f.turns.append({"tokens": len(f.gen), "finish": finish})
-        f.pos += 1
-        f.gen = []
-        if not text:  # an empty answer ends the conversation (templates drop empty turns)
-            f.msgs.pop()
-            f.turns[-1]["finish"] = "empty"
-            f.delta, f.last = ([], []), True
-            return
-        self._next_prompt(f, first=False)
-
+    # -- slots -------------------------------------------------------------------------------------
     def _finish(self, s: int) -> None:
         f = self.slots[s]
         self.slots[s] = None
@@ -306,8 +233,8 @@ class _Run:
             for s in range(self.rc.slots):
                 while self.slots[s] is None and queue:
                     i = queue.popleft()
-                    f = self.slots[s] = _Flight(i, self.convs[i])
-                    self._next_prompt(f, first=True)
+                    f = self.slots[s] = Flight(i, self.convs[i])
+                    next_prompt(f, self.tok, self.tail, self.rc.max_len, first=True)
                     if f.last:  # nothing to answer
                         self._finish(s)
                     else:
