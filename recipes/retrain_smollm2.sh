@@ -21,6 +21,7 @@ RUNS=${RUNS:-runs/retrain}
 SET=${SET:-data/selfdistill/smollm2-135m-instruct}
 EVAL_OUT=${EVAL_OUT:-docs/results/retrain}
 KEEP=${KEEP:-data/retrain}
+SHIPPED=data/shipped_issue5  # the drafters shipped before the retrain (issue 5), for reference rows
 FEATURES=$RUNS/features
 FAMILIES="eagle eagle3 medusa amphista falcon dflash"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/xla_cache}
@@ -86,8 +87,9 @@ case ${1:-} in
       [ -f "$KEEP/$d/drafter.json" ] || { echo "$KEEP/$d is not trained yet: $0 train $d" >&2; exit 2; }
       args=()
       for t in $(trees "$d"); do args+=(--compare "$KEEP/$d|$t|auto"); done
-      # the drafter shipped before the retrain, on its chain: the reference for `ship`
-      case $d in eagle | eagle3 | medusa) args+=(--compare "$d|$(trees "$d" | cut -d' ' -f1)|auto") ;; esac
+      # the drafter shipped before the retrain (kept in $SHIPPED: the names now load the retrained
+      # ones once shipped), on its chain: the reference for `ship`
+      [ -d "$SHIPPED/$d" ] && args+=(--compare "$SHIPPED/$d|$(trees "$d" | cut -d' ' -f1)|auto")
       specdec-eval --all --batch_size 8 --temperature 0 --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/t0/$d"
     done
     ;;
@@ -135,7 +137,7 @@ PY
     for d in $FAMILIES; do
       mb=$(du -sm "$KEEP/$d" | cut -f1)
       [ "$mb" -le 40 ] || { echo "$KEEP/$d is $mb MB (> 40): not shipped" >&2; continue; }
-      python - "$EVAL_OUT/t0/$d/metrics.json" "$KEEP/$d" "$d" "$(trees "$d" | cut -d' ' -f1)" <<'PY' || continue
+      python - "$EVAL_OUT/t0/$d/metrics.json" "$KEEP/$d" "$SHIPPED/$d" "$(trees "$d" | cut -d' ' -f1)" <<'PY' || continue
 import json, sys
 m = json.load(open(sys.argv[1]))["methods"]
 new, old = m[f"{sys.argv[2]}|{sys.argv[4]}|auto"]["tau"], m.get(f"{sys.argv[3]}|{sys.argv[4]}|auto", {}).get("tau", 0)
