@@ -68,10 +68,9 @@ class UsageError(ValueError):
 
 # The main job: the best training-free drafter on this CPU and the best shipped trained drafter,
 # against one shared baseline. Chosen by measurement (benchmarks/choose_trees.py: a(d) x this CPU's
-# step cost; then the main job itself, Zen 3, 16 questions, one run): the shipped EAGLE-1 (retrained
-# on the self-distilled set) on a 4-node tree of depth 2 1.32x (tau 1.73) vs 1.17x on chain:3;
-# ngram chain:4 1.51x; all 80 questions: 1.31x (tau 1.70), chain:3 1.20x, ngram 1.55x.
-# Larger trees cost more than they add on a CPU (docs/cpu.md).
+# step cost), confirmed on MT-Bench all 80 (Zen 3, docs/cpu.md): the shipped EAGLE-1 on a 4-node tree
+# of depth 2 1.31x (tau 1.70) vs 1.20x on chain:3; ngram chain:4 1.55x. Larger trees cost more than
+# they add on a CPU.
 DEFAULT_METHODS = ("ngram|chain:4|auto", "eagle|dynamic:depth=2,topk=3,n=4|auto")
 
 
