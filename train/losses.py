@@ -35,7 +35,9 @@ masked (as EAGLE-3 does).
   `dpace` (D-PACE: q̃_j = (1-α) q_j + α with q_j the draft's probability of label j, weight_k =
   Σ_{m>=k} Π_{j<=m} q̃_j, α = 0.5, detached: positions the draft can still reach count more).
 
-Each returns (loss, metrics) with per-head/per-step top-1 accuracy among counted positions.
+Each returns (loss, metrics) with per-head/per-step top-1 accuracy among counted positions
+(`acc{k}`: a greedy chain's acceptance at T = 0) and, for EAGLE-1/3, the expected acceptance at
+T = 1 (`alpha{k}` = Σ min(p, q), both over the draft vocabulary).
 """
 
 from __future__ import annotations
@@ -85,6 +87,12 @@ def divergence(p: Float[Array, "... V"], logq: Float[Array, "... V"], kind: str)
 def _masked_mean(x, m):
     m = m.astype(jnp.float32)
     return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def acceptance(p: Float[Array, "... V"], logq: Float[Array, "... V"]) -> Float[Array, "..."]:
+    """α = Σ min(p, q): the probability that speculative sampling (T = 1) accepts a draft token
+    sampled from q, against the target's p (both over the draft vocabulary here)."""
+    return jnp.sum(jnp.minimum(p, jnp.exp(logq)), -1)
 
 
 def _labels(t2d, top1):
@@ -179,6 +187,7 @@ def eagle1_loss(params, cfg: eagle.EagleConfig, batch: Batch, t2d, key, noise: f
         # the two terms stay comparable across hidden sizes (a constant rescaling of the signal).
         total = total + 0.8**k * (_masked_mean(reg, m) / cfg.hidden_size + 0.1 * _masked_mean(d, m))
         metrics[f"acc{k}"] = _masked_mean(jnp.argmax(logp, -1) == lab, m)
+        metrics[f"alpha{k}"] = _masked_mean(acceptance(soft, logp), m)
         if k == 0:
             metrics["reg"] = _masked_mean(reg, m)
     return total, metrics
@@ -245,6 +254,7 @@ def eagle3_loss(params, cfg: eagle.EagleConfig, batch: Batch, t2d, key=None, ttt
         m = tmask & ok & (j >= k)[None, :]  # step k needs a real pair at p - k
         total = total + 0.8**k * _masked_mean(divergence(soft, logp, loss), m)
         metrics[f"acc{k}"] = _masked_mean(jnp.argmax(logp, -1) == lab, m)
+        metrics[f"alpha{k}"] = _masked_mean(acceptance(soft, logp), m)
     return total, metrics
 
 

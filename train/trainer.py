@@ -182,10 +182,12 @@ def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(tc.clip), optax.adamw(sched, weight_decay=tc.weight_decay))
 
 
-def tau_estimate(metrics: dict) -> float:
-    """1 + Σ_k Π_{j<=k} acc_j over the heads/steps (a chain's expected accepted length)."""
-    accs = [float(metrics[k]) for k in sorted(k for k in metrics if k.startswith("acc"))]
-    return 1.0 + float(np.sum(np.cumprod(accs)))
+def tau_estimate(metrics: dict, prefix: str = "acc") -> float:
+    """1 + Σ_k Π_{j<=k} acc_j over the heads/steps (a chain's expected accepted length; with
+    prefix "alpha", the T = 1 analogue from the expected acceptances)."""
+    keys = sorted((k for k in metrics if k.startswith(prefix) and k[len(prefix):].isdigit()),
+                  key=lambda k: int(k[len(prefix):]))  # fmt: skip
+    return 1.0 + float(np.sum(np.cumprod([float(metrics[k]) for k in keys])))
 
 
 def train(
@@ -268,6 +270,8 @@ def train(
             ms.append({"loss": float(loss), **{k: float(v) for k, v in m.items()}})
         mean = {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
         mean["tau_est"] = tau_estimate(mean)
+        if "alpha0" in mean:
+            mean["tau_est_t1"] = tau_estimate(mean, "alpha")
         return mean
 
     history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Training objectives at an equal budget (docs/training.md, "Objectives"): EAGLE-1 on the whole
+# self-distilled set with cross-entropy (today's), total variation, the LK hybrid, and HASS context
+# alignment (3 steps, CE), the same seed, data order and schedule. Compared by the held-out
+# acceptances the trainer measures (top-1 = a greedy chain's a(1) at T = 0; α = Σ min(p, q) at
+# T = 1), then on MT-Bench (all 80) chains at T = 0 and T = 1.
+#
+#   recipes/objectives_smollm2.sh train     # the arms (resumable: rerun after a kill)
+#   recipes/objectives_smollm2.sh report    # held-out table -> $EVAL_OUT/heldout.md
+#   recipes/objectives_smollm2.sh eval      # MT-Bench chain:6, T = 0 and T = 1, all arms in one run each
+#
+# Uses the retrain recipe's feature cache ($FEATURES; `recipes/retrain_smollm2.sh features` builds
+# it). ARMS / STEPS / RUNS / EVAL_OUT / KEEP override the defaults; pin with taskset.
+set -euo pipefail
+RUNS=${RUNS:-runs/obj}
+SET=${SET:-data/selfdistill/smollm2-135m-instruct}
+FEATURES=${FEATURES:-runs/retrain/features}
+EVAL_OUT=${EVAL_OUT:-docs/results/objectives}
+KEEP=${KEEP:-data/objectives}  # trained drafters (8 MB each), in git: the evaluation resumes anywhere
+ARMS=${ARMS:-ce lk tv hass}
+STEPS=${STEPS:-600}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/xla_cache}
+
+arm() {
+  case $1 in
+    ce | tv | lk) echo "--loss $1" ;;
+    hass) echo "--loss ce --align_steps 3" ;;
+    *) echo "unknown arm $1 (ce tv lk hass)" >&2; exit 2 ;;
+  esac
+}
+
+case ${1:-train} in
+  train)
+    for a in $ARMS; do
+      if [ -f "$KEEP/$a/drafter.json" ]; then echo "$KEEP/$a: trained"; continue; fi
+      # shellcheck disable=SC2046
+      specdec-train --drafter eagle --regenerated "$SET" --features "$FEATURES" --extract_dtype auto \
+        --max_len 512 --lr 1e-3 --warmup 30 --eval_every 200 --steps "$STEPS" $(arm "$a") --out "$RUNS/$a"
+      mkdir -p "$KEEP" && cp -r "$RUNS/$a/drafter" "$KEEP/$a"
+    done
+    ;;
+  report)
+    mkdir -p "$EVAL_OUT"
+    python - "$KEEP" "$EVAL_OUT/heldout.md" $ARMS <<'EOF'
+import json, pathlib, sys
+keep, out, arms = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3:]
+rows = ["| arm | steps | held-out loss | top-1 (T = 0) | α (T = 1) | τ est. T = 0 | τ est. T = 1 |",
+        "|---|---|---|---|---|---|---|"]
+for a in arms:
+    f = keep / a / "drafter.json"
+    if not f.exists():
+        continue
+    t = json.loads(f.read_text())["training"]
+    h = t["heldout"]
+    rows.append(f"| {a} | {t['steps']} | {h['loss']:.3f} | {h['acc0']:.3f} | {h.get('alpha0', float('nan')):.3f} "
+                f"| {h['tau_est']:.3f} | {h.get('tau_est_t1', float('nan')):.3f} |")
+out.write_text("\n".join(rows) + "\n")
+print(out.read_text())
+EOF
+    ;;
+  eval)
+    for temp in 0 1; do
+      args=()
+      for a in $ARMS; do args+=(--compare "$KEEP/$a|chain:6|auto"); done
+      specdec-eval --all --batch_size 8 --temperature $temp --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/t$temp"
+    done
+    ;;
+  *) echo "usage: $0 train|report|eval" >&2; exit 2 ;;
+esac
