@@ -47,18 +47,21 @@ recipe() {
     eagle-hass) echo "--steps ${STEPS:-2000} --align_steps 3" ;;  # a variant: not in $FAMILIES yet
     # a variant: EAGLE's held-out top-1 still rose at 2,000 steps (0.45 -> 0.48 over the last 500)
     eagle-long) echo "--steps ${STEPS:-6000}" ;;
+    # a variant: the trained EAGLE-1 fine-tuned further (warm start, a fresh schedule at half the peak
+    # rate; $LOSS picks the objective, recipes/objectives_smollm2.sh compares them)
+    eagle-more) echo "--steps ${STEPS:-3000} --lr 5e-4 --init_from $KEEP/eagle${LOSS:+ --loss $LOSS}" ;;
     eagle3) echo "--steps ${STEPS:-600} --ttt_steps 7" ;;
     medusa) echo "--steps ${STEPS:-1000} --heads 4" ;;
     amphista) echo "--steps ${STEPS:-1000} --heads 4" ;;
     falcon) echo "--steps ${STEPS:-2000} --falcon_k 2" ;;
     dflash) echo "--steps ${STEPS:-1000} --block_size 16 --dflash_layers $(dflash_layers)" ;;
-    *) echo "unknown drafter $1 (eagle eagle-hass eagle-long eagle3 medusa amphista falcon dflash)" >&2; exit 2 ;;
+    *) echo "unknown drafter $1 (eagle eagle-hass eagle-long eagle-more eagle3 medusa amphista falcon dflash)" >&2; exit 2 ;;
   esac
 }
 # MT-Bench configurations per drafter: chains for a(d), the published tree shapes for τ.
 trees() {
   case $1 in
-    eagle | eagle-hass | eagle-long) echo "chain:6 dynamic:depth=6,topk=10,n=60" ;;
+    eagle | eagle-hass | eagle-long | eagle-more) echo "chain:6 dynamic:depth=6,topk=10,n=60" ;;
     falcon) echo "chain:6 static:falcon" ;;
     eagle3) echo "chain:7 dynamic:depth=6,topk=10,n=60" ;;
     medusa | amphista) echo "chain:4 static:medusa63" ;;

@@ -99,6 +99,7 @@ def test_every_tool_reports_bad_input_in_one_line_with_exit_code_2(
         (tr, ["--out", str(tmp_path / "r2"), "--target_mesh", "model=two"], "data=N,model=M"),
         (tr, ["--out", str(tmp_path / "r3"), "--reuse_features", "x"], "--regenerated DIR"),
         (tr, ["--out", str(tmp_path / "r4"), "--drafter", "medusa", "--align_steps", "2"], "--drafter eagle"),
+        (tr, ["--target", t, "--out", str(tmp_path / "r5"), "--init_from", str(tmp_path)], "drafter.json"),
     ]
     for (run, prog), args, needle in cases:
         code, err = _console(monkeypatch, capsys, run, prog, *args)

@@ -257,6 +257,27 @@ def test_interrupted_training_resumes_to_the_same_state(tiny, tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+def test_warm_start_keeps_the_checkpoint_and_refuses_another_drafter(tiny, tmp_path):
+    """--init_from: the run starts from the checkpoint's params and draft vocabulary (at lr 0 the
+    result is the checkpoint itself); another family or config is refused before training."""
+    params, cfg, path, _, _ = tiny
+    fs = features.FeatureSet.open(path)
+    tc = trainer.TrainConfig(family="eagle", steps=6, batch_size=4, seq_len=40, warmup=2, heldout=8,
+                             eval_every=100, save_every=100, draft_vocab=48)  # fmt: skip
+    src = trainer.train(tc, params, cfg, "tiny", fs, tmp_path / "a", progress=False, log=lambda s: None)
+    tb = dataclasses_replace(tc, steps=2, lr=0.0, draft_vocab=None, init_from=src["drafter"])
+    out = trainer.train(tb, params, cfg, "tiny", fs, tmp_path / "b", progress=False, log=lambda s: None)
+    _, pa = ckpt.read(src["drafter"])
+    _, pb = ckpt.read(out["drafter"])
+    assert len(pb["d2t"]) == 48
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
+        np.testing.assert_array_equal(x, y)
+    for fam, kw, needle in (("medusa", {}, "MedusaConfig"), ("eagle3", {}, "version 1 vs 3")):
+        with pytest.raises(ckpt.DrafterCheckpointError, match=needle):
+            trainer.train(dataclasses_replace(tb, family=fam, **kw), params, cfg, "tiny", fs, tmp_path / fam,
+                          progress=False, log=lambda s: None)  # fmt: skip
+
+
 @pytest.mark.parametrize("version", [1, 3])
 def test_training_time_test_equals_inference_chain(tiny, version):
     """TTT step k's output at position p = the drafter's output at a depth-k chain node: EAGLE-3's

@@ -77,6 +77,11 @@ _string(
     "An exported regenerated set (folder with tokens.npz): re-extract its features without regenerating.",
 )  # fmt: skip
 _string("out", None, "Run folder: orbax checkpoints, history.json, drafter/.")
+_string(
+    "init_from", None,
+    "Start from this drafter checkpoint folder (fine-tuning, e.g. a shipped drafter on your data): same "
+    "family and config; its draft vocabulary is kept; the optimizer and schedule start afresh.",
+)  # fmt: skip
 _int("steps", 1000, "Optimizer steps.", lower_bound=1)
 _int("batch_size", 4, "Sequences per step (a multiple of the device count shards over devices).")
 _float("lr", 3e-4, "Peak learning rate (AdamW, warmup + cosine).")
@@ -143,6 +148,18 @@ def main(argv):
     model = load_model(FLAGS.target, scan_layers=True)
     # `cfg` runs the target's forwards (tensor-parallel on `mesh`); drafters are built from model.cfg
     params, cfg = device_params(model.params, model.cfg, mesh)
+    if FLAGS.init_from:  # before any extraction: a wrong checkpoint fails now, not an hour later
+        from specdec.drafters import checkpoint as ckpt
+
+        meta = ckpt.read(FLAGS.init_from)[0]
+        ckpt.check_target(meta, model.params, model.cfg, FLAGS.init_from)
+        want = {"eagle3": ("eagle", 3), "eagle": ("eagle", 1)}.get(FLAGS.drafter, (FLAGS.drafter, None))
+        have = (meta["family"], meta["config"].get("version") if meta["family"] == "eagle" else None)
+        if have != want:
+            raise app.UsageError(
+                f"--init_from {FLAGS.init_from} holds a {have[0]}{have[1] or ''} drafter, not --drafter "
+                f"{FLAGS.drafter}: pass its family or another checkpoint"
+            )
     name = f"features-{pathlib.Path(str(FLAGS.target)).stem}-{FLAGS.num_conversations}-{FLAGS.max_len}"
     if FLAGS.regenerated:
         from specdec.train.regenerated_set import load_exported
@@ -212,7 +229,7 @@ def main(argv):
         num_anchors=FLAGS.num_anchors, dflash_weighting=FLAGS.dflash_weighting,
         dflash_gamma=FLAGS.dflash_gamma,
         draft_vocab=FLAGS.draft_vocab or None, heldout=FLAGS.heldout, eval_every=FLAGS.eval_every,
-        save_every=FLAGS.save_every,
+        save_every=FLAGS.save_every, init_from=FLAGS.init_from,
     )  # fmt: skip
     command = "specdec-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     summary = trainer.train(tc, params, model.cfg, model.source, fs, out, progress=FLAGS.progress,

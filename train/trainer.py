@@ -66,6 +66,7 @@ class TrainConfig:
     heldout: int = 32  # sequences held out (the last ones of the feature set)
     eval_every: int = 200
     save_every: int = 100
+    init_from: str | None = None  # a drafter checkpoint folder to start from (fine-tuning; its d2t kept)
 
 
 def draft_vocab(counts: np.ndarray, size: int | None) -> np.ndarray | None:
@@ -169,6 +170,26 @@ def build(tc: TrainConfig, target_cfg: ModelConfig, target_params, d2t, key):
     return "eagle", cfg, params, frozen, fn
 
 
+def warm_start(path, family: str, dcfg, params: dict) -> dict:
+    """`params` replaced by a checkpoint's (same family and config, else a one-line error)."""
+    meta, loaded = ckpt.read(path)
+    loaded.pop("d2t", None)
+    have = ckpt.make_config(meta)
+    fix = "pass the flags it was trained with (its drafter.json has the command) or drop --init_from"
+    if meta["family"] != family or type(have) is not type(dcfg):
+        raise ckpt.DrafterCheckpointError(
+            f"--init_from {path} is a {type(have).__name__}, this run trains a {type(dcfg).__name__}: {fix}"
+        )
+    diff = [f"{f.name} {getattr(have, f.name)} vs {getattr(dcfg, f.name)}"
+            for f in dataclasses.fields(dcfg) if getattr(have, f.name) != getattr(dcfg, f.name)]  # fmt: skip
+    if diff or jax.tree.structure(loaded) != jax.tree.structure(params):
+        raise ckpt.DrafterCheckpointError(
+            f"--init_from {path} differs from the drafter this run trains "
+            f"({', '.join(diff) or 'parameters'}): {fix}"
+        )
+    return jax.tree.map(lambda p, x: jnp.asarray(x, p.dtype).reshape(p.shape), params, loaded)
+
+
 def _runtime(params, frozen):
     p = {**params, **frozen}
     if "lm_head" in p:
@@ -217,13 +238,19 @@ def train(
     if vocab_file.exists():  # resuming: the draft vocabulary is part of the run's state
         d2t = np.load(vocab_file)
         d2t = None if d2t.size == 0 else d2t
-    else:
-        d2t = draft_vocab(fs.token_counts(target_cfg.vocab_size), tc.draft_vocab)
+    else:  # a warm start keeps its checkpoint's draft vocabulary (the head rows it was trained on)
+        if tc.init_from:
+            d2t = ckpt.read(tc.init_from)[1].get("d2t")
+        else:
+            d2t = draft_vocab(fs.token_counts(target_cfg.vocab_size), tc.draft_vocab)
         np.save(vocab_file, np.zeros(0, np.int32) if d2t is None else d2t)
     t2d = jnp.asarray(t2d_map(d2t, target_cfg.vocab_size))
     family, dcfg, params, frozen, loss_fn = build(
         tc, target_cfg, target_params, d2t, jax.random.PRNGKey(tc.seed)
     )
+    if tc.init_from:  # (a resumed run restores its own state below)
+        ckpt.check_target(ckpt.read(tc.init_from)[0], target_params, target_cfg, tc.init_from)
+        params = warm_start(tc.init_from, family, dcfg, params)
     opt = optimizer(tc)
     state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
 
