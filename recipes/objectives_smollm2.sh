@@ -57,6 +57,35 @@ for a in arms:
 out.write_text("\n".join(rows) + "\n")
 print(out.read_text())
 EOF
+    python - "$RUNS" "$EVAL_OUT/heldout.png" $ARMS <<'EOF'
+# Training curves: top-1 and α (T = 1) per step (training batches, smoothed; held-out points marked).
+import json, pathlib, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+runs, out, arms = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+for a in arms:
+    f = runs / a / "history.json"
+    if not f.exists():
+        continue
+    h = json.loads(f.read_text())
+    tr = [r for r in h if "acc0" in r and "alpha0" in r]
+    ho = [r for r in h if "heldout" in r]
+    for ax, key in zip(axes, ("acc0", "alpha0")):
+        x, y = np.array([r["step"] for r in tr]), np.array([r[key] for r in tr])
+        k = min(10, len(y))
+        line, = ax.plot(x[k - 1:], np.convolve(y, np.ones(k) / k, "valid"), label=a, alpha=0.8)
+        ax.plot([r["step"] for r in ho], [r["heldout"].get(key, np.nan) for r in ho], "o",
+                color=line.get_color())
+for ax, t in zip(axes, ("top-1 (a greedy chain's a(1), T = 0)", "α = Σ min(p, q) (T = 1)")):
+    ax.set_xlabel("step"); ax.set_title(t); ax.grid(alpha=0.3)
+axes[0].legend(title="objective (dots: held-out)")
+fig.suptitle("EAGLE-1 on the self-distilled set: training objectives at an equal budget")
+fig.tight_layout(); fig.savefig(out, dpi=110)
+print(out)
+EOF
     ;;
   eval)
     for temp in 0 1; do
