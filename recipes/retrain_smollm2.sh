@@ -140,6 +140,7 @@ PY
     # Retrained drafters replace the shipped ones where their chain τ (T = 0, the table) is higher;
     # the new families ship as they are. Each must stay <= 40 MB.
     for d in $FAMILIES; do
+      [ -f "$KEEP/$d/drafter.json" ] && [ -f "$EVAL_OUT/t0/$d/metrics.json" ] || continue  # not trained/evaluated yet
       mb=$(du -sm "$KEEP/$d" | cut -f1)
       [ "$mb" -le 40 ] || { echo "$KEEP/$d is $mb MB (> 40): not shipped" >&2; continue; }
       python - "$EVAL_OUT/t0/$d/metrics.json" "$KEEP/$d" "$SHIPPED/$d" "$(trees "$d" | cut -d' ' -f1)" <<'PY' || continue
