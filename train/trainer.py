@@ -170,10 +170,10 @@ def build(tc: TrainConfig, target_cfg: ModelConfig, target_params, d2t, key):
     return "eagle", cfg, params, frozen, fn
 
 
-def warm_start(path, family: str, dcfg, params: dict) -> dict:
-    """`params` replaced by a checkpoint's (same family and config, else a one-line error)."""
-    meta, loaded = ckpt.read(path)
-    loaded.pop("d2t", None)
+def warm_start(path, meta: dict, loaded: dict, family: str, dcfg, params: dict) -> dict:
+    """`params` replaced by a checkpoint's (`ckpt.read(path)`: same family and config, else a
+    one-line error)."""
+    loaded = {k: v for k, v in loaded.items() if k != "d2t"}
     have = ckpt.make_config(meta)
     fix = "pass the flags it was trained with (its drafter.json has the command) or drop --init_from"
     if meta["family"] != family or type(have) is not type(dcfg):
@@ -235,12 +235,15 @@ def train(
         raise ValueError(f"the feature set has {n} sequences: too few for --heldout {tc.heldout} + a batch")
     train_idx, held_idx = np.arange(n - tc.heldout), np.arange(n - tc.heldout, n)
     vocab_file = out / "d2t.npy"
+    if tc.init_from:  # read once: its target, draft vocabulary and params
+        init_meta, init_params = ckpt.read(tc.init_from)
+        ckpt.check_target(init_meta, target_params, target_cfg, tc.init_from)
     if vocab_file.exists():  # resuming: the draft vocabulary is part of the run's state
         d2t = np.load(vocab_file)
         d2t = None if d2t.size == 0 else d2t
     else:  # a warm start keeps its checkpoint's draft vocabulary (the head rows it was trained on)
         if tc.init_from:
-            d2t = ckpt.read(tc.init_from)[1].get("d2t")
+            d2t = init_params.get("d2t")
         else:
             d2t = draft_vocab(fs.token_counts(target_cfg.vocab_size), tc.draft_vocab)
         np.save(vocab_file, np.zeros(0, np.int32) if d2t is None else d2t)
@@ -249,8 +252,7 @@ def train(
         tc, target_cfg, target_params, d2t, jax.random.PRNGKey(tc.seed)
     )
     if tc.init_from:  # (a resumed run restores its own state below)
-        ckpt.check_target(ckpt.read(tc.init_from)[0], target_params, target_cfg, tc.init_from)
-        params = warm_start(tc.init_from, family, dcfg, params)
+        params = warm_start(tc.init_from, init_meta, init_params, family, dcfg, params)
     opt = optimizer(tc)
     state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
 
