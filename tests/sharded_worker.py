@@ -1,7 +1,7 @@
 """Run in a subprocess with 8 simulated CPU devices by tests/test_sharding.py (not a test module).
 
 Decodes a random tiny target (Qwen2-style q/k/v biases, 8 query / 4 KV heads, vocabulary 96)
-unsharded and on the meshes given on the command line, AR and speculative (drafting with its own
+unsharded ("unsharded") and on the meshes given on the command line, AR and speculative (drafting with its own
 first layer, so drafts are partly accepted and the drafter's params are sharded too), greedy and
 sampled, and prints one JSON line: {"unsharded" | mesh: {case: outputs}, "devices": n}.
 """
@@ -69,9 +69,13 @@ def run_all(params, cfg, mesh, cases=tuple(CASES)) -> dict:
 
 
 def main(meshes: list[str]) -> None:
+    """`meshes`: mesh specs, and/or "unsharded" for the single-device reference."""
     host = random_params(CFG, 0)
-    result = {"devices": jax.device_count(), "unsharded": run_all(to_device(host, CFG), CFG, None)}
+    result = {"devices": jax.device_count()}
     for spec in meshes:
+        if spec == "unsharded":
+            result[spec] = run_all(to_device(host, CFG), CFG, None)
+            continue
         mesh = sharding.parse_mesh(spec)
         params, cfg = sharding.shard_params(host, CFG, mesh)
         result[spec] = run_all(params, cfg, mesh)
