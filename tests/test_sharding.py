@@ -39,8 +39,9 @@ def sharded_runs():
     """
     env = _env(8)
     groups = [["unsharded", MESHES[0]], MESHES[1:]]
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.sharded_worker", *g], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for g in groups]  # fmt: skip
+    cmd = lambda g: [sys.executable, "-m", "tests.sharded_worker", *g]  # noqa: E731
+    procs = [subprocess.Popen(cmd(g), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for g in groups]  # fmt: skip
     result = {}
     for p in procs:
         out, err = p.communicate(timeout=1200)
