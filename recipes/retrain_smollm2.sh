@@ -53,9 +53,10 @@ recipe() {
     eagle3) echo "--steps ${STEPS:-600} --ttt_steps 7" ;;
     medusa) echo "--steps ${STEPS:-1000} --heads 4" ;;
     amphista) echo "--steps ${STEPS:-1000} --heads 4" ;;
+    amphista-own) echo "--steps ${STEPS:-1000} --heads 4 --own_heads" ;;  # own LM heads: the measured alternative
     falcon) echo "--steps ${STEPS:-2000} --falcon_k 2" ;;
     dflash) echo "--steps ${STEPS:-1000} --block_size 16 --dflash_layers $(dflash_layers)" ;;
-    *) echo "unknown drafter $1 (eagle eagle-hass eagle-long eagle-more eagle3 medusa amphista falcon dflash)" >&2; exit 2 ;;
+    *) echo "unknown drafter $1 (eagle eagle-hass eagle-long eagle-more eagle3 medusa amphista amphista-own falcon dflash)" >&2; exit 2 ;;
   esac
 }
 # MT-Bench configurations per drafter: chains for a(d), the published tree shapes for τ.
@@ -64,7 +65,7 @@ trees() {
     eagle | eagle-hass | eagle-long | eagle-more) echo "chain:6 dynamic:depth=6,topk=10,n=60" ;;
     falcon) echo "chain:6 static:falcon" ;;
     eagle3) echo "chain:7 dynamic:depth=6,topk=10,n=60" ;;
-    medusa | amphista) echo "chain:4 static:medusa63" ;;
+    medusa | amphista | amphista-own) echo "chain:4 static:medusa63" ;;
     dflash) echo "chain:15 dynamic:depth=15,topk=10,n=60" ;;
   esac
 }
