@@ -1,9 +1,9 @@
 """Run in a subprocess with 8 simulated CPU devices by tests/test_sharding.py (not a test module).
 
-Decodes a random tiny target (Qwen2-style q/k/v biases, 8 query / 4 KV heads, vocabulary 96)
-unsharded ("unsharded") and on the meshes given on the command line, AR and speculative (drafting with its own
-first layer, so drafts are partly accepted and the drafter's params are sharded too), greedy and
-sampled, and prints one JSON line: {"unsharded" | mesh: {case: outputs}, "devices": n}.
+Decodes a random tiny target (Qwen2-style q/k/v biases, 8 query / 4 KV heads, vocabulary 96) in
+the configurations given on the command line ("unsharded" and/or mesh specs), AR and speculative
+(drafting with its own first layer, so drafts are partly accepted and the drafter's params are
+sharded too), greedy and sampled, and prints one JSON line: {config: {case: outputs}, "devices": n}.
 """
 
 from __future__ import annotations

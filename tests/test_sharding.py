@@ -34,17 +34,18 @@ def _env(devices: int) -> dict:
 def sharded_runs():
     """The worker's outputs: fresh processes, so the 8 simulated devices do not leak into the suite.
 
-    Two workers run side by side (compilation dominates and is single-threaded: on CI's two cores
-    this halves the wall time), each with a share of the configurations.
+    Two workers run side by side, each with a share of the configurations: compilation dominates
+    and is single-threaded, and this file is the suite's longest, so splitting it shortens the
+    suite's critical path under pytest-xdist too.
     """
     env = _env(8)
     groups = [["unsharded", MESHES[0]], MESHES[1:]]
     cmd = lambda g: [sys.executable, "-m", "tests.sharded_worker", *g]  # noqa: E731
     procs = [subprocess.Popen(cmd(g), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for g in groups]  # fmt: skip
+    outs = [p.communicate(timeout=1200) for p in procs]  # both finish before any assertion
     result = {}
-    for p in procs:
-        out, err = p.communicate(timeout=1200)
+    for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
         result.update(json.loads(out.strip().splitlines()[-1]))
     return result
