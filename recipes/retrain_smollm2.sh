@@ -2,7 +2,7 @@
 # Every drafter family retrained on the whole self-distilled set (docs/training.md, "Retraining on
 # the self-distilled set"), then MT-Bench (all 80, T=0) τ per drafter and tree.
 #
-#   recipes/retrain_smollm2.sh features        # the set's feature cache (both cores, resumable)
+#   recipes/retrain_smollm2.sh features        # the set's feature cache (a worker per core, resumable)
 #   recipes/retrain_smollm2.sh dflash-layers   # DFlash depth 3/4/5 by held-out τ (300 steps each)
 #   recipes/retrain_smollm2.sh train eagle     # one drafter (resumable from its checkpoints)
 #   recipes/retrain_smollm2.sh eval [D...]     # τ at T = 0, one run per family (resumes its journal)
@@ -13,7 +13,8 @@
 #   recipes/retrain_smollm2.sh all             # all of the above in order; rerun after a kill
 #
 # The feature cache and run folders live in $RUNS (ignored by git): a new machine rebuilds the
-# cache, ~1.2 h for 2.5M tokens on two Zen 4 cores (bf16 products), less what REUSE holds. The set itself is in git, and so is each trained
+# cache, ~1.2 h for 2.5M tokens on two Zen 4 cores (bf16 products), ~2 h on two Zen 3 cores (f32),
+# less what REUSE holds. The set itself is in git, and so is each trained
 # drafter ($KEEP/<drafter>), so its evaluation journal resumes on any machine. STEPS overrides a
 # drafter's step count; pin a job with taskset to run two drafters side by side.
 set -euo pipefail
@@ -72,8 +73,17 @@ trees() {
 
 case ${1:-} in
   features)
-    # shellcheck disable=SC2086
-    specdec-train --extract_only $COMMON ${REUSE:+--reuse_features "$REUSE"} --out "$RUNS/extract"
+    # One worker process per core ($WORKERS, pinned): 1.5x one process on both cores, whose XLA
+    # threads share the small matmuls badly. Resumable: rerun after a kill.
+    n=${WORKERS:-$(nproc)}
+    for ((i = 0; i < n; i++)); do
+      # shellcheck disable=SC2086
+      taskset -c "$((i % $(nproc)))" specdec-train --extract_worker "$i/$n" $COMMON \
+        ${REUSE:+--reuse_features "$REUSE"} --out "$RUNS/extract" &
+    done
+    wait
+    python -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))["complete"] else 1)' \
+      "$FEATURES/manifest.json" || { echo "feature extraction incomplete: rerun $0 features" >&2; exit 1; }
     ;;
   train)
     d=${2:?drafter}

@@ -87,3 +87,38 @@ def test_extraction_copies_what_a_reused_cache_holds(tiny_cache, tmp_path):
     with pytest.raises(features.FeatureCacheError, match="matmul_dtype float32 vs bfloat16"):
         features.extract(params, cfg, "tiny", exs, tmp_path / "o3", taps=(2,), reuse=[src],
                          matmul_dtype="bfloat16", progress=False)  # fmt: skip
+
+
+def test_extraction_workers_fill_one_cache(tiny_cache, tmp_path):
+    """Two workers (threads here, processes in use) split the shards of one cache under the manifest
+    lock: the first to finish leaves it incomplete, the last completes it, and it equals a
+    single-process extraction."""
+    import threading
+
+    params, cfg, path, exs, _ = tiny_cache
+    out = tmp_path / "w"
+    features.extract(params, cfg, "tiny", exs, out, taps=(0, 1, 2), shard_size=8, worker=(1, 2), progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert sorted(s["index"] for s in m["shards"]) == [1, 3] and not m["complete"]
+    with pytest.raises(features.FeatureCacheError, match="interrupted"):
+        features.FeatureSet.open(out)
+    out2 = tmp_path / "w2"  # both at once: the manifest must keep every worker's shards
+    runs = [threading.Thread(target=features.extract, args=(params, cfg, "tiny", exs, out2),
+                             kwargs=dict(taps=(0, 1, 2), shard_size=8, worker=(w, 2), progress=False))
+            for w in (0, 1)]  # fmt: skip
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    features.extract(params, cfg, "tiny", exs, out, taps=(0, 1, 2), shard_size=8, worker=(0, 2), progress=False)
+    ref = features.FeatureSet.open(path)
+    for o in (out, out2):
+        fs = features.FeatureSet.open(o)
+        assert fs.manifest["complete"] and sorted(s["index"] for s in fs.manifest["shards"]) == list(range(5))
+        for s in (0, 9, 17, 39):
+            got, want = fs.seq(s, ["tokens", "tap_1", "top1"]), ref.seq(s, ["tokens", "tap_1", "top1"])
+            np.testing.assert_array_equal(got["tokens"], want["tokens"])
+            np.testing.assert_array_equal(got["top1"], want["top1"])
+            np.testing.assert_allclose(got["tap_1"], want["tap_1"], atol=1e-3)
+    with pytest.raises(features.FeatureCacheError, match="index must be in"):
+        features.extract(params, cfg, "tiny", exs, out, taps=(0, 1, 2), worker=(2, 2), progress=False)

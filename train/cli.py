@@ -52,6 +52,11 @@ flags.DEFINE_list(
     "conversations are copied instead of re-extracted (same target, taps and precision).", flag_values=FLAGS,
 )  # fmt: skip
 _bool("extract_only", False, "Stop after the feature cache is complete.")
+_string(
+    "extract_worker", None,
+    "I/N: this process extracts every N-th shard from the I-th (0-based); start N of them, e.g. one "
+    "per core with taskset, on the same --features folder. Implies --extract_only.",
+)  # fmt: skip
 _bool("partial_features", False, "Train on the finished shards of a cache still being built (experiments).")
 _int(
     "max_sequences", 0,
@@ -143,6 +148,17 @@ def main(argv):
             "--extract_dtype applies to extraction; --regenerate decodes in float32 (re-extract its "
             "export with --regenerated DIR --extract_dtype bfloat16)"
         )
+    worker = (0, 1)
+    if FLAGS.extract_worker:
+        try:
+            worker = tuple(int(x) for x in FLAGS.extract_worker.split("/"))
+            assert len(worker) == 2 and 0 <= worker[0] < worker[1]
+        except (ValueError, AssertionError):
+            raise app.UsageError(
+                f"--extract_worker {FLAGS.extract_worker!r}: expected I/N with 0 <= I < N, e.g. 0/2 and 1/2"
+            ) from None
+        if FLAGS.regenerate:
+            raise app.UsageError("--extract_worker splits extraction; --regenerate runs as one process")
     out = pathlib.Path(FLAGS.out)
     mesh = parse_mesh(FLAGS.target_mesh)
     model = load_model(FLAGS.target, scan_layers=True)
@@ -176,7 +192,7 @@ def main(argv):
     elif FLAGS.regenerated:
         print(f"{len(examples)} regenerated sequences from {FLAGS.regenerated}")
         features.extract(params, cfg, model.source, examples, feat_dir, taps=taps, progress=FLAGS.progress,
-                         matmul_dtype=dtype, reuse=FLAGS.reuse_features)  # fmt: skip
+                         matmul_dtype=dtype, reuse=FLAGS.reuse_features, worker=worker)  # fmt: skip
     else:
         convs = data.load_sharegpt(FLAGS.data)
         print(f"{len(convs)} usable conversations; taking {FLAGS.num_conversations} (seed {FLAGS.seed})")
@@ -207,12 +223,17 @@ def main(argv):
         else:
             examples = data.prepare_examples(model.tokenizer, convs, len(convs), FLAGS.max_len, FLAGS.seed)
             features.extract(params, cfg, model.source, examples, feat_dir, taps=taps,
-                             progress=FLAGS.progress, matmul_dtype=dtype)  # fmt: skip
+                             progress=FLAGS.progress, matmul_dtype=dtype, worker=worker)  # fmt: skip
     if FLAGS.regenerate and FLAGS.export_regenerated:
         from specdec.train.regenerated_set import export
 
         print(f"regenerated set exported to {export(feat_dir, FLAGS.export_regenerated)}")
         print(f"to train on all of it: --regenerated {FLAGS.export_regenerated}")
+    if worker[1] > 1:
+        m = features._read_manifest(feat_dir)
+        done = "complete" if m["complete"] else "other workers still extracting"
+        print(f"worker {worker[0]}/{worker[1]} done: {len(m['shards'])} shards in {feat_dir} ({done})")
+        return
     fs = features.FeatureSet.open(feat_dir, allow_partial=FLAGS.partial_features)
     if FLAGS.max_sequences:
         fs = fs.head(FLAGS.max_sequences)

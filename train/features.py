@@ -14,11 +14,16 @@ features are extracted once and every drafter trains from the cache. Layout of `
 
 A shard is written to a temporary folder and renamed, then recorded in the manifest, so an
 interrupted extraction resumes at the first missing shard and never reads a half-written one.
+Several processes may fill one cache (`worker=(i, n)`: shard s is worker s mod n's; one process per
+core beats one process on all cores, whose XLA threads share small matmuls badly); the manifest is
+read and updated under a file lock, and the last worker to finish marks the cache complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import pathlib
@@ -63,6 +68,17 @@ def _write_manifest(out: pathlib.Path, m: dict) -> None:
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(m, indent=1))
     os.replace(tmp, out / MANIFEST)
+
+
+@contextlib.contextmanager
+def _locked(out: pathlib.Path):
+    """Exclusive access to `out`'s manifest across processes (extraction workers)."""
+    with open(out / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _batches(examples: Sequence[Example], tokens_per_batch: int, quantum: int = 64):
@@ -114,6 +130,7 @@ def extract(
     matmul_dtype: str = "float32",
     reuse: Sequence[os.PathLike] = (),
     progress: bool = True,
+    worker: tuple[int, int] = (0, 1),
 ) -> pathlib.Path:
     """Run the target over `examples` and cache `taps` + argmax ids; resumes an interrupted run.
 
@@ -122,19 +139,23 @@ def extract(
     argmax at ~99% of positions. `reuse`: caches (e.g. of `--regenerate` runs) whose sequences with
     the same tokens and loss mask are copied, not recomputed (see `reusable`). Raises
     `FeatureCacheError` if `out_dir` holds a cache for another target, other taps or another matmul
-    dtype, or a `reuse` cache does not fit.
+    dtype, or a `reuse` cache does not fit. `worker=(i, n)`: this process extracts shards s with
+    s mod n = i (start n processes on one `out_dir`); the manifest says `complete` once all are in.
     """
+    w, n_workers = worker
+    if not 0 <= w < n_workers:
+        raise FeatureCacheError(f"extraction worker {w}/{n_workers}: the index must be in 0..{n_workers - 1}")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     want = {"target": _target_id(source, cfg), "taps": list(taps), "num_examples": len(examples),
             "matmul_dtype": matmul_dtype}  # fmt: skip
-    m = _read_manifest(out)
-    if m is not None:
-        m.setdefault("matmul_dtype", "float32")  # caches written before the option ran in float32
-    if m is None:
-        m = {**want, "dtype": "float16", "shards": [], "complete": False}
-        _write_manifest(out, m)
-    elif any(m[k] != v for k, v in want.items()):
+    with _locked(out):
+        m = _read_manifest(out)
+        if m is None:
+            m = {**want, "dtype": "float16", "shards": [], "complete": False}
+            _write_manifest(out, m)
+    m.setdefault("matmul_dtype", "float32")  # caches written before the option ran in float32
+    if any(m[k] != v for k, v in want.items()):
         diff = {k: (m[k], v) for k, v in want.items() if m[k] != v}
         raise FeatureCacheError(
             f"{out} holds features of a different extraction (cached vs requested: {diff}); "
@@ -153,11 +174,13 @@ def extract(
 
     found = reusable(reuse, source, cfg, taps, matmul_dtype) if reuse else {}
     n_shards = -(-len(examples) // shard_size)
+    mine = range(w, n_shards, n_workers)
     done = {s["index"] for s in m["shards"]}
-    total = sum(len(e.tokens) for e in examples)
-    bar = tqdm(total=total, unit="tok", desc="features", disable=not progress, smoothing=0.05)
-    bar.update(sum(s["tokens"] for s in m["shards"]))
-    for si in range(n_shards):
+    total = sum(len(e.tokens) for si in mine for e in examples[si * shard_size : (si + 1) * shard_size])
+    desc = "features" if n_workers == 1 else f"features {w}/{n_workers}"
+    bar = tqdm(total=total, unit="tok", desc=desc, disable=not progress, smoothing=0.05)
+    bar.update(sum(s["tokens"] for s in m["shards"] if s["index"] % n_workers == w))
+    for si in mine:
         if si in done:
             continue
         exs = examples[si * shard_size : (si + 1) * shard_size]
@@ -192,13 +215,17 @@ def extract(
             np.save(tmp / f"tap_{tap}.npy", np.concatenate([f[k] for f in feats]))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        m["shards"].append({"index": si, "name": final.name, "sequences": len(exs),
-                            "tokens": int(sum(len(e.tokens) for e in exs)),
-                            "reused": len(exs) - len(todo)})  # fmt: skip
-        _write_manifest(out, m)
+        with _locked(out):  # other workers append their shards to the same manifest
+            m = _read_manifest(out)
+            m["shards"].append({"index": si, "name": final.name, "sequences": len(exs),
+                                "tokens": int(sum(len(e.tokens) for e in exs)),
+                                "reused": len(exs) - len(todo)})  # fmt: skip
+            _write_manifest(out, m)
     bar.close()
-    m["complete"] = True
-    _write_manifest(out, m)
+    with _locked(out):
+        m = _read_manifest(out)
+        m["complete"] = {s["index"] for s in m["shards"]} >= set(range(n_shards))
+        _write_manifest(out, m)
     return out
 
 
