@@ -96,21 +96,21 @@ def test_extraction_workers_fill_one_cache(tiny_cache, tmp_path):
     import threading
 
     params, cfg, path, exs, _ = tiny_cache
-    out = tmp_path / "w"
-    features.extract(params, cfg, "tiny", exs, out, taps=(0, 1, 2), shard_size=8, worker=(1, 2), progress=False)
+    out, kw = tmp_path / "w", dict(taps=(0, 1, 2), shard_size=8, progress=False)
+    features.extract(params, cfg, "tiny", exs, out, worker=(1, 2), **kw)
     m = json.loads((out / "manifest.json").read_text())
     assert sorted(s["index"] for s in m["shards"]) == [1, 3] and not m["complete"]
     with pytest.raises(features.FeatureCacheError, match="interrupted"):
         features.FeatureSet.open(out)
     out2 = tmp_path / "w2"  # both at once: the manifest must keep every worker's shards
     runs = [threading.Thread(target=features.extract, args=(params, cfg, "tiny", exs, out2),
-                             kwargs=dict(taps=(0, 1, 2), shard_size=8, worker=(w, 2), progress=False))
+                             kwargs=dict(worker=(w, 2), **kw))
             for w in (0, 1)]  # fmt: skip
     for t in runs:
         t.start()
     for t in runs:
         t.join()
-    features.extract(params, cfg, "tiny", exs, out, taps=(0, 1, 2), shard_size=8, worker=(0, 2), progress=False)
+    features.extract(params, cfg, "tiny", exs, out, worker=(0, 2), **kw)
     ref = features.FeatureSet.open(path)
     for o in (out, out2):
         fs = features.FeatureSet.open(o)
