@@ -1,8 +1,9 @@
 """Drafters: one file per family; the protocol lives in `protocol.py`.
 
 `parse_drafter` turns a CLI string into (drafter, draft params):
-  "ngram" | "ngram:n=3"      prompt lookup, matching suffixes of up to n tokens (adaptive=0: draft
-                             even without a match instead of taking a plain AR step)
+  "ngram" | "ngram:n=3"      prompt lookup, matching suffixes of up to n tokens (min=2: of at least
+                             2; adaptive=0: draft even without a match instead of taking a plain
+                             AR step)
   "layerskip:K"              the target's first K layers + its final norm and head (no training)
   "medusa" | "eagle" | "eagle3"   the trained drafters shipped for the embedded target
                              (SmolLM2-135M-Instruct); other targets: train one with specdec-train;
@@ -54,10 +55,13 @@ def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, windo
             kw = _kv(arg)
         except ValueError as e:
             raise ValueError(f"--drafter {spec!r}: {e}; use ngram or ngram:n=3") from None
-        n, adaptive = kw.pop("n", 3), bool(kw.pop("adaptive", 1))
+        n, adaptive, min_n = kw.pop("n", 3), bool(kw.pop("adaptive", 1)), kw.pop("min", 1)
         if kw:
-            raise ValueError(f"--drafter {spec!r}: unknown option(s) {sorted(kw)}; use ngram:n=3,adaptive=1")
-        return NGram(target_cfg.vocab_size, max_depth=max(max_depth, 1), max_n=n, adaptive=adaptive), None
+            raise ValueError(f"--drafter {spec!r}: unknown option(s) {sorted(kw)}; use ngram:n=3,min=1")
+        if not 1 <= min_n <= n:
+            raise ValueError(f"--drafter {spec!r}: need 1 <= min <= n; use e.g. ngram:n=3,min=2")
+        depth = max(max_depth, 1)
+        return NGram(target_cfg.vocab_size, max_depth=depth, max_n=n, min_n=min_n, adaptive=adaptive), None
     if kind == "layerskip":
         if not arg.isdigit():
             raise ValueError(f"--drafter {spec!r}: use layerskip:K with K the number of target layers kept")

@@ -31,6 +31,7 @@ from specdec.models.llama import forward
 from specdec.sampling import SamplingConfig, sample
 from specdec.sharding import constrain_state
 from specdec.tree import Tree, ancestor_mask, positions
+from specdec.trees.budget import lag_priority, prune
 from specdec.verifiers.protocol import Verdict
 
 
@@ -135,6 +136,9 @@ def _step(params, dparams, state: DecodeState, eos_ids, max_new, *, spec: Spec) 
 
     def speculate(st):
         tree, draft = spec.builder(spec.drafter, dparams, st.draft, st.ctx, k_draft, spec.sampling)
+        if getattr(spec.builder, "budget", None):  # a batch budget: the laggards' best drafts only
+            prio = lag_priority(st.length - st.prompt_lens, max_new, st.done)
+            tree = prune(tree, spec.builder.budget, prio)
         return _advance(params, dparams, st.replace(draft=draft), tree, k_verify, eos_ids, max_new, spec,
                         speculative=True)  # fmt: skip
 
@@ -149,9 +153,15 @@ def _advance(params, dparams, state: DecodeState, tree: Tree, k_verify, eos_ids,
     """Verify `tree` with one target forward, commit the accepted path, append tokens, update the
     drafter. `speculative=False`: the tree is the root alone and the next token is sampled (AR)."""
     tokens = jnp.where(tree.valid, tree.tokens, 0)  # PAD never reaches the embedding table
+    compact = None
+    if speculative and getattr(spec.builder, "budget", None):
+        # A batch budget (specdec.trees.budget) leaves <= B + budget valid nodes: compute only
+        # those (a flattened ragged block). Padding entries repeat node (0, 0), which is harmless.
+        b = tokens.shape[0]
+        (compact,) = jnp.nonzero(tree.valid.reshape(-1), size=b + spec.builder.budget, fill_value=0)
     logits, taps, cache = forward(
         params, spec.cfg, tokens, positions(tree, state.cache.lengths), state.cache, ancestor_mask(tree),
-        taps=spec.taps,
+        taps=spec.taps, compact=compact,
     )  # fmt: skip
     if speculative:
         verdict = spec.verifier(tree, logits, k_verify, spec.sampling)

@@ -8,7 +8,8 @@ Unused slots have `valid = False`, `tokens = PAD` (never a real token id), `pare
 
 `draft_probs[b, i]` is the draft distribution the children of node i were drawn from (after the
 same `SamplingConfig` processing as the target), so it lines up with `target_logits[b, i]`, the
-target's next-token distribution after node i. `sibling_mode` says how children were drawn:
+target's next-token distribution after node i. `score` (optional) is the path's cumulative draft
+log-prob, which `specdec.trees.budget` ranks nodes by. `sibling_mode` says how children were drawn:
 
   "deterministic"        chosen by rank (top-k, greedy, lookup) — verifiers treat q as one-hot;
   "without_replacement"  sampled from q without replacement, in index order (Gumbel-top-k);
@@ -35,6 +36,9 @@ class Tree:
     draft_probs: Float[Array, "B N V"] | None = None
     max_depth: int = flax.struct.field(pytree_node=False, default=0)
     sibling_mode: str = flax.struct.field(pytree_node=False, default="deterministic")
+    # Cumulative draft log-prob of each node's path (root 0; `trees._topk.draft_logprobs`, so raw
+    # log-softmax at T = 0): how confident the drafter is. Optional; a batch budget ranks by it.
+    score: Float[Array, "B N"] | None = None
 
     @property
     def num_nodes(self) -> int:

@@ -25,7 +25,8 @@ pytest.importorskip("torch")
 PROMPTS = [[5, 9, 3, 5, 9, 3, 5, 9], [12, 13, 14, 12, 13], list(range(20, 45))]
 N_NEW = 20
 TREES = ["chain:3", "static:[(0,),(1,),(0,0),(0,1),(1,0),(0,0,0)]", "dynamic:depth=3,topk=3,n=10",
-         "dyspec:n=8", "rsd:2,2,1", "rsd-beam:depth=3,beam=2"]  # fmt: skip
+         "dyspec:n=8", "rsd:2,2,1", "rsd-beam:depth=3,beam=2",
+         "chain:3+budget:2", "dynamic:depth=3,topk=3,n=10+budget:5"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,13 @@ def test_greedy_speculative_equals_ar_for_every_builder(setup, drafter, tree):
     out = _run(setup, drafter, tree)
     assert out.tokens == setup[2]
     assert sum(k * c for k, c in enumerate(out.accepted_hist)) == sum(len(r) - 1 for r in out.tokens)
-    if drafter == "self":  # a perfect drafter: its top-1 child is always accepted (the last step may be cut)
-        assert out.tau > 1.8
+    if drafter == "self" and "+budget" not in tree:  # a perfect drafter: its top-1 child is always accepted
+        assert out.tau > 1.8  # (the last step may be cut)
+    if "+budget" in tree:  # the batch verifies at most `budget` drafts per step, however many rows
+        budget = parse_tree(tree).budget
+        assert sum((k - 1) * c for k, c in enumerate(out.accepted_hist) if k) <= budget * out.steps
+        if drafter == "self":
+            assert out.tau > 1.3
 
 
 @pytest.mark.parametrize("verifier", ["greedy", "rrs", "target_only", "speculative"])
@@ -130,7 +136,8 @@ def _exact_two_token_law(params, cfg, prompt, s):
 @pytest.mark.parametrize(
     "tree,verifier",
     [("chain:2", "speculative"), ("rsd:2,2", "rrs"), ("static:[(0,),(1,),(0,0),(1,0)]", None),
-     ("rsd:3,1", None), ("dynamic:depth=2,topk=2,n=5", "target_only"), ("chain:2,sample", "rrs")],
+     ("rsd:3,1", None), ("dynamic:depth=2,topk=2,n=5", "target_only"), ("chain:2,sample", "rrs"),
+     ("chain:2+budget:4000", "speculative"), ("chain:2,sample+budget:4000", None)],
 )  # fmt: skip
 def test_sampled_two_token_law_is_the_targets(small_vocab, tree, verifier):
     params, cfg, d, dp = small_vocab

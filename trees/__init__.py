@@ -5,6 +5,7 @@ builder = parse_tree("dynamic:depth=5,topk=8,n=32")
 tree, draft_state = builder(drafter, params, draft_state, ctx, key, sampling)
 """
 
+from specdec.trees.budget import BatchBudget
 from specdec.trees.dynamic import DynamicTree, DySpecTree
 from specdec.trees.parse import TREE_FORMS, parse_tree
 from specdec.trees.protocol import TreeBuilder
@@ -13,6 +14,7 @@ from specdec.trees.static import EAGLE1_25, MEDUSA_63, NAMED_CHOICES, StaticTree
 
 __all__ = [
     "EAGLE1_25",
+    "BatchBudget",
     "MEDUSA_63",
     "NAMED_CHOICES",
     "TREE_FORMS",

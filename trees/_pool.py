@@ -150,4 +150,5 @@ def finalize(pool: Pool, num_nodes: int, max_depth: int) -> Tree:
         draft_probs=jnp.where((ok & (slot >= 0))[..., None], probs, 0.0),
         max_depth=max_depth,
         sibling_mode="deterministic",
+        score=jnp.where(ok, take_rows(pool.score, sel), -jnp.inf),
     )

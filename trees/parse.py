@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 
+from specdec.trees.budget import BatchBudget
 from specdec.trees.dynamic import DynamicTree, DySpecTree
 from specdec.trees.protocol import TreeBuilder
 from specdec.trees.recursive import RSDBeamTree, RSDTree
@@ -18,7 +19,9 @@ TREE_FORMS = """valid tree specs:
   dynamic:depth=5,topk=8,n=32    EAGLE-2 dynamic tree (n = nodes incl. root)
   dyspec:n=16[,topk=8][,per_call=1][,rounds=R]   DySpec greedy expansion
   rsd:2,2,1                      RSD-C: branching factor per depth, sampled without replacement
-  rsd-beam:depth=4,beam=3        RSD-S: stochastic beam search"""
+  rsd-beam:depth=4,beam=3        RSD-S: stochastic beam search
+  TREE+budget:M                  any tree per row, at most M drafts verified over the whole batch
+                                 (the most confident; trees/budget.py), e.g. chain:4+budget:8"""
 
 
 def _fail(spec: str, why: str) -> ValueError:
@@ -45,6 +48,15 @@ def _kwargs(spec: str, body: str, names: dict[str, str]) -> dict[str, int]:
 
 def parse_tree(spec: str) -> TreeBuilder:
     """Build the tree builder a CLI string names (forms in `TREE_FORMS`); ValueError otherwise."""
+    inner, plus, budget = spec.partition("+")
+    if plus:
+        kind, colon, body = budget.strip().partition(":")
+        if kind.strip().lower() != "budget" or not colon:
+            raise _fail(spec, f"expected TREE+budget:M after '+', got {budget!r}")
+        try:
+            return BatchBudget(parse_tree(inner), _int(spec, body.strip()))
+        except ValueError as e:
+            raise e if str(e).startswith("bad tree spec") else _fail(spec, str(e)) from None
     kind, colon, body = spec.strip().partition(":")
     kind, body = kind.strip().lower(), body.strip()
     if not colon or not body:

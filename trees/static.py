@@ -192,13 +192,17 @@ class StaticTree:
         logits, state = drafter.begin(params, state, ctx)
         logits = logits[:, None]  # [B, 1, V]: the first frontier is the root alone
         probs = zero_probs(b, self.num_nodes, logits.shape[-1])
+        score = jnp.zeros((b, self.num_nodes), jnp.float32)  # cumulative draft log-prob of each path
         levels = self._layout[3]
         for lvl, k in zip(levels, split_keys(key, len(levels)), strict=True):
             frontier = jnp.broadcast_to(jnp.asarray(lvl.frontier, jnp.int32), (b, len(lvl.frontier)))
             if lvl is not levels[0]:
                 logits, state = drafter.expand(params, state, ctx, tree, frontier)
             probs = record_probs(probs, frontier, logits, sampling)
-            toks, _, _, ok = select_children(k, logits, sampling, lvl.k, self.sample)  # [B, F, k]
+            toks, logq, _, ok = select_children(k, logits, sampling, lvl.k, self.sample)  # [B, F, k]
+            child = jnp.asarray(lvl.child, jnp.int32)
+            par_score = score[:, jnp.asarray(lvl.frontier)[lvl.child_f]]
+            score = score.at[:, child].set(par_score + logq[:, lvl.child_f, lvl.child_rank])
             tree = add_nodes(
                 tree,
                 slots=jnp.broadcast_to(jnp.asarray(lvl.child, jnp.int32), (b, len(lvl.child))),
@@ -206,7 +210,7 @@ class StaticTree:
                 parents=frontier[:, lvl.child_f],
                 ok=ok[:, lvl.child_f, lvl.child_rank],
             )
-        return tree.replace(draft_probs=probs), state
+        return tree.replace(draft_probs=probs, score=jnp.where(tree.valid, score, -jnp.inf)), state
 
 
 def chain(k: int, sample: bool = False) -> StaticTree:

@@ -80,20 +80,29 @@ def split_gate_up(cfg: ModelConfig, x: Float[Array, "... 2I"]) -> tuple[Array, A
     return x[..., 0, :].reshape(sh + (-1,)), x[..., 1, :].reshape(sh + (-1,))
 
 
+def scatter_block(x: Float[Array, "1 M ..."], compact: Int[Array, " M"], b: int, t: int) -> Array:
+    """The M computed tokens of a flattened ragged block at their `[B, T, ...]` places (zeros elsewhere)."""
+    out = jnp.zeros((b * t,) + x.shape[2:], x.dtype).at[compact].set(x[0])
+    return out.reshape((b, t) + x.shape[2:])
+
+
 def _layer(lp, h, cos, sin, mask, limit, cache: KVCache | None, slots, layer_idx, cfg: ModelConfig,
-           block_mask=None):  # fmt: skip
+           block_mask=None, compact=None, block_shape=None):  # fmt: skip
     """One decoder layer; writes this layer's new keys/values into `cache` (when given).
 
     `limit` (the slots the block sees, `visible_limit`) is given when the CPU attention kernel runs;
-    `block_mask` when split-prefix attention runs (`cfg.attention == "split"`).
+    `block_mask` when split-prefix attention runs (`cfg.attention == "split"`). With `compact`,
+    `h` is `[1, M, D]`, the block tokens `compact` of the `block_shape` = (B, T) block: the
+    projections and the MLP run on those M, attention on the `[B, T]` layout.
     """
-    b, t, _ = h.shape
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
     qkv = dense(x, lp["wqkv"]).astype(h.dtype)
     if "bqkv" in lp:
         qkv = qkv + lp["bqkv"]
     q, k, v = split_qkv(cfg, qkv)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if compact is not None:
+        q, k, v = (scatter_block(y, compact, *block_shape) for y in (q, k, v))
     if cache is None:
         attn = attend(q, k, v, mask, cfg)  # no cache: the block attends to itself only
     else:
@@ -102,6 +111,8 @@ def _layer(lp, h, cos, sin, mask, limit, cache: KVCache | None, slots, layer_idx
             attn = attend_split(q, k, v, cache, layer_idx, block_mask, cfg)
         else:
             attn = attend_cache(q, cache, layer_idx, mask, cfg, kernel=limit is not None, limit=limit)
+    if compact is not None:
+        attn = attn.reshape((-1, attn.shape[-1]))[compact][None]
     h = h + dense(attn.astype(h.dtype), lp["wo"]).astype(h.dtype)
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     gate, up = split_gate_up(cfg, dense(x, lp["w_gate_up"]).astype(h.dtype))
@@ -120,6 +131,7 @@ def forward(
     taps: tuple[int, ...] = (),
     logits_idx: Int[Array, "B K"] | None = None,
     slots: Int[Array, "B T"] | None = None,
+    compact: Int[Array, " M"] | None = None,
 ) -> tuple[Float[Array, "B K V"], tuple[Float[Array, "B T D"], ...], KVCache | None]:
     """Run T new tokens per row; return (logits, hidden taps, cache with the block written).
 
@@ -129,10 +141,19 @@ def forward(
     numbering: tap i < L is the residual stream entering layer i (0 = embeddings), tap L the final
     normed hidden state. `logits_idx` selects which block positions get logits (K of them; all T
     if None) — the LM head is the largest matmul, so prefill asks only for the last position.
-    Logits are float32.
+    `compact` (M flat indices into the B*T block) computes only those tokens: a flattened ragged
+    block (`specdec.trees.budget`); logits and taps elsewhere are zeros and those cache slots hold
+    garbage (they must be invalid tree nodes, which nothing attends to). Logits are float32.
     """
-    h = params["embed"][tokens]
-    cos, sin = rope_tables(cfg, positions)
+    block_shape = tokens.shape
+    if compact is not None:
+        if logits_idx is not None:
+            raise ValueError("forward: compact and logits_idx cannot be combined")
+        h = params["embed"][tokens.reshape(-1)[compact]][None]  # [1, M, D]
+        cos, sin = rope_tables(cfg, positions.reshape(-1)[compact][None])
+    else:
+        h = params["embed"][tokens]
+        cos, sin = rope_tables(cfg, positions)
     mask = cache_mask(cfg, positions, cache, block_mask, slots)
     # Packed weights (the CPU layout) also select the CPU attention kernel over the cache prefix,
     # for decode and verification blocks; a long block (a prefill) is faster in XLA's attention.
@@ -150,7 +171,7 @@ def forward(
             h, c = carry
             lp, i = xs
             h_in = h
-            h, c = _layer(lp, h, cos, sin, mask, limit, c, slots, i, cfg, bm)
+            h, c = _layer(lp, h, cos, sin, mask, limit, c, slots, i, cfg, bm, compact, block_shape)
             return (h, c), h_in
 
         (h, cache), stream = jax.lax.scan(body, (h, cache), (params["layers"], jnp.arange(n)))
@@ -159,13 +180,17 @@ def forward(
         for i, lp in enumerate(params["layers"]):
             if i in taps:
                 tapped[i] = h
-            h, cache = _layer(lp, h, cos, sin, mask, limit, cache, slots, i, cfg, bm)
+            h, cache = _layer(lp, h, cos, sin, mask, limit, cache, slots, i, cfg, bm, compact, block_shape)
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     tapped[n] = h
     if logits_idx is not None:
         h = jnp.take_along_axis(h, logits_idx[..., None], axis=1)
     logits = lm_head(params, h)
-    return logits, tuple(tapped[i] for i in taps), cache
+    out = tuple(tapped[i] for i in taps)
+    if compact is not None:  # back to the [B, T] block layout
+        logits = scatter_block(logits, compact, *block_shape)
+        out = tuple(scatter_block(x, compact, *block_shape) for x in out)
+    return logits, out, cache
 
 
 def lm_head(params: Params, h: Float[Array, "... D"]) -> Float[Array, "... V"]:
