@@ -157,8 +157,8 @@ def _advance(params, dparams, state: DecodeState, tree: Tree, k_verify, eos_ids,
     if speculative and getattr(spec.builder, "budget", None):
         # A batch budget (specdec.trees.budget) leaves <= B + budget valid nodes: compute only
         # those (a flattened ragged block). Padding entries repeat node (0, 0), which is harmless.
-        b = tokens.shape[0]
-        (compact,) = jnp.nonzero(tree.valid.reshape(-1), size=b + spec.builder.budget, fill_value=0)
+        size = min(tokens.shape[0] + spec.builder.budget, tokens.size)
+        (compact,) = jnp.nonzero(tree.valid.reshape(-1), size=size, fill_value=0)
     logits, taps, cache = forward(
         params, spec.cfg, tokens, positions(tree, state.cache.lengths), state.cache, ancestor_mask(tree),
         taps=spec.taps, compact=compact,
