@@ -132,6 +132,13 @@ def test_cache_attention_equals_xla(tiny_models, monkeypatch, tree, isa):
     assert np.isfinite(out).all() and not out[0, 0].any()
     np.testing.assert_allclose(out[1], np.asarray(ref)[1], rtol=2e-5, atol=2e-6)
     assert np.isfinite(np.asarray(attend(q, cache.k[1], cache.v[1], blind, cfg))).all()
+    # Tokens a flattened ragged block did not compute (masked out) skip their tasks: zeros there,
+    # every other row bitwise as before.
+    skip = mask.at[0, 3:].set(False)
+    out = np.asarray(jax.jit(lambda q, c, m: attend_cache(q, c, 1, m, cfg, kernel=True))(q, cache, skip))
+    assert not out[0, 3:].any()
+    np.testing.assert_array_equal(out[0, :3], np.asarray(got)[0, :3])
+    np.testing.assert_array_equal(out[1], np.asarray(got)[1])
 
 
 # ---- the model with packed params ------------------------------------------------------------

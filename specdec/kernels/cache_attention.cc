@@ -10,7 +10,8 @@
 // AVX2) for q.k, the softmax and p @ v. Numerics: each row's scores, max, exponentials, sum
 // (j ascending) and output are computed in the same order whatever T, the other rows or the lane
 // they sit in, so a row's result does not depend on the block it is part of (greedy speculative =
-// AR). Masked slots contribute exactly nothing; a row that sees no slot gets zeros.
+// AR). Masked slots contribute exactly nothing; a row that sees no slot gets zeros (a task of
+// such rows only is skipped).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -95,6 +96,18 @@ __attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t
   const float* kb = p.k + ((p.layer * p.b + b) * p.s) * stride + h * d;
   const float* vb = p.v + ((p.layer * p.b + b) * p.s) * stride + h * d;
   const bool* mb = p.mask + b * p.t * p.s;
+  // A task none of whose rows sees a slot (block tokens a flattened ragged block did not compute,
+  // masked out entirely) writes zeros, as any such row would get, and skips the work.
+  bool seen = false;
+  for (int64_t j = 0; j < lim && !seen; ++j)
+    for (int lane = 0; lane < nr && !seen; ++lane) seen = mb[trow[lane] * p.s + j];
+  if (!seen) {
+    for (int lane = 0; lane < nr; ++lane) {
+      const int64_t r = r0 + lane;
+      std::memset(p.out + ((b * p.t + r / g_per) * p.hq + h * g_per + r % g_per) * d, 0, d * sizeof(float));
+    }
+    return;
+  }
   const float neg_inf = -std::numeric_limits<float>::infinity();
   auto visible = [&](int64_t j) __attribute__((always_inline)) {
     vi vis{};

@@ -155,6 +155,9 @@ def forward(
         h = params["embed"][tokens]
         cos, sin = rope_tables(cfg, positions)
     mask = cache_mask(cfg, positions, cache, block_mask, slots)
+    if compact is not None:  # uncomputed block tokens see nothing: the CPU kernel skips them
+        computed = jnp.zeros(block_shape[0] * block_shape[1], bool).at[compact].set(True)
+        mask = mask & computed.reshape(block_shape)[..., None]
     # Packed weights (the CPU layout) also select the CPU attention kernel over the cache prefix,
     # for decode and verification blocks; a long block (a prefill) is faster in XLA's attention.
     kernel = (cache is not None and layout_of(params["layers"]) == "packed"
