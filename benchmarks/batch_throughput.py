@@ -10,6 +10,7 @@ rows' steps. Writes JSON and a plot (throughput and ratio vs B).
 
     python benchmarks/batch_throughput.py --out runs/batch_throughput.json
     python benchmarks/batch_throughput.py --batch 1,8 --config 'eagle|chain:3' --mesh data=2,model=4
+    python benchmarks/batch_throughput.py --batch 8 --config 'ngram:min=3|chain:4+budget:4'  # batch budget
 """
 
 from __future__ import annotations
