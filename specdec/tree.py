@@ -82,6 +82,19 @@ def ancestor_mask(tree: Tree) -> Bool[Array, "B N N"]:
     return anc
 
 
+def ancestor_closed(
+    keep: Bool[Array, "B N"], parents: Int[Array, "B N"], max_depth: int
+) -> Bool[Array, "B N"]:
+    """`keep` with every node dropped whose path from the root is not wholly kept (node 0, the
+    root, always kept): `max_depth` rounds of `keep &= keep[parent]`. For selecting a subtree."""
+    is_root = jnp.arange(keep.shape[1])[None, :] == 0
+    keep = keep | is_root
+    par = jnp.maximum(parents, 0)
+    for _ in range(max_depth):
+        keep = keep & (is_root | jnp.take_along_axis(keep, par, axis=1))
+    return keep
+
+
 def positions(tree: Tree, lengths: Int[Array, " B"]) -> Int[Array, "B N"]:
     """RoPE positions: committed length + depth (siblings share a position)."""
     return lengths[:, None] + tree.depth

@@ -25,7 +25,7 @@ from jaxtyping import Array, Float, Int
 
 from specdec.drafters.protocol import Context, Drafter, DraftState
 from specdec.sampling import SamplingConfig
-from specdec.tree import PAD, Tree
+from specdec.tree import PAD, Tree, ancestor_closed
 from specdec.trees._topk import add_nodes, record_probs, select_children, set_rows, take_rows, zero_probs
 
 
@@ -138,8 +138,7 @@ def finalize(pool: Pool, num_nodes: int, max_depth: int) -> Tree:
     parents = jnp.where(par_entry >= 0, take_rows(inv, jnp.maximum(par_entry, 0)), -1)
     is_root = jnp.arange(num_nodes) == 0
     ok = is_root | (jnp.isfinite(take_rows(pool.score, sel)) & (parents >= 0))
-    for _ in range(max_depth):  # closure: a node is valid only if its whole path is
-        ok = ok & (is_root | take_rows(ok, jnp.maximum(parents, 0)))
+    ok = ancestor_closed(ok, parents, max_depth)  # a node is valid only if its whole path is
     slot = take_rows(pool.slot, sel)
     probs = take_rows(pool.wprobs, jnp.maximum(slot, 0))
     return Tree(

@@ -36,17 +36,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from specdec.drafters.protocol import Context, Drafter, DraftState
 from specdec.sampling import SamplingConfig
-from specdec.tree import PAD, Tree
-
-
-def _closed(tree: Tree, keep: Bool[Array, "B N"]) -> Bool[Array, "B N"]:
-    """`keep` restricted to valid nodes whose every ancestor is kept (the root always is)."""
-    is_root = jnp.arange(tree.num_nodes)[None, :] == 0
-    keep = is_root | (keep & tree.valid)
-    par = jnp.maximum(tree.parents, 0)
-    for _ in range(tree.max_depth):
-        keep = keep & (is_root | jnp.take_along_axis(keep, par, axis=1))
-    return keep
+from specdec.tree import PAD, Tree, ancestor_closed
 
 
 def _node_keep(tree: Tree, tokens: int, prio: Float[Array, " B"]) -> Bool[Array, "B N"]:
@@ -59,7 +49,8 @@ def _node_keep(tree: Tree, tokens: int, prio: Float[Array, " B"]) -> Bool[Array,
     _, idx = jax.lax.top_k(flat, min(tokens, flat.shape[0]))
     sel = jnp.isfinite(flat[idx])
     keep = jnp.zeros(flat.shape, bool).at[idx].set(sel).reshape(n - 1, b).T
-    return _closed(tree, jnp.concatenate([jnp.ones((b, 1), bool), keep], axis=1))
+    keep = jnp.concatenate([jnp.ones((b, 1), bool), keep], axis=1) & tree.valid
+    return ancestor_closed(keep, tree.parents, tree.max_depth)
 
 
 def _row_keep(tree: Tree, tokens: int, prio: Float[Array, " B"]) -> Bool[Array, "B N"]:

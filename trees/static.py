@@ -201,7 +201,7 @@ class StaticTree:
             probs = record_probs(probs, frontier, logits, sampling)
             toks, logq, _, ok = select_children(k, logits, sampling, lvl.k, self.sample)  # [B, F, k]
             child = jnp.asarray(lvl.child, jnp.int32)
-            par_score = score[:, jnp.asarray(lvl.frontier)[lvl.child_f]]
+            par_score = score[:, lvl.frontier[lvl.child_f]]
             score = score.at[:, child].set(par_score + logq[:, lvl.child_f, lvl.child_rank])
             tree = add_nodes(
                 tree,
