@@ -3,7 +3,9 @@
 1. A target with random weights of a real shape (`--shape llama3-8b`: Llama-3-8B, bf16, built on
    the device so the host never holds it): the T = 1 step and the verification forward of
    T = 2…128 tokens against a `--context`-token cache, as ratios to the T = 1 step (the cost
-   curve that decides how large a tree pays), at each batch size of `--batch`.
+   curve that decides how large a tree pays), at each batch size of `--batch`, for each attention
+   form of `--attention` (dense masked attention over the cache; split prefix + block merged by
+   log-sum-exp, XLA einsums; flash: the prefix half through Pallas's split-K decode kernel).
 2. The embedded target with the shipped drafters: greedy AR vs speculative on MT-Bench first
    turns, speedup and τ, at batch 1 and 8 (`batch_throughput.py`'s method on this device).
 
@@ -28,6 +30,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("shape", "llama3-8b", ["llama3-8b", "tiny"], "Random-weight target shape for part 1.")
 flags.DEFINE_list("verify", ["1", "2", "4", "8", "16", "32", "64", "128"], "Verification block sizes T.")
 flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
+flags.DEFINE_list("attention", ["dense", "split", "flash"], "Attention forms for part 1.")
 flags.DEFINE_integer("context", 512, "Committed tokens in the cache when verifying.")
 flags.DEFINE_integer("repeats", 10, "Timed calls per point (median).")
 flags.DEFINE_multi_string("config", ["ngram|chain:4", "eagle|chain:3", "eagle|dynamic:depth=6,topk=10,n=60"],
@@ -150,7 +153,12 @@ def main(argv):
               "host_cpu": cpu_model(), "jax": jax.__version__, "dtype": dtype, "shape": FLAGS.shape,
               "context": FLAGS.context, "load_avg_start": load_avg()}  # fmt: skip
     params, cfg = random_target(FLAGS.shape, dtype)
-    result["verification"] = verification_costs(params, cfg, sizes, batches, FLAGS.context, FLAGS.repeats)
+    result["verification"] = {}
+    for form in FLAGS.attention:
+        print("attention", form, flush=True)
+        result["verification"][form] = verification_costs(
+            params, cfg.replace(attention=form), sizes, batches, FLAGS.context, FLAGS.repeats
+        )
     del params
     result["speculative"] = speculative(FLAGS.config, FLAGS.questions, FLAGS.max_new_tokens, batches)
     result["load_avg_end"] = load_avg()

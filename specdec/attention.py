@@ -1,9 +1,12 @@
-"""Attention of a block of new tokens over the KV cache: XLA's einsum, or the CPU kernel.
+"""Attention of a block of new tokens over the KV cache: XLA's einsum, the CPU kernel, or split.
 
 `cache_mask` builds the `[B, T, S]` visibility of cache slots once per forward; `attend` is the
 plain GQA attention (any backend, any dtype); `attend_cache` runs `specdec/kernels/cache_attention.cc`
 on CPU — it reads only the filled prefix of the cache (`visible_limit`) and no head-major copy of
 K and V — and falls back to `attend` where the kernel is not used. Both give float32 softmax.
+`attend_split` attends the committed prefix and the new block apart and merges them by
+log-sum-exp; its prefix half runs as XLA einsums or (`flash=True`) through Pallas's split-K
+decode-attention kernel (`prefix_flash`), the length-masked form accelerator kernels take.
 """
 
 from __future__ import annotations
@@ -65,16 +68,64 @@ def merge_lse(parts) -> Float[Array, "B T HqDh"]:
     return out.reshape(out.shape[:2] + (-1,))
 
 
+def flash_splits(size: int) -> tuple[int, int] | None:
+    """(k_splits, block_k) for Pallas's decode kernel over a cache of `size` slots, or None when
+    the size does not tile (it needs size = k_splits · n with n >= 16 a multiple of a power-of-two
+    block_k in [16, 128])."""
+    for splits in (16, 8, 4, 2, 1):
+        n = size // splits
+        if size % splits or n < 16:
+            continue
+        block = next((b for b in (128, 64, 32, 16) if n % b == 0), None)
+        if block is not None:
+            return splits, block
+    return None
+
+
+def prefix_flash(q: Float[Array, "B T Hq Dh"], k: Float[Array, "B S Hkv Dh"], v: Float[Array, "B S Hkv Dh"],
+                 lengths: Int[Array, " B"], cfg: ModelConfig):  # fmt: skip
+    """`attend_lse` over the committed slots `< lengths` through Pallas's split-K decode-attention
+    kernel (`jax.experimental.pallas.ops.gpu.decode_attention.gqa`, which returns the softmax
+    residuals): Triton on a GPU, Pallas's interpreter on other backends (exact, slow: for tests).
+
+    The T block tokens of a row share its prefix, so they ride as extra query heads of each KV
+    head ([B, Hkv·T·G, Dh]): one kernel call, K and V read once. Returns (out [B, T, Hkv, G, Dh]
+    float32, lse [B, T, Hkv, G]); a row with an empty prefix gets out 0, lse NEG_INF.
+    Falls back to `attend_lse` when the cache size does not tile (`flash_splits`)."""
+    b, t = q.shape[:2]
+    kv, g, dh = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
+    tiling = flash_splits(k.shape[1])
+    if tiling is None:
+        committed = jnp.arange(k.shape[1])[None, None, :] < lengths[:, None, None]
+        return attend_lse(q, k, v, committed, cfg)
+    from jax.experimental.pallas.ops.gpu import decode_attention  # noqa: PLC0415 (Pallas: only here)
+
+    heads = q.reshape(b, t, kv, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, kv * t * g, dh)
+    out, (norm, m) = decode_attention.gqa(
+        heads, k, v, kv_seq_len=lengths, sm_scale=dh**-0.5, k_splits=tiling[0], block_k=tiling[1],
+        return_residuals=True, interpret=jax.default_backend() != "gpu",
+    )  # fmt: skip
+    out = out.astype(jnp.float32).reshape(b, kv, t, g, dh).transpose(0, 2, 1, 3, 4)
+    lse = (m + jnp.log(norm)).reshape(b, kv, t, g).transpose(0, 2, 1, 3)
+    empty = (lengths == 0)[:, None, None, None]  # the kernel's residuals are NaN there
+    return jnp.where(empty[..., None], 0.0, out), jnp.where(empty, NEG_INF, lse)
+
+
 def attend_split(q: Float[Array, "B T Hq Dh"], k_new: Float[Array, "B T Hkv Dh"],
                  v_new: Float[Array, "B T Hkv Dh"], cache: KVCache, layer: int | Int[Array, ""],
-                 block_mask: Bool[Array, "B T T"], cfg: ModelConfig) -> Float[Array, "B T HqDh"]:  # fmt: skip
+                 block_mask: Bool[Array, "B T T"], cfg: ModelConfig, *, flash: bool = False,
+                 ) -> Float[Array, "B T HqDh"]:  # fmt: skip
     """Split-prefix attention: the committed cache prefix (slots < lengths, every block token sees
     all of it) and the new block (dense, under its causal or tree-ancestor `block_mask`), attended
     separately and merged by log-sum-exp — equal to attending over the cache with the combined
-    mask. The prefix half needs no per-token mask, so an accelerator can run it as ragged
-    (length-masked) attention; the block half is small. No sliding window, no explicit slots."""
-    committed = jnp.arange(cache.size)[None, None, :] < cache.lengths[:, None, None]  # [B, 1, S]
-    prefix = attend_lse(q, cache.k[layer], cache.v[layer], committed, cfg)
+    mask. The prefix half needs no per-token mask, so an accelerator runs it as ragged
+    (length-masked) attention (`flash`: `prefix_flash`); the block half is small. No sliding
+    window, no explicit slots."""
+    if flash:
+        prefix = prefix_flash(q, cache.k[layer], cache.v[layer], cache.lengths, cfg)
+    else:
+        committed = jnp.arange(cache.size)[None, None, :] < cache.lengths[:, None, None]  # [B, 1, S]
+        prefix = attend_lse(q, cache.k[layer], cache.v[layer], committed, cfg)
     block = attend_lse(q, k_new, v_new, block_mask, cfg)
     return merge_lse([prefix, block]).astype(q.dtype)
 

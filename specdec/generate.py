@@ -133,6 +133,11 @@ def warmup(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *
 
 
 def make_spec(cfg, sampling, drafter, builder, verifier, mesh=None) -> Spec:
+    if mesh is not None and cfg.attention == "flash" and mesh.size > 1:
+        raise sharding.MeshError(
+            "attention='flash' (a Pallas kernel) is single-device: it has no sharding rule yet; "
+            "use attention='split' or 'dense' on a mesh"
+        )
     if mesh is not None and cfg.tp_groups != sharding.model_size(mesh):
         raise sharding.MeshError(
             f"the params are grouped for a model axis of {cfg.tp_groups} but the mesh's is "

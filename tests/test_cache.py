@@ -106,6 +106,9 @@ def test_split_prefix_attention_equals_dense_attention():
         dense = attend(q, written.k[0], written.v[0], written.attention_mask(block_mask), cfg)
         split = attend_split(q, k_new, v_new, written, 0, block_mask, cfg)
         np.testing.assert_allclose(split, dense, rtol=1e-5, atol=1e-5)
+        # the prefix half through Pallas's decode kernel (its interpreter here): same result
+        flash = attend_split(q, k_new, v_new, written, 0, block_mask, cfg, flash=True)
+        np.testing.assert_allclose(flash, dense, rtol=1e-5, atol=1e-5)
     # negative control: dropping the prefix half changes the result of the rows that have one
     lone = attend(q, k_new, v_new, block_mask, cfg)
     assert np.abs(np.asarray(lone - dense)[1:]).max() > 1e-2 and np.allclose(lone[0], dense[0], atol=1e-5)
@@ -129,3 +132,29 @@ def test_split_attention_decodes_like_dense_attention():
 
     dense, split = decode(CFG), decode(CFG.replace(attention="split"))
     assert split == dense and dense[0] == dense[1]
+    assert decode(CFG.replace(attention="flash")) == dense
+
+
+def test_flash_tiling():
+    """Pallas's decode kernel tiles a cache of S slots as k_splits x (n = S / k_splits >= 16, a
+    multiple of a power-of-two block in [16, 128]); other sizes fall back to the einsum prefix."""
+    from specdec.attention import flash_splits
+
+    assert flash_splits(4096) == (16, 128) and flash_splits(48) == (1, 16) and flash_splits(96) == (2, 16)
+    assert flash_splits(20) is None and flash_splits(8) is None
+
+
+def test_flash_attention_refuses_a_mesh():
+    """The Pallas prefix kernel has no sharding rule: a multi-device mesh gets a one-line error."""
+    import types
+
+    import pytest
+
+    from specdec.generate import make_spec
+    from specdec.sampling import SamplingConfig
+    from specdec.sharding import MeshError
+
+    cfg = ModelConfig(arch="llama", vocab_size=8, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                      head_dim=8, intermediate_size=8, attention="flash")  # fmt: skip
+    with pytest.raises(MeshError, match="single-device"):
+        make_spec(cfg, SamplingConfig(), None, None, None, types.SimpleNamespace(size=8))

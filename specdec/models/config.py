@@ -41,7 +41,9 @@ class ModelConfig:
     checkpoint's own layout.
     `attention`: "dense" attends over the whole cache under one [B, T, S] mask; "split" attends
     the committed prefix and the new block separately, merged by log-sum-exp
-    (`specdec.attention.attend_split`; the accelerator form). Both give the same result.
+    (`specdec.attention.attend_split`; the accelerator form); "flash" is "split" with the prefix
+    half through Pallas's split-K decode-attention kernel (Triton on GPU; single-device only).
+    All give the same result.
     """
 
     arch: str
@@ -67,8 +69,8 @@ class ModelConfig:
     attention: str = "dense"
 
     def __post_init__(self):
-        if self.attention not in ("dense", "split"):
-            raise ValueError(f"attention={self.attention!r}: use dense or split")
+        if self.attention not in ("dense", "split", "flash"):
+            raise ValueError(f"attention={self.attention!r}: use dense, split or flash")
         if self.arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture {self.arch!r} is not supported; specdec runs {SUPPORTED_ARCHITECTURES}. "

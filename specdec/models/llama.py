@@ -91,7 +91,7 @@ def _layer(lp, h, cos, sin, mask, limit, cache: KVCache | None, slots, layer_idx
     """One decoder layer; writes this layer's new keys/values into `cache` (when given).
 
     `limit` (the slots the block sees, `visible_limit`) is given when the CPU attention kernel runs;
-    `block_mask` when split-prefix attention runs (`cfg.attention == "split"`). With `compact`,
+    `block_mask` when split-prefix attention runs (`cfg.attention` "split" or "flash"). With `compact`,
     `h` is `[1, M, D]`, the block tokens `compact` of the `block_shape` = (B, T) block: the
     projections and the MLP run on those M, attention on the `[B, T]` layout.
     """
@@ -108,7 +108,7 @@ def _layer(lp, h, cos, sin, mask, limit, cache: KVCache | None, slots, layer_idx
     else:
         cache = cache.write(layer_idx, k, v, slots)
         if block_mask is not None:
-            attn = attend_split(q, k, v, cache, layer_idx, block_mask, cfg)
+            attn = attend_split(q, k, v, cache, layer_idx, block_mask, cfg, flash=cfg.attention == "flash")
         else:
             attn = attend_cache(q, cache, layer_idx, mask, cfg, kernel=limit is not None, limit=limit)
     if compact is not None:
@@ -164,7 +164,7 @@ def forward(
               and tokens.shape[1] <= KERNEL_MAX_BLOCK)  # fmt: skip
     limit = visible_limit(mask) if kernel else None
     # Split-prefix attention needs the block at its own window (no explicit slots) and no window.
-    split = cfg.attention == "split" and cache is not None and slots is None and cfg.sliding_window is None
+    split = cfg.attention != "dense" and cache is not None and slots is None and cfg.sliding_window is None
     bm = block_mask if split else None
     n = cfg.num_layers
     tapped: dict[int, Array] = {}
