@@ -153,11 +153,6 @@ def make_spec(cfg, sampling, drafter, builder, verifier, mesh=None) -> Spec:
         )
     if verifier is None:
         from specdec.verifiers.auto import auto_verify as verifier
-    if mesh is not None and getattr(builder, "budget", None):
-        raise sharding.MeshError(
-            "a batch draft budget (TREE+budget:M) pools drafts across rows and is not sharded yet; "
-            "drop '+budget' or the mesh"
-        )
     vocab = getattr(drafter, "vocab_size", cfg.vocab_size)
     if vocab != cfg.vocab_size:
         raise ValueError(

@@ -30,6 +30,7 @@ CASES = {  # name: (drafter, tree, temperature); the drafter: the target's first
     "chain": ("draft", "chain:3", 0.0),
     "static": ("draft", "static:[(0,),(1,),(0,0),(0,1),(1,0),(0,0,0)]", 0.0),
     "dynamic": ("draft", "dynamic:depth=3,topk=3,n=10", 0.0),
+    "budget": ("draft", "dynamic:depth=3,topk=3,n=10+budget:5", 0.0),  # drafts pooled across rows
     "ar_t1": (None, None, 1.0),
     "chain_t1": ("draft", "chain:3", 1.0),
 }

@@ -113,11 +113,8 @@ def test_compact_forward_equals_the_full_block_on_the_computed_tokens(tiny_model
     jax.clear_caches()
 
 
-def test_ngram_min_match_option_and_the_unsharded_only_error(tiny_models):
-    from specdec import sharding
+def test_ngram_min_match_option(tiny_models):
     from specdec.drafters import parse_drafter
-    from specdec.generate import make_spec
-    from specdec.sampling import SamplingConfig
 
     _, loaded = tiny_models["llama"]
     d, _ = parse_drafter("ngram:n=3,min=2", None, loaded.cfg, max_depth=4)
@@ -125,6 +122,3 @@ def test_ngram_min_match_option_and_the_unsharded_only_error(tiny_models):
     for bad in ("ngram:n=2,min=3", "ngram:min=0", "ngram:mn=2"):
         with pytest.raises(ValueError, match="ngram:n=3"):
             parse_drafter(bad, None, loaded.cfg, max_depth=4)
-    mesh = sharding.parse_mesh("data=1,model=1")
-    with pytest.raises(sharding.MeshError, match="budget"):
-        make_spec(loaded.cfg, SamplingConfig(), d, parse_tree("chain:4+budget:4"), None, mesh)
