@@ -64,7 +64,8 @@ recipe() {
 trees() {
   case $1 in
     eagle | eagle-hass | eagle-long | eagle-more) echo "chain:6 dynamic:depth=6,topk=10,n=60" ;;
-    falcon) echo "chain:6 static:falcon" ;;
+    # Falcon on EAGLE-2's 60-node dynamic tree too: the issue compares their τ at equal tree size
+    falcon) echo "chain:6 static:falcon dynamic:depth=6,topk=10,n=60" ;;
     eagle3) echo "chain:7 dynamic:depth=6,topk=10,n=60" ;;
     medusa | amphista | amphista-own) echo "chain:4 static:medusa63" ;;
     dflash) echo "chain:15 dynamic:depth=15,topk=10,n=60" ;;
