@@ -44,7 +44,7 @@ from specdec.attention import attend, attend_cache
 from specdec.cache import KVCache
 from specdec.drafters.eagle import to_target_vocab
 from specdec.drafters.protocol import Context, logits_by_depth
-from specdec.matmul import PackedWeight, dense
+from specdec.matmul import PackedWeight, dense, plain
 from specdec.models import decoder
 from specdec.models.config import ModelConfig
 from specdec.models.llama import rms_norm
@@ -98,6 +98,43 @@ def init_params(cfg: DFlashConfig, key) -> dict:
     fc = jax.random.normal(ks[-2], (len(cfg.taps) * cfg.target_hidden_size, d)) * (len(cfg.taps) * d) ** -0.5
     return {"fc_w": fc, "hidden_norm": jnp.ones((d,)), "mask_embed": jax.random.normal(ks[-1], (d,)) * 0.02,
             "layers": layers, "norm": jnp.ones((d,))}  # fmt: skip
+
+
+def init_from_target(cfg: DFlashConfig, key, target_params: dict) -> dict:
+    """Trainable params warm-started from the target's last `num_layers` layers (an option,
+    `specdec-train --dflash_init target`; DFlash itself starts from random layers).
+
+    Draft layer n copies target layer L - num_layers + n (its attention norm as the input norm),
+    `norm` the target's final norm; `fc` selects the deepest tap and `hidden_norm` is that first
+    copied layer's attention norm, so draft layer 0 starts with exactly the target layer's keys and
+    values of the context (for the default taps, tap L - 3 is layer L - 3's input). Deeper draft
+    layers read the same context feature, an approximation training corrects."""
+    params = init_params(cfg, key)
+    layers = jax.tree.map(plain, target_params["layers"], is_leaf=lambda x: isinstance(x, PackedWeight))
+    if isinstance(layers, dict):  # stacked [L, ...] (scan_layers): one dict per layer
+        layers = [{k: v[i] for k, v in layers.items()} for i in range(len(layers["attn_norm"]))]
+    first = len(layers) - cfg.num_layers
+    if first < 0:
+        raise ValueError(
+            f"--dflash_init target: the target has {len(layers)} layers, fewer than --dflash_layers "
+            f"{cfg.num_layers}; use fewer draft layers or --dflash_init random"
+        )
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    for n in range(cfg.num_layers):
+        lp = layers[first + n]
+        if "bqkv" in lp:
+            raise ValueError("--dflash_init target: the target's q/k/v biases have no place in a draft "
+                             "layer; use --dflash_init random")  # fmt: skip
+        params["layers"][str(n)] = {"input_norm": f32(lp["attn_norm"])} | {
+            k: f32(lp[k]) for k in ("wqkv", "wo", "mlp_norm", "w_gate_up", "w_down")
+        }
+    dt, d = cfg.target_hidden_size, cfg.hidden_size
+    deepest = max(range(len(cfg.taps)), key=lambda i: cfg.taps[i])
+    fc = jnp.zeros((len(cfg.taps) * dt, d))
+    params["fc_w"] = fc.at[deepest * dt : (deepest + 1) * dt].set(jnp.eye(dt, d))
+    params["hidden_norm"] = f32(layers[first]["attn_norm"])
+    params["norm"] = f32(target_params["final_norm"])
+    return params
 
 
 def context_features(params, cfg: DFlashConfig, taps) -> Float[Array, "B T D"]:

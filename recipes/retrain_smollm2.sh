@@ -35,6 +35,9 @@ COMMON="--regenerated $SET --features $FEATURES --extract_dtype $DTYPE --max_len
 
 # DFlash's depth for SmolLM2 (3-5 layers at the target's width) by measurement: `dflash-layers`
 # trains each for 300 steps; the fewest layers whose held-out τ estimate is within 2% of the best.
+# Draft layers start as copies of the target's last layers (`--dflash_init target`): at 3 layers and
+# 300 steps, held-out loss 5.08 vs 5.91 and τ estimate 1.21 vs 1.16 for random layers (stop 27).
+DFLASH_INIT=${DFLASH_INIT:-target}
 dflash_layers() {
   if [ -n "${DFLASH_LAYERS:-}" ]; then echo "$DFLASH_LAYERS"; return; fi
   [ -f "$EVAL_OUT/dflash_layers.json" ] || { echo 3; return; }
@@ -56,7 +59,7 @@ recipe() {
     amphista) echo "--steps ${STEPS:-1000} --heads 4" ;;
     amphista-own) echo "--steps ${STEPS:-1000} --heads 4 --own_heads" ;;  # own LM heads: the measured alternative
     falcon) echo "--steps ${STEPS:-2000} --falcon_k 2" ;;
-    dflash) echo "--steps ${STEPS:-1000} --block_size 16 --dflash_layers $(dflash_layers)" ;;
+    dflash) echo "--steps ${STEPS:-1000} --block_size 16 --dflash_layers $(dflash_layers) --dflash_init $DFLASH_INIT" ;;
     *) echo "unknown drafter $1 (eagle eagle-hass eagle-long eagle-more eagle3 medusa amphista amphista-own falcon dflash)" >&2; exit 2 ;;
   esac
 }
@@ -136,14 +139,14 @@ case ${1:-} in
     ;;
   dflash-layers)
     for l in 3 4 5; do
-      out=$RUNS/dflash-layers-$l
+      out=$RUNS/dflash-layers-$l-$DFLASH_INIT
       # shellcheck disable=SC2086
       [ -f "$out/drafter/drafter.json" ] || specdec-train --drafter dflash $COMMON --steps 300 --block_size 16 \
-        --dflash_layers "$l" --out "$out"
+        --dflash_layers "$l" --dflash_init "$DFLASH_INIT" --out "$out"
     done
-    python - "$RUNS" "$EVAL_OUT/dflash_layers.json" <<'PY'
+    python - "$RUNS" "$EVAL_OUT/dflash_layers.json" "$DFLASH_INIT" <<'PY'
 import json, sys
-t = {l: json.load(open(f"{sys.argv[1]}/dflash-layers-{l}/drafter/drafter.json"))["training"]["heldout"]["tau_est"]
+t = {l: json.load(open(f"{sys.argv[1]}/dflash-layers-{l}-{sys.argv[3]}/drafter/drafter.json"))["training"]["heldout"]["tau_est"]
      for l in (3, 4, 5)}
 print("DFlash held-out tau estimate after 300 steps, by layers:", {k: round(v, 3) for k, v in t.items()})
 json.dump(t, open(sys.argv[2], "w"), indent=1)

@@ -299,3 +299,31 @@ def test_falcon_block_mask_and_glancing():
         np.asarray(tok[0]), np.where(rev, np.arange(12), np.arange(12) + 100 * (np.arange(12) >= 2))
     )
     np.testing.assert_array_equal(np.asarray(feat[0, :, 0]), np.where(rev, 0.0, 1.0))
+
+
+def test_dflash_warm_start_copies_the_target(tiny_models):
+    """`--dflash_init target`: draft layers = the target's last layers, and the fused context feature
+    = the deepest tap under the first copied layer's attention norm (so draft layer 0's context
+    K/V are that target layer's own); more draft layers than the target has is a clear error."""
+    from specdec.models.llama import rms_norm
+
+    _, loaded = tiny_models["llama"]
+    cfg, n_layers = loaded.cfg, loaded.cfg.num_layers
+    layers = [dict(lp) for lp in loaded.params["layers"]]
+    layers[-1]["attn_norm"] = np.random.default_rng(0).uniform(0.5, 1.5, cfg.hidden_size).astype(np.float32)
+    host = {**loaded.params, "layers": layers}
+    c = dflash.DFlashConfig.for_target(cfg, num_layers=1, block_size=4, taps=(0, n_layers - 1))
+    dp = dflash.init_from_target(c, jax.random.key(0), host)
+    np.testing.assert_array_equal(dp["layers"]["0"]["input_norm"], layers[-1]["attn_norm"])
+    np.testing.assert_array_equal(dp["layers"]["0"]["w_down"], layers[-1]["w_down"])
+    seq = jnp.asarray([PROMPTS[2]])
+    t = seq.shape[1]
+    _, taps, _ = forward(to_device(host, cfg), cfg, seq, jnp.arange(t)[None], None, causal_mask(1, t),
+                         taps=c.taps)  # fmt: skip
+    want = rms_norm(taps[1], layers[-1]["attn_norm"], cfg.rms_norm_eps)  # the last layer's normed input
+    np.testing.assert_allclose(dflash.context_features(dp, c, taps), want, atol=1e-5)
+    cold = dflash.context_features(dflash.init_params(c, jax.random.key(0)), c, taps)
+    assert np.abs(np.asarray(cold - want)).max() > 0.1  # negative control: a random fc does not
+    with pytest.raises(ValueError, match="--dflash_init random"):
+        too_deep = dflash.DFlashConfig.for_target(cfg, num_layers=n_layers + 1)
+        dflash.init_from_target(too_deep, jax.random.key(0), host)

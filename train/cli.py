@@ -106,6 +106,8 @@ _int("num_anchors", 32, "DFlash: anchored blocks per training sequence.", lower_
 flags.DEFINE_enum("dflash_weighting", "decay", ["decay", "dpace"],
                   "DFlash position weights: exp(-(k-1)/gamma) or D-PACE.", flag_values=FLAGS)  # fmt: skip
 _float("dflash_gamma", 7.0, "DFlash: decay constant gamma of the position weights.")
+flags.DEFINE_enum("dflash_init", "random", ["random", "target"],
+                  "DFlash draft layers: random, or the target's last layers.", flag_values=FLAGS)  # fmt: skip
 flags.DEFINE_enum(
     "loss", "ce", ["ce", "tv", "lk"],
     "Divergence to the target's distribution: ce (cross-entropy, EAGLE/Medusa), tv (total variation = "
@@ -248,7 +250,7 @@ def main(argv):
         loss=FLAGS.loss, falcon_k=FLAGS.falcon_k, dflash_layers=FLAGS.dflash_layers,
         block_size=FLAGS.block_size,
         num_anchors=FLAGS.num_anchors, dflash_weighting=FLAGS.dflash_weighting,
-        dflash_gamma=FLAGS.dflash_gamma,
+        dflash_gamma=FLAGS.dflash_gamma, dflash_init=FLAGS.dflash_init,
         draft_vocab=FLAGS.draft_vocab or None, heldout=FLAGS.heldout, eval_every=FLAGS.eval_every,
         save_every=FLAGS.save_every, init_from=FLAGS.init_from,
     )  # fmt: skip

@@ -62,6 +62,7 @@ class TrainConfig:
     falcon_k: int = 2  # Falcon: tokens per semi-autoregressive pass
     dflash_weighting: str = "decay"  # decay (exp(-(k-1)/gamma)) | dpace
     dflash_gamma: float = 7.0
+    dflash_init: str = "random"  # random | target (the target's last layers, dflash.init_from_target)
     draft_vocab: int | None = 8192
     heldout: int = 32  # sequences held out (the last ones of the feature set)
     eval_every: int = 200
@@ -149,7 +150,10 @@ def build(tc: TrainConfig, target_cfg: ModelConfig, target_params, d2t, key):
         return "falcon", cfg, params, frozen, fn
     if tc.family == "dflash":
         cfg = dflash.DFlashConfig.for_target(target_cfg, tc.dflash_layers, tc.block_size, vd)
-        params = dflash.init_params(cfg, key)
+        if tc.dflash_init == "target":
+            params = dflash.init_from_target(cfg, key, target_params)
+        else:
+            params = dflash.init_params(cfg, key)
         frozen.update(embed=target_params["embed"], head=head_d)
         fn = functools.partial(losses.dflash_loss, cfg=cfg, num_anchors=tc.num_anchors, gamma=tc.dflash_gamma,
                                weighting=tc.dflash_weighting, loss=tc.loss,
