@@ -91,13 +91,10 @@ def prefix_flash(q: Float[Array, "B T Hq Dh"], k: Float[Array, "B S Hkv Dh"], v:
     The T block tokens of a row share its prefix, so they ride as extra query heads of each KV
     head ([B, Hkv·T·G, Dh]): one kernel call, K and V read once. Returns (out [B, T, Hkv, G, Dh]
     float32, lse [B, T, Hkv, G]); a row with an empty prefix gets out 0, lse NEG_INF.
-    Falls back to `attend_lse` when the cache size does not tile (`flash_splits`)."""
+    The cache size must tile the kernel (`flash_splits`)."""
     b, t = q.shape[:2]
     kv, g, dh = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
     tiling = flash_splits(k.shape[1])
-    if tiling is None:
-        committed = jnp.arange(k.shape[1])[None, None, :] < lengths[:, None, None]
-        return attend_lse(q, k, v, committed, cfg)
     from jax.experimental.pallas.ops.gpu import decode_attention  # noqa: PLC0415 (Pallas: only here)
 
     heads = q.reshape(b, t, kv, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, kv * t * g, dh)
@@ -120,8 +117,8 @@ def attend_split(q: Float[Array, "B T Hq Dh"], k_new: Float[Array, "B T Hkv Dh"]
     separately and merged by log-sum-exp — equal to attending over the cache with the combined
     mask. The prefix half needs no per-token mask, so an accelerator runs it as ragged
     (length-masked) attention (`flash`: `prefix_flash`); the block half is small. No sliding
-    window, no explicit slots."""
-    if flash:
+    window, no explicit slots. A cache size the kernel cannot tile uses the einsum prefix."""
+    if flash and flash_splits(cache.size) is not None:
         prefix = prefix_flash(q, cache.k[layer], cache.v[layer], cache.lengths, cfg)
     else:
         committed = jnp.arange(cache.size)[None, None, :] < cache.lengths[:, None, None]  # [B, 1, S]
