@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from specdec.attention import attend, attend_cache
+from specdec.attention import attend, attend_cache, attend_lse, merge_lse
 from specdec.cache import KVCache
 from specdec.drafters.eagle import to_target_vocab
 from specdec.drafters.protocol import Context, logits_by_depth
@@ -165,10 +165,32 @@ def training_mask(anchors: Int[Array, "B A"], t: int, block_size: int) -> Bool[A
     return jnp.concatenate([ctx, jnp.broadcast_to(own, (b, a * k, a * k))], axis=-1)
 
 
-def train_forward(params, cfg: DFlashConfig, tokens: Int[Array, "B T"], taps, anchors: Int[Array, "B A"]):
+def anchored_attention(q: Float[Array, "B AK Hq Dh"], kc: Float[Array, "B T Hkv Dh"],
+                       vc: Float[Array, "B T Hkv Dh"], kb: Float[Array, "B AK Hkv Dh"],
+                       vb: Float[Array, "B AK Hkv Dh"], anchors: Int[Array, "B A"],
+                       cfg) -> Float[Array, "B AK HqDh"]:  # fmt: skip
+    """`attend` under `training_mask` without its [AK, AK] block part, which is all masked but the
+    diagonal blocks: each query attends to the context before its anchor ([AK, T]) and to its own
+    block ([A, K, K]) apart, merged by log-sum-exp — O(AK (T + K)) scores instead of
+    O(AK (T + AK)), what lets a step carry many anchors (128 anchors of 16 over 512 tokens: 4.8x
+    fewer)."""
+    b, ak = q.shape[:2]
+    a = anchors.shape[1]
+    k, t = ak // a, kc.shape[1]
+    ctx = jnp.arange(t)[None, None, :] < jnp.repeat(anchors, k, axis=1)[:, :, None]  # [B, AK, T]
+    per_block = lambda x: x.reshape((b * a, k) + x.shape[2:])  # noqa: E731
+    out, lse = attend_lse(per_block(q), per_block(kb), per_block(vb), jnp.ones((1, 1, k), bool), cfg)
+    own = (out.reshape((b, ak) + out.shape[2:]), lse.reshape((b, ak) + lse.shape[2:]))
+    return merge_lse([attend_lse(q, kc, vc, ctx, cfg), own])
+
+
+def train_forward(params, cfg: DFlashConfig, tokens: Int[Array, "B T"], taps, anchors: Int[Array, "B A"],
+                  split: bool = True):  # fmt: skip
     """Block outputs [B, A, K, D] for anchors at positions `anchors` (teacher-forced; no cache).
 
     Block a holds positions anchors[a] .. anchors[a] + K - 1; context = the taps at every position.
+    `split` attends context and blocks apart (`anchored_attention`); False runs the dense
+    `training_mask` (the reference it is tested against).
     """
     b, t = tokens.shape
     a, k = anchors.shape[1], cfg.block_size
@@ -176,14 +198,17 @@ def train_forward(params, cfg: DFlashConfig, tokens: Int[Array, "B T"], taps, an
     ctx_pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     blk_pos = (anchors[:, :, None] + jnp.arange(k)).reshape(b, a * k)
     h = block_embeddings(params, jnp.take_along_axis(tokens, anchors, axis=1), k).reshape(b, a * k, -1)
-    mask = training_mask(anchors, t, k)
+    mask = None if split else training_mask(anchors, t, k)
     lc = cfg.layer_cfg
     for n in range(cfg.num_layers):
         lp = params["layers"][str(n)]
         kc, vc = decoder.kv(lp, lc, c, ctx_pos)
         q, kb, vb = decoder.qkv(lp, lc, h, blk_pos)
-        attn = attend(q, jnp.concatenate([kc, kb], 1), jnp.concatenate([vc, vb], 1), mask, lc)
-        h = decoder.finish(lp, lc, h, attn)
+        if split:
+            attn = anchored_attention(q, kc, vc, kb, vb, anchors, lc)
+        else:
+            attn = attend(q, jnp.concatenate([kc, kb], 1), jnp.concatenate([vc, vb], 1), mask, lc)
+        h = decoder.finish(lp, lc, h, attn.astype(h.dtype))
     return h.reshape(b, a, k, -1)
 
 

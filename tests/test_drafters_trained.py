@@ -204,6 +204,30 @@ def test_dflash_training_mask():
     np.testing.assert_array_equal(m[:, 8:], own)
 
 
+def test_dflash_anchored_attention_equals_dense_mask(target):
+    """The split training attention (context before the anchor and the own block apart, merged by
+    log-sum-exp) = dense attention under `training_mask`, outputs and gradients; control: anchors
+    moved by one change the outputs (the context mask is live)."""
+    params, cfg, _ = target
+    d, dp = make("dflash", params, cfg, 4)
+    seq = jax.random.randint(jax.random.PRNGKey(5), (2, 20), 0, cfg.vocab_size)
+    _, taps, _ = forward(params, cfg, seq, jnp.arange(20)[None].repeat(2, 0), None, causal_mask(2, 20),
+                         taps=d.taps)  # fmt: skip
+    anchors = jnp.asarray([[3, 9, 14], [1, 7, 12]])
+
+    def total(p, split, a=anchors):
+        out = dflash.train_forward(p, d.cfg, seq, taps, a, split=split)
+        return jnp.sum(jnp.sin(out)), out
+
+    (_, dense), g_dense = jax.value_and_grad(total, has_aux=True)(dp, False)
+    (_, split), g_split = jax.value_and_grad(total, has_aux=True)(dp, True)
+    np.testing.assert_allclose(split, dense, atol=1e-4, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(g_split), jax.tree.leaves(g_dense), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3)
+    _, moved = total(dp, True, anchors + 1)
+    assert not np.allclose(moved, split, atol=1e-3)
+
+
 def test_amphista_cache_equals_full_recompute(target):
     """After prefill and several steps, the heads' logits equal the no-cache adaptation stages over
     the whole committed sequence (pairs (h_t, x_{t+1}), the target's teacher-forced h) at P - 1."""
