@@ -154,15 +154,19 @@ def draft_logits(params, cfg: DFlashConfig, h: Float[Array, "... D"]) -> Float[A
     return dense(rms_norm(h, params["norm"], cfg.rms_norm_eps), params["head"])
 
 
+def context_mask(anchors: Int[Array, "B A"], t: int, block_size: int) -> Bool[Array, "B AK T"]:
+    """Query (a, k) of block a sees context position s iff s < anchors[a]."""
+    return jnp.arange(t)[None, None, :] < jnp.repeat(anchors, block_size, axis=1)[:, :, None]
+
+
 def training_mask(anchors: Int[Array, "B A"], t: int, block_size: int) -> Bool[Array, "B AK T+AK"]:
     """Anchored-block training visibility: block a's queries see context keys at positions strictly
     before its anchor and every key of their own block, never another block's."""
     b, a = anchors.shape
     k = block_size
     q_block = jnp.repeat(jnp.arange(a), k)  # [A*K] block of each query
-    ctx = jnp.arange(t)[None, None, :] < jnp.repeat(anchors, k, axis=1)[:, :, None]  # [B, AK, T]
     own = q_block[:, None] == q_block[None, :]  # [AK, AK]
-    return jnp.concatenate([ctx, jnp.broadcast_to(own, (b, a * k, a * k))], axis=-1)
+    return jnp.concatenate([context_mask(anchors, t, k), jnp.broadcast_to(own, (b, a * k, a * k))], axis=-1)
 
 
 def anchored_attention(q: Float[Array, "B AK Hq Dh"], kc: Float[Array, "B T Hkv Dh"],
@@ -176,12 +180,11 @@ def anchored_attention(q: Float[Array, "B AK Hq Dh"], kc: Float[Array, "B T Hkv 
     fewer)."""
     b, ak = q.shape[:2]
     a = anchors.shape[1]
-    k, t = ak // a, kc.shape[1]
-    ctx = jnp.arange(t)[None, None, :] < jnp.repeat(anchors, k, axis=1)[:, :, None]  # [B, AK, T]
+    k = ak // a
     per_block = lambda x: x.reshape((b * a, k) + x.shape[2:])  # noqa: E731
     out, lse = attend_lse(per_block(q), per_block(kb), per_block(vb), jnp.ones((1, 1, k), bool), cfg)
     own = (out.reshape((b, ak) + out.shape[2:]), lse.reshape((b, ak) + lse.shape[2:]))
-    return merge_lse([attend_lse(q, kc, vc, ctx, cfg), own])
+    return merge_lse([attend_lse(q, kc, vc, context_mask(anchors, kc.shape[1], k), cfg), own])
 
 
 def train_forward(params, cfg: DFlashConfig, tokens: Int[Array, "B T"], taps, anchors: Int[Array, "B A"],

@@ -207,7 +207,7 @@ def test_dflash_training_mask():
 def test_dflash_anchored_attention_equals_dense_mask(target):
     """The split training attention (context before the anchor and the own block apart, merged by
     log-sum-exp) = dense attention under `training_mask`, outputs and gradients; control: anchors
-    moved by one change the outputs (the context mask is live)."""
+    moved by one give other outputs (the outputs compared depend on the anchors)."""
     params, cfg, _ = target
     d, dp = make("dflash", params, cfg, 4)
     seq = jax.random.randint(jax.random.PRNGKey(5), (2, 20), 0, cfg.vocab_size)
