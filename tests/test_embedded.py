@@ -61,6 +61,8 @@ def test_batched_chat_prompts_equal_single(embedded):
         ("medusa", "static:eagle1", "greedy"),  # the drafters shipped for the embedded target
         ("eagle", "dynamic:depth=4,topk=3,n=10", "rrs"),
         ("eagle3", "dynamic:depth=4,topk=3,n=10", None),
+        ("amphista", "chain:4", "greedy"),
+        ("falcon", "static:falcon", None),
     ],
 )
 def test_speculative_greedy_equals_ar_on_embedded(embedded, drafter, tree, verifier):
@@ -80,5 +82,5 @@ def test_speculative_greedy_equals_ar_on_embedded(embedded, drafter, tree, verif
                    verifier=verifier and get_verifier(verifier))  # fmt: skip
     assert out.tokens == ar
     assert out.tau >= 1.0
-    if drafter in ("medusa", "eagle", "eagle3"):  # trained: far better than chance, or wiring broke
+    if drafter in ("medusa", "eagle", "eagle3", "amphista", "falcon"):  # trained: far better than chance, or wiring broke
         assert out.tau > 1.25, out.tau
