@@ -166,6 +166,7 @@ new, old = m[f"{sys.argv[2]}|{sys.argv[4]}|auto"]["tau"], m.get(f"{sys.argv[3]}|
 print(f"{sys.argv[3]} {sys.argv[4]}: tau {new:.2f} retrained vs {old:.2f} shipped")
 sys.exit(0 if new > old else 1)
 PY
+      if diff -rq "$KEEP/$d" "specdec/data/drafters/$d" >/dev/null 2>&1; then echo "$d: already shipped"; continue; fi
       rm -rf "specdec/data/drafters/$d" && cp -r "$KEEP/$d" "specdec/data/drafters/$d"
       echo "shipped specdec/data/drafters/$d"
     done
