@@ -4,11 +4,12 @@ Joins, per `drafter|tree`: τ and acceptance per depth a(d) from `specdec-eval` 
 (`metrics.json`: MT-Bench; one run per drafter family, each with its own AR baseline, so a run
 killed by a session's end loses at most one family), its mismatching turns (0 for a lossless
 verifier), τ at T = 1 from `specdec-eval` runs at T = 1 when given, and from
-`benchmarks/spec_vs_ar.py` (batch 1, same machine) the draft cost per step in ms, that cost as a
-fraction of a T = 1 target step, the whole speculative step, and the batch-1 wall-clock speedup.
+`benchmarks/spec_vs_ar.py` (batch 1, same machine; one run per family, each against its own AR
+baseline) the draft cost per step in ms, that cost as a fraction of the same run's T = 1 target
+step, the whole speculative step, and the batch-1 wall-clock speedup.
 
     python benchmarks/drafter_table.py --eval docs/results/retrain/t0/eagle,docs/results/retrain/t0/medusa \\
-        --eval_t1 docs/results/retrain/t1/eagle --cost docs/results/retrain/cost.json \\
+        --eval_t1 docs/results/retrain/t1/eagle --cost docs/results/retrain/cost/eagle.json \\
         --out docs/results/retrain/table.md
 """
 
@@ -24,7 +25,7 @@ flags.DEFINE_list(
     "eval", None, "specdec-eval output folders at T = 0 (each holds metrics.json).", required=True
 )
 flags.DEFINE_list("eval_t1", [], "specdec-eval output folders at T = 1 (optional).")
-flags.DEFINE_string("cost", None, "benchmarks/spec_vs_ar.py JSON of the same configurations (optional).")
+flags.DEFINE_list("cost", [], "benchmarks/spec_vs_ar.py JSONs of the same configurations (optional).")
 flags.DEFINE_integer("depths", 3, "Acceptance-per-depth columns a(1)..a(D).")
 flags.DEFINE_string("out", None, "Write the markdown table here (printed either way).")
 
@@ -49,9 +50,19 @@ def _fmt(x, spec: str, missing: str = "–") -> str:
     return missing if x is None else format(x, spec)
 
 
-def table(t0: dict[str, dict], t1: dict[str, dict], cost: dict | None, depths: int) -> str:
-    runs = (cost or {}).get("runs", {})
-    ar_step = runs.get("AR", {}).get("step_ms", {}).get("loop_step")
+def _cost(files: list[str]) -> tuple[dict[str, dict], list[float]]:
+    """`drafter|tree` → its spec_vs_ar.py run, with `ar_step_ms` (that run's AR loop step) added."""
+    runs, ar_steps = {}, []
+    for f in files:
+        r = json.loads(pathlib.Path(f).read_text())["runs"]
+        ar = r["AR"]["step_ms"]["loop_step"]
+        ar_steps.append(ar)
+        runs.update({k: {**v, "ar_step_ms": ar} for k, v in r.items() if k != "AR"})
+    return runs, ar_steps
+
+
+def table(t0: dict[str, dict], t1: dict[str, dict], cost: list[str], depths: int) -> str:
+    runs, ar_steps = _cost(cost)
     head = ["drafter", "tree", "τ T=0", *(f"a({d})" for d in range(1, depths + 1)), "mismatching turns",
             "τ T=1", "draft ms", "draft / T=1 step", "step ms", "speedup (batch 1)"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -64,18 +75,18 @@ def table(t0: dict[str, dict], t1: dict[str, dict], cost: dict | None, depths: i
         row = [f"`{drafter}`", f"`{tree}`", _fmt(m["tau"], ".2f")]
         row += [_fmt(a, ".3f") for a in apd[:depths]]
         row += [f"{m['lossless_mismatches']}", _fmt(t1.get(key, {}).get("tau"), ".2f"), _fmt(draft, ".1f"),
-                _fmt(None if draft is None or not ar_step else draft / ar_step, ".2f"),
+                _fmt(None if draft is None else draft / c["ar_step_ms"], ".2f"),
                 _fmt(ms.get("loop_step"), ".1f"), _fmt(c.get("speedup"), ".2f")]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
-    if ar_step:
-        lines.append(f"\nT = 1 target step (AR loop step, batch 1): {ar_step:.1f} ms.")
+    if ar_steps:
+        lines.append("\nT = 1 target step (AR loop step, batch 1; one per cost run): "
+                     + ", ".join(f"{a:.1f}" for a in ar_steps) + " ms.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def main(argv):
     del argv
-    cost = json.loads(pathlib.Path(FLAGS.cost).read_text()) if FLAGS.cost else None
-    text = table(_methods(FLAGS.eval), _methods(FLAGS.eval_t1), cost, FLAGS.depths)
+    text = table(_methods(FLAGS.eval), _methods(FLAGS.eval_t1), FLAGS.cost, FLAGS.depths)
     print(text)
     if FLAGS.out:
         pathlib.Path(FLAGS.out).write_text(text)

@@ -7,7 +7,7 @@
 #   recipes/retrain_smollm2.sh train eagle     # one drafter (resumable from its checkpoints)
 #   recipes/retrain_smollm2.sh eval [D...]     # τ at T = 0, one run per family (resumes its journal)
 #   recipes/retrain_smollm2.sh eval-t1 [D...]  # τ at T = 1 (lossless verifier), chains, one run each
-#   recipes/retrain_smollm2.sh cost            # draft cost per step (ms, vs a T=1 step), batch 1
+#   recipes/retrain_smollm2.sh cost [D...]     # draft cost per step (ms, vs a T=1 step), batch 1
 #   recipes/retrain_smollm2.sh table           # the comparison table from the three runs above
 #   recipes/retrain_smollm2.sh ship            # retrained drafters become the shipped ones where better
 #   recipes/retrain_smollm2.sh all             # all of the above in order; rerun after a kill
@@ -126,13 +126,23 @@ case ${1:-} in
     done
     ;;
   cost)
-    args=()
-    for d in $FAMILIES; do for t in $(trees "$d"); do args+=(--config "$KEEP/$d|$t"); done; done
-    python benchmarks/spec_vs_ar.py --max_new_tokens 128 "${args[@]}" --out "$EVAL_OUT/cost.json"
+    # One run per family ($EVAL_OUT/cost/<d>.json: its trees and its own AR baseline, ~8 min on
+    # two quiet cores), so ratios come from one run and a session's end loses at most one family.
+    shift
+    # shellcheck disable=SC2086
+    [ $# -gt 0 ] || set -- $FAMILIES
+    mkdir -p "$EVAL_OUT/cost"
+    for d in "$@"; do
+      [ -f "$EVAL_OUT/cost/$d.json" ] && { echo "$EVAL_OUT/cost/$d.json: measured"; continue; }
+      [ -f "$KEEP/$d/drafter.json" ] || { echo "$KEEP/$d is not trained yet: $0 train $d" >&2; exit 2; }
+      args=()
+      for t in $(trees "$d"); do args+=(--config "$KEEP/$d|$t"); done
+      python benchmarks/spec_vs_ar.py --max_new_tokens 128 "${args[@]}" --out "$EVAL_OUT/cost/$d.json"
+    done
     ;;
   table)  # τ, a(d), draft cost and batch-1 speedup in one markdown table (docs/drafters.md)
     cost=()
-    [ -f "$EVAL_OUT/cost.json" ] && cost=(--cost "$EVAL_OUT/cost.json")
+    [ -d "$EVAL_OUT/cost" ] && cost=(--cost "$(ls "$EVAL_OUT"/cost/*.json | paste -sd,)")
     python benchmarks/drafter_table.py --eval "$(ls -d "$EVAL_OUT"/t0/* | paste -sd,)" \
       --eval_t1 "$( (ls -d "$EVAL_OUT"/t1/* 2>/dev/null || true) | paste -sd,)" \
       "${cost[@]}" --out "$EVAL_OUT/table.md"

@@ -23,14 +23,19 @@ def test_table_joins_runs_and_skips_unfinished(tmp_path):
                                       "eagle|chain:6|auto": _method(1.5, [0.3, 0.1])})  # fmt: skip
     b = _run(tmp_path / "t0/medusa", {"data/retrain/medusa|chain:4|auto": _method(1.8, [0.5, 0.2, 0.1], 1)})
     t1 = _run(tmp_path / "t1/eagle", {"data/retrain/eagle|chain:6|auto": _method(2.1, [0.5])})
-    cost = tmp_path / "cost.json"
+    # one cost run per family, each with its own AR baseline: a row's ratio uses its own run's
+    cost, cost_m = tmp_path / "cost_eagle.json", tmp_path / "cost_medusa.json"
     step = {"step_ms": {"draft": 10.0, "loop_step": 60.0}, "speedup": 1.6}
     runs = {"AR": {"step_ms": {"loop_step": 40.0}}, "data/retrain/eagle|chain:6": step}
     cost.write_text(json.dumps({"runs": runs}))
+    step_m = {"step_ms": {"draft": 5.0, "loop_step": 55.0}, "speedup": 1.1}
+    cost_m.write_text(json.dumps({"runs": {"AR": {"step_ms": {"loop_step": 50.0}},
+                                           "data/retrain/medusa|chain:4": step_m}}))  # fmt: skip
     out = tmp_path / "table.md"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks/drafter_table.py"),
-                        f"--eval={a},{b},{tmp_path / 't0/falcon'}", f"--eval_t1={t1}", f"--cost={cost}",
-                        f"--out={out}"], capture_output=True, text=True, check=True)  # fmt: skip
+                        f"--eval={a},{b},{tmp_path / 't0/falcon'}", f"--eval_t1={t1}",
+                        f"--cost={cost},{cost_m}", f"--out={out}"],
+                       capture_output=True, text=True, check=True)  # fmt: skip
     assert "t0/falcon has no metrics.json yet" in r.stdout
     lines = out.read_text().splitlines()
     eagle = next(line for line in lines if line.startswith("| `data/retrain/eagle`"))
@@ -38,7 +43,8 @@ def test_table_joins_runs_and_skips_unfinished(tmp_path):
     assert [c.strip() for c in eagle.split("|")[3:-1]] == \
         ["2.50", "0.600", "0.400", "0.300", "0", "2.10", "10.0", "0.25", "60.0", "1.60"]  # fmt: skip
     medusa = next(line for line in lines if line.startswith("| `data/retrain/medusa`"))
-    assert [c.strip() for c in medusa.split("|")[3:-1]][:6] == ["1.80", "0.500", "0.200", "0.100", "1", "–"]
+    assert [c.strip() for c in medusa.split("|")[3:-1]] == \
+        ["1.80", "0.500", "0.200", "0.100", "1", "–", "5.0", "0.10", "55.0", "1.10"]  # fmt: skip
     shipped = next(line for line in lines if line.startswith("| `eagle`"))
     assert "| 0.300 | 0.100 | – |" in shipped  # a(3) missing
-    assert "T = 1 target step (AR loop step, batch 1): 40.0 ms." in out.read_text()
+    assert "T = 1 target step (AR loop step, batch 1; one per cost run): 40.0, 50.0 ms." in out.read_text()
