@@ -5,7 +5,7 @@
                              2; adaptive=0: draft even without a match instead of taking a plain
                              AR step)
   "layerskip:K"              the target's first K layers + its final norm and head (no training)
-  "medusa" | "eagle" | "eagle3" | "amphista" | "falcon"
+  "medusa" | "eagle" | "eagle3" | "amphista" | "falcon" | "dflash"
                              the trained drafters shipped for the embedded target
                              (SmolLM2-135M-Instruct); other targets: train one with specdec-train;
                              "eagle:conf=0.5": EAGLE drafts only when its top-1 probability at

@@ -63,6 +63,7 @@ def test_batched_chat_prompts_equal_single(embedded):
         ("eagle3", "dynamic:depth=4,topk=3,n=10", None),
         ("amphista", "chain:4", "greedy"),
         ("falcon", "static:falcon", None),
+        ("dflash", "dynamic:depth=6,topk=4,n=12", None),
     ],
 )
 def test_speculative_greedy_equals_ar_on_embedded(embedded, drafter, tree, verifier):
@@ -83,5 +84,5 @@ def test_speculative_greedy_equals_ar_on_embedded(embedded, drafter, tree, verif
     assert out.tokens == ar
     assert out.tau >= 1.0
     # the shipped trained drafters: far better than chance, or wiring broke
-    if drafter in ("medusa", "eagle", "eagle3", "amphista", "falcon"):
+    if drafter in ("medusa", "eagle", "eagle3", "amphista", "falcon", "dflash"):
         assert out.tau > 1.25, out.tau
