@@ -142,7 +142,8 @@ case ${1:-} in
     ;;
   table)  # τ, a(d), draft cost and batch-1 speedup in one markdown table (docs/drafters.md)
     cost=()
-    [ -d "$EVAL_OUT/cost" ] && cost=(--cost "$(ls "$EVAL_OUT"/cost/*.json | paste -sd,)")
+    files=$( (ls "$EVAL_OUT"/cost/*.json 2>/dev/null || true) | paste -sd,)  # none yet: no cost columns
+    [ -z "$files" ] || cost=(--cost "$files")
     python benchmarks/drafter_table.py --eval "$(ls -d "$EVAL_OUT"/t0/* | paste -sd,)" \
       --eval_t1 "$( (ls -d "$EVAL_OUT"/t1/* 2>/dev/null || true) | paste -sd,)" \
       "${cost[@]}" --out "$EVAL_OUT/table.md"
