@@ -5,8 +5,11 @@ Joins, per `drafter|tree`: τ and acceptance per depth a(d) from `specdec-eval` 
 killed by a session's end loses at most one family), its mismatching turns (0 for a lossless
 verifier), τ at T = 1 from `specdec-eval` runs at T = 1 when given, and from
 `benchmarks/spec_vs_ar.py` (batch 1, same machine; one run per family, each against its own AR
-baseline) the draft cost per step in ms, that cost as a fraction of the same run's T = 1 target
-step, the whole speculative step, and the batch-1 wall-clock speedup.
+baseline) the draft cost per step in ms (building the tree plus the drafter's own update after
+the commit, e.g. Amphista's adaptation layers or a draft KV cache), that cost as a fraction of
+the same run's T = 1 target step, the whole speculative step, and the batch-1 wall-clock speedup
+with the τ behind it (that benchmark's own prompts and 128 new tokens, not MT-Bench: τ differs
+from the T = 0 column).
 
     python benchmarks/drafter_table.py --eval docs/results/retrain/t0/eagle,docs/results/retrain/t0/medusa \\
         --eval_t1 docs/results/retrain/t1/eagle --cost docs/results/retrain/cost/eagle.json \\
@@ -64,19 +67,21 @@ def _cost(files: list[str]) -> tuple[dict[str, dict], list[float]]:
 def table(t0: dict[str, dict], t1: dict[str, dict], cost: list[str], depths: int) -> str:
     runs, ar_steps = _cost(cost)
     head = ["drafter", "tree", "τ T=0", *(f"a({d})" for d in range(1, depths + 1)), "mismatching turns",
-            "τ T=1", "draft ms", "draft / T=1 step", "step ms", "speedup (batch 1)"]  # fmt: skip
+            "τ T=1", "draft ms", "draft / T=1 step", "step ms", "τ batch 1", "speedup (batch 1)"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, m in t0.items():
         drafter, tree = key.split("|")
         apd = (m.get("acceptance_per_depth") or []) + [None] * depths
         c = runs.get(key, {})
         ms = c.get("step_ms", {})
-        draft = ms.get("draft")
+        # the drafter's whole cost per step: the tree and its own update after the commit
+        draft = None if "draft" not in ms else ms["draft"] + ms.get("drafter_update", 0.0)
         row = [f"`{drafter}`", f"`{tree}`", _fmt(m["tau"], ".2f")]
         row += [_fmt(a, ".3f") for a in apd[:depths]]
         row += [f"{m['lossless_mismatches']}", _fmt(t1.get(key, {}).get("tau"), ".2f"), _fmt(draft, ".1f"),
                 _fmt(None if draft is None else draft / c["ar_step_ms"], ".2f"),
-                _fmt(ms.get("loop_step"), ".1f"), _fmt(c.get("speedup"), ".2f")]  # fmt: skip
+                _fmt(ms.get("loop_step"), ".1f"), _fmt(c.get("tau"), ".2f"),
+                _fmt(c.get("speedup"), ".2f")]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
     if ar_steps:
         lines.append("\nT = 1 target step (AR loop step, batch 1; one per cost run): "
