@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
 from specdec import kernels
@@ -91,7 +92,29 @@ def prefix_flash(q: Float[Array, "B T Hq Dh"], k: Float[Array, "B S Hkv Dh"], v:
     The T block tokens of a row share its prefix, so they ride as extra query heads of each KV
     head ([B, Hkv·T·G, Dh]): one kernel call, K and V read once. Returns (out [B, T, Hkv, G, Dh]
     float32, lse [B, T, Hkv, G]); a row with an empty prefix gets out 0, lse NEG_INF.
-    The cache size must tile the kernel (`flash_splits`)."""
+    The cache size must tile the kernel (`flash_splits`).
+
+    On a mesh (the context mesh, which `generate(mesh=...)` sets for this path) the kernel runs on
+    each device's shard under `jax.shard_map`: rows on `data`, KV heads with their query heads on
+    `model` — the target cache's own layout (`specdec.sharding`), so attention moves no data; the
+    kernel is the same per-shard call, a shard being a smaller model of Hkv / model KV heads."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return _prefix_flash_shard(q, k, v, lengths, cfg)
+    m = mesh.shape["model"]
+    shard_cfg = cfg.replace(num_heads=cfg.num_heads // m, num_kv_heads=cfg.num_kv_heads // m, tp_groups=1)
+    heads = P("data", None, "model", None)
+    run = jax.shard_map(
+        lambda *a: _prefix_flash_shard(*a, shard_cfg),
+        in_specs=(heads, heads, heads, P("data")),
+        out_specs=(P("data", None, "model", None, None), P("data", None, "model", None)),
+        check_vma=False,  # the Pallas call carries no varying-axes annotations
+    )
+    return run(q, k, v, lengths)
+
+
+def _prefix_flash_shard(q, k, v, lengths, cfg: ModelConfig):
+    """`prefix_flash` on one device's arrays (`cfg`: that shard's heads)."""
     b, t = q.shape[:2]
     kv, g, dh = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
     tiling = flash_splits(k.shape[1])

@@ -6,6 +6,7 @@ Shapes are bucketed so new prompts do not recompile: the prompt block is padded 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 
@@ -133,11 +134,6 @@ def warmup(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *
 
 
 def make_spec(cfg, sampling, drafter, builder, verifier, mesh=None) -> Spec:
-    if mesh is not None and cfg.attention == "flash" and mesh.size > 1:
-        raise sharding.MeshError(
-            "attention='flash' (a Pallas kernel) is single-device: it has no sharding rule yet; "
-            "use attention='split' or 'dense' on a mesh"
-        )
     if mesh is not None and cfg.tp_groups != sharding.model_size(mesh):
         raise sharding.MeshError(
             f"the params are grouped for a model axis of {cfg.tp_groups} but the mesh's is "
@@ -180,15 +176,18 @@ def _run(params, dparams, spec: Spec, prompts, max_new_tokens, limit, eos_ids, s
         dparams = sharding.replicate(dparams, spec.mesh)
     else:
         tokens_d, lens_d = jnp.asarray(tokens), jnp.asarray(lens)
-    state = prefill_jit(params, dparams, tokens_d, lens_d, jax.random.key(seed), eos, max_new, spec=spec,
-                        cache_size=cache_size)  # fmt: skip
-    if pad:  # padding rows are finished before the first step: no forwards or tokens counted
-        state = state.replace(done=state.done.at[n_rows:].set(True))
-    if loop == "device":
-        state = loop_jit(params, dparams, state, eos, max_new, stop, spec=spec)
-    else:
-        while bool(_running(state, stop)):
-            state = step_jit(params, dparams, state, eos, max_new, spec=spec)
+    # the flash prefix kernel runs per shard (`attention.prefix_flash`): it reads the context mesh
+    flash_mesh = spec.mesh is not None and spec.cfg.attention == "flash"
+    with jax.set_mesh(spec.mesh) if flash_mesh else contextlib.nullcontext():
+        state = prefill_jit(params, dparams, tokens_d, lens_d, jax.random.key(seed), eos, max_new, spec=spec,
+                            cache_size=cache_size)  # fmt: skip
+        if pad:  # padding rows are finished before the first step: no forwards or tokens counted
+            state = state.replace(done=state.done.at[n_rows:].set(True))
+        if loop == "device":
+            state = loop_jit(params, dparams, state, eos, max_new, stop, spec=spec)
+        else:
+            while bool(_running(state, stop)):
+                state = step_jit(params, dparams, state, eos, max_new, spec=spec)
     toks, length = sharding.fetch(state.tokens), sharding.fetch(state.length)
     rows = [toks[i, lens[i] : length[i]].tolist() for i in range(n_rows)]
     eos_set = set(np.asarray(eos).tolist())

@@ -1,7 +1,8 @@
 """Run in a subprocess with 8 simulated CPU devices by tests/test_sharding.py (not a test module).
 
 Decodes a random tiny target (Qwen2-style q/k/v biases, 8 query / 4 KV heads, vocabulary 96) in
-the configurations given on the command line ("unsharded" and/or mesh specs), AR and speculative
+the configurations given on the command line ("unsharded", mesh specs, "flash:<mesh spec>" for
+the Pallas prefix kernel per shard), AR and speculative
 (drafting with its own first layer, so drafts are partly accepted and the drafter's params are
 sharded too), greedy and sampled, and prints one JSON line: {config: {case: outputs}, "devices": n}.
 """
@@ -15,6 +16,7 @@ import jax
 import numpy as np
 
 from specdec import sharding
+from specdec.attention import flash_splits
 from specdec.drafters import layer_skip
 from specdec.generate import generate
 from specdec.models import ModelConfig, to_device
@@ -34,8 +36,6 @@ CASES = {  # name: (drafter, tree, temperature); the drafter: the target's first
     "ar_t1": (None, None, 1.0),
     "chain_t1": ("draft", "chain:3", 1.0),
 }
-
-MULTIHOST_CASES = ("ar", "dynamic", "chain_t1")
 
 
 def random_params(cfg: ModelConfig, seed: int) -> dict:
@@ -57,14 +57,20 @@ def random_params(cfg: ModelConfig, seed: int) -> dict:
             "layers": [layer() for _ in range(cfg.num_layers)]}  # fmt: skip
 
 
-def run_all(params, cfg, mesh, cases=tuple(CASES)) -> dict:
+MULTIHOST_CASES = ("ar", "dynamic", "chain_t1")
+FLASH_CASES = ("ar", "dynamic", "chain_t1")  # Pallas's interpreter is slow on CPU: a few cases
+FLASH_CACHE = 64  # a cache size the decode kernel tiles (4 splits of 16), so the kernel runs
+
+
+def run_all(params, cfg, mesh, cases=tuple(CASES), cache_size=None) -> dict:
     out = {}
     for name in cases:
         drafter, tree, temp = CASES[name]
         builder = tree and parse_tree(tree)
         d, dp = layer_skip(params, cfg, 1) if drafter else (None, None)
         res = generate(params, cfg, PROMPTS, max_new_tokens=12, drafter=d, draft_params=dp, builder=builder,
-                       sampling=SamplingConfig(temperature=temp), seed=3, mesh=mesh)  # fmt: skip
+                       sampling=SamplingConfig(temperature=temp), seed=3, mesh=mesh,
+                       cache_size=cache_size)  # fmt: skip
         out[name] = {"tokens": res.tokens, "row_steps": res.row_steps, "hist": res.accepted_hist}
     return out
 
@@ -76,6 +82,12 @@ def main(meshes: list[str]) -> None:
     for spec in meshes:
         if spec == "unsharded":
             result[spec] = run_all(to_device(host, CFG), CFG, None)
+            continue
+        if spec.startswith("flash:"):  # the Pallas prefix kernel per shard (attention="flash")
+            assert flash_splits(FLASH_CACHE) is not None
+            mesh = sharding.parse_mesh(spec[6:])
+            params, cfg = sharding.shard_params(host, CFG.replace(attention="flash"), mesh)
+            result[spec] = run_all(params, cfg, mesh, FLASH_CASES, FLASH_CACHE)
             continue
         mesh = sharding.parse_mesh(spec)
         params, cfg = sharding.shard_params(host, CFG, mesh)

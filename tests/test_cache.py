@@ -142,19 +142,3 @@ def test_flash_tiling():
 
     assert flash_splits(4096) == (16, 128) and flash_splits(48) == (1, 16) and flash_splits(96) == (2, 16)
     assert flash_splits(20) is None and flash_splits(8) is None
-
-
-def test_flash_attention_refuses_a_mesh():
-    """The Pallas prefix kernel has no sharding rule: a multi-device mesh gets a one-line error."""
-    import types
-
-    import pytest
-
-    from specdec.generate import make_spec
-    from specdec.sampling import SamplingConfig
-    from specdec.sharding import MeshError
-
-    cfg = ModelConfig(arch="llama", vocab_size=8, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                      head_dim=8, intermediate_size=8, attention="flash")  # fmt: skip
-    with pytest.raises(MeshError, match="single-device"):
-        make_spec(cfg, SamplingConfig(), None, None, None, types.SimpleNamespace(size=8))

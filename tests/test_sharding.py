@@ -18,10 +18,11 @@ from specdec import sharding
 from specdec.cache import causal_mask
 from specdec.generate import generate
 from specdec.models import forward, to_device
-from tests.sharded_worker import CFG, MULTIHOST_CASES, random_params
+from tests.sharded_worker import CFG, FLASH_CASES, MULTIHOST_CASES, random_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESHES = ["model=8", "data=2,model=4", "data=8"]  # 1×8 (KV heads repeated), 2×4 (KV heads split), 8×1
+FLASH_MESHES = ["model=8", "data=2,model=4"]  # the Pallas prefix kernel per shard (attention="flash")
 
 
 def _env(devices: int) -> dict:
@@ -39,7 +40,7 @@ def sharded_runs():
     suite's critical path under pytest-xdist too.
     """
     env = _env(8)
-    groups = [["unsharded", MESHES[0]], MESHES[1:]]
+    groups = [["unsharded", MESHES[0], f"flash:{FLASH_MESHES[0]}"], [*MESHES[1:], f"flash:{FLASH_MESHES[1]}"]]
     cmd = lambda g: [sys.executable, "-m", "tests.sharded_worker", *g]  # noqa: E731
     procs = [subprocess.Popen(cmd(g), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for g in groups]  # fmt: skip
@@ -63,6 +64,15 @@ def test_sharded_decode_equals_unsharded(sharded_runs, mesh):
     lay = got["layout"]
     assert lay["tp_groups"] == g and lay["wqkv_shard"] == [64, (8 + 2 * lay["kv_heads"]) * 8 // g]
     assert lay["kv_heads"] == (8 if g == 8 else 4)  # 4 KV heads repeated for 8 shards, split for 4
+
+
+@pytest.mark.parametrize("mesh", FLASH_MESHES)
+def test_flash_prefix_kernel_per_shard_equals_unsharded(sharded_runs, mesh):
+    """attention="flash" on a mesh: Pallas's decode kernel under shard_map (rows on `data`, KV
+    heads on `model`, one KV head per shard here) gives the unsharded dense run's outputs."""
+    base, got = sharded_runs["unsharded"], sharded_runs[f"flash:{mesh}"]
+    for case in FLASH_CASES:
+        assert got[case] == base[case], (mesh, case)
 
 
 def test_two_processes_decode_on_one_mesh_like_one_device(sharded_runs):

@@ -42,7 +42,7 @@ class ModelConfig:
     `attention`: "dense" attends over the whole cache under one [B, T, S] mask; "split" attends
     the committed prefix and the new block separately, merged by log-sum-exp
     (`specdec.attention.attend_split`; the accelerator form); "flash" is "split" with the prefix
-    half through Pallas's split-K decode-attention kernel (Triton on GPU; single-device only).
+    half through Pallas's split-K decode-attention kernel (Triton on GPU; per shard on a mesh).
     All give the same result.
     """
 
