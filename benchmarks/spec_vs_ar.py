@@ -21,7 +21,7 @@ import statistics
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from absl import app, flags  # noqa: E402
-from common import load_avg, loop_step_seconds, prefilled, timed, write_json  # noqa: E402
+from common import cpu_model, load_avg, loop_step_seconds, prefilled, timed, write_json  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "smollm2-135m-instruct", "Registry name, HF folder or .gguf path.")
@@ -66,7 +66,7 @@ def main(argv):
     params = to_device(model.params, cfg)
     prompts = [chat_ids(tok, p) for p in PROMPTS]
     n_new = FLAGS.max_new_tokens
-    result = {"load_avg_start": load_avg(), "max_new_tokens": n_new, "runs": {}}
+    result = {"cpu": cpu_model(), "load_avg_start": load_avg(), "max_new_tokens": n_new, "runs": {}}
 
     def bench(fn):
         jax.block_until_ready(fn())
