@@ -9,7 +9,9 @@
                              the trained drafters shipped for the embedded target
                              (SmolLM2-135M-Instruct); other targets: train one with specdec-train;
                              "eagle:conf=0.5": EAGLE drafts only when its top-1 probability at
-                             the root reaches 0.5, else the loop takes a plain AR step
+                             the root reaches 0.5, else the loop takes a plain AR step;
+                             "dflash:block=4": DFlash drafts blocks of 4 positions (cheaper
+                             forwards for shallow trees; trained with 16)
   PATH                       a specdec-train drafter folder (drafter.json), an official Medusa /
                              EAGLE-1 / EAGLE-3 checkpoint folder, or an independent draft model
                              (HF folder or .gguf sharing the tokenizer)
@@ -42,6 +44,26 @@ SHIPPED = ("medusa", "eagle", "eagle3", "amphista", "falcon", "dflash")
 CONFIDENCE = ("eagle", "eagle3")  # drafters with the conf= option (draft only when confident)
 
 
+def _shipped_options(spec: str, kind: str, arg: str) -> tuple[float, int]:
+    """(conf, block) of a shipped drafter's options: `eagle:conf=0.5`, `dflash:block=4`."""
+    name, _, value = arg.partition("=")
+    if not arg:
+        return 0.0, 0
+    if name == "conf" and kind in CONFIDENCE:
+        try:
+            return float(value), 0
+        except ValueError:
+            raise ValueError(f"--drafter {spec!r}: use {kind}:conf=0.5 (draft only when confident)") from None
+    if name == "block" and kind == "dflash":
+        if not value.isdigit():
+            raise ValueError(f"--drafter {spec!r}: use dflash:block=4 (an inference block of 4 positions)")
+        return 0.0, int(value)
+    raise ValueError(
+        f"--drafter {spec!r}: {kind} takes no option {name}= (conf= is for eagle and eagle3, "
+        "block= for dflash)"
+    )
+
+
 def shipped_path(name: str) -> pathlib.Path:
     """The folder of a drafter shipped with the package (trained for SmolLM2-135M-Instruct)."""
     return pathlib.Path(str(importlib.resources.files("specdec") / "data" / "drafters" / name))
@@ -70,14 +92,7 @@ def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, windo
     from specdec.drafters import checkpoint, official
 
     if kind in SHIPPED:
-        try:
-            conf = float(arg.removeprefix("conf=")) if arg else 0.0
-        except ValueError:
-            raise ValueError(
-                f"--drafter {spec!r}: use {kind} or {kind}:conf=0.5 (draft only when confident)"
-            ) from None
-        if conf and kind not in CONFIDENCE:
-            raise ValueError(f"--drafter {kind} takes no options (conf= is for eagle and eagle3)")
+        conf, block = _shipped_options(spec, kind, arg)
         path = shipped_path(kind)
         if not checkpoint.is_checkpoint(path) and kind in ("amphista", "falcon", "dflash"):
             raise ValueError(
@@ -88,7 +103,8 @@ def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, windo
             raise ValueError(f"--drafter {kind}: the shipped drafter {path} is missing; reinstall specdec")
         try:
             d, dp = checkpoint.load(path, target_params, target_cfg, window=window)
-            return (dataclasses.replace(d, confidence=conf) if conf else d), dp
+            d = dataclasses.replace(d, confidence=conf) if conf else d
+            return (d.with_block(block) if block else d), dp
         except checkpoint.DrafterCheckpointError as e:
             raise ValueError(
                 f"--drafter {kind} is the drafter shipped for SmolLM2-135M-Instruct and does not fit this "

@@ -235,6 +235,15 @@ class DFlash:
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
+    def with_block(self, block: int) -> DFlash:
+        """This drafter with an inference block of `block` positions (anchor + block - 1 masks),
+        2 <= block <= the trained size. Fewer mask positions cost less per forward; a tree deeper
+        than block - 1 reuses the last position's distribution. Any block is lossless (the target
+        verifies); whether acceptance holds is measured (docs/drafters.md)."""
+        if not 2 <= block <= self.cfg.block_size:
+            raise ValueError(f"block={block}: this DFlash drafts blocks of 2..{self.cfg.block_size} tokens")
+        return dataclasses.replace(self, cfg=dataclasses.replace(self.cfg, block_size=block))
+
     def _write_context(self, params, cache: KVCache, taps, positions: Int[Array, "B T"]) -> KVCache:
         """Context K/V of taps at `positions` into every layer, at slots = positions."""
         c = context_features(params, self.cfg, taps)

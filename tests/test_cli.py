@@ -85,7 +85,8 @@ def test_every_tool_reports_bad_input_in_one_line_with_exit_code_2(
         (g, ["--target", t, "--raw", "--drafter", str(tmp_path)], "drafter"),
         (g, ["--target", t, "--raw", "--prompt", long_prompt, "--max_new_tokens", "16"], "model's context"),
         (g, ["--max_new_tokens", "0"], "max_new_tokens"),
-        (g, ["--target", t, "--raw", "--drafter", "falcon:conf=0.5"], "takes no options"),
+        (g, ["--target", t, "--raw", "--drafter", "falcon:conf=0.5"], "takes no option conf="),
+        (g, ["--target", t, "--raw", "--drafter", "dflash:block=four"], "dflash:block=4"),
         (g, ["--target", t, "--raw", "--drafter", "amphista"], "--drafter amphista"),  # SmolLM2 only
         (g, ["--bogus_flag"], "bogus_flag"),
         (g, ["--target", t, "--raw", "--mesh", "data=1,model=2"], "needs 2 devices"),

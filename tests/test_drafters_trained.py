@@ -99,6 +99,21 @@ def test_greedy_equals_ar(target, kind, tree):
     assert out.tokens == ar
 
 
+def test_dflash_shorter_inference_block_equals_ar(target):
+    """`DFlash.with_block`: fewer mask positions per forward (a tree deeper than block - 1 reuses
+    the last position's distribution); output = AR; blocks outside 2..trained are refused."""
+    params, cfg, ar = target
+    builder = parse_tree("dynamic:depth=3,topk=3,n=10")
+    d, dp = make("dflash", params, cfg, builder.window)
+    short = d.with_block(3)
+    assert (short.cfg.block_size, d.cfg.block_size) == (3, 5)
+    out = generate(params, cfg, PROMPTS, max_new_tokens=16, drafter=short, draft_params=dp, builder=builder)
+    assert out.tokens == ar
+    for bad in (1, 6):
+        with pytest.raises(ValueError, match=r"2\.\.5"):
+            d.with_block(bad)
+
+
 @pytest.mark.parametrize("confidence", [0.02, 0.9])
 def test_confidence_gated_eagle_equals_ar(target, confidence):
     """`confidence`: some steps draft, others are plain AR steps (lax.cond); output unchanged."""

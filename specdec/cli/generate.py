@@ -28,8 +28,9 @@ flags.DEFINE_enum("loop", "device", ["device", "python"], "On-device while_loop,
 flags.DEFINE_string(
     "drafter",
     None,
-    "None = autoregressive; ngram[:n=N], layerskip:K, a shipped drafter (medusa, eagle, eagle3, amphista, "
-    "falcon, dflash), a drafter checkpoint folder, an official checkpoint or a draft model.",
+    "None = autoregressive; ngram[:n=N], layerskip:K, a shipped drafter (medusa, eagle[:conf=P], eagle3, "
+    "amphista, falcon, dflash[:block=N]), a drafter checkpoint folder, an official checkpoint or a draft "
+    "model.",
 )
 flags.DEFINE_string(
     "tree", "chain:4", "Tree builder: chain:K, static:medusa63, dynamic:depth=5,topk=8,n=32, ..."
