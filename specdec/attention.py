@@ -94,7 +94,7 @@ def prefix_flash(q: Float[Array, "B T Hq Dh"], k: Float[Array, "B S Hkv Dh"], v:
     float32, lse [B, T, Hkv, G]); a row with an empty prefix gets out 0, lse NEG_INF.
     The cache size must tile the kernel (`flash_splits`).
 
-    On a mesh (the context mesh, which `generate(mesh=...)` sets for this path) the kernel runs on
+    On a mesh (the context mesh, which `generate(mesh=...)` sets for its run) the kernel runs on
     each device's shard under `jax.shard_map`: rows on `data`, KV heads with their query heads on
     `model` — the target cache's own layout (`specdec.sharding`), so attention moves no data; the
     kernel is the same per-shard call, a shard being a smaller model of Hkv / model KV heads."""

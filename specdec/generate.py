@@ -176,9 +176,8 @@ def _run(params, dparams, spec: Spec, prompts, max_new_tokens, limit, eos_ids, s
         dparams = sharding.replicate(dparams, spec.mesh)
     else:
         tokens_d, lens_d = jnp.asarray(tokens), jnp.asarray(lens)
-    # the flash prefix kernel runs per shard (`attention.prefix_flash`): it reads the context mesh
-    flash_mesh = spec.mesh is not None and spec.cfg.attention == "flash"
-    with jax.set_mesh(spec.mesh) if flash_mesh else contextlib.nullcontext():
+    # traced under the run's mesh: per-shard kernels (`attention.prefix_flash`) read it from context
+    with jax.set_mesh(spec.mesh) if spec.mesh is not None else contextlib.nullcontext():
         state = prefill_jit(params, dparams, tokens_d, lens_d, jax.random.key(seed), eos, max_new, spec=spec,
                             cache_size=cache_size)  # fmt: skip
         if pad:  # padding rows are finished before the first step: no forwards or tokens counted
