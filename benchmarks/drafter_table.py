@@ -1,8 +1,8 @@
 """One comparison table of drafters from the runs that measured them (no new measurement).
 
 Joins, per `drafter|tree`: τ and acceptance per depth a(d) from `specdec-eval` runs at T = 0
-(`metrics.json`: MT-Bench; one run per drafter family, each with its own AR baseline, so a run
-killed by a session's end loses at most one family), its mismatching turns (0 for a lossless
+(`metrics.json`: MT-Bench; one run per drafter family, each with its own AR baseline, so a killed
+run loses at most one family), its mismatching turns (0 for a lossless
 verifier), τ at T = 1 from `specdec-eval` runs at T = 1 when given, and from
 `benchmarks/spec_vs_ar.py` (batch 1, same machine; one run per family, each against its own AR
 baseline) the draft cost per step in ms (building the tree plus the drafter's own update after
@@ -11,9 +11,9 @@ the same run's T = 1 target step, the whole speculative step, and the batch-1 wa
 with the τ behind it (that benchmark's own prompts and 128 new tokens, not MT-Bench: τ differs
 from the T = 0 column).
 
-    python benchmarks/drafter_table.py --eval docs/results/retrain/t0/eagle,docs/results/retrain/t0/medusa \\
-        --eval_t1 docs/results/retrain/t1/eagle --cost docs/results/retrain/cost/eagle.json \\
-        --out docs/results/retrain/table.md
+    python benchmarks/drafter_table.py --eval runs/retrain/eval/t0/eagle,runs/retrain/eval/t0/medusa \\
+        --eval_t1 runs/retrain/eval/t1/eagle --cost runs/retrain/eval/cost/eagle.json \\
+        --out runs/retrain/eval/table.md
 """
 
 from __future__ import annotations

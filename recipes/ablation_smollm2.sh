@@ -5,17 +5,21 @@
 #
 #   recipes/ablation_smollm2.sh train     # features + 6 drafters (resumable: rerun after a kill)
 #   recipes/ablation_smollm2.sh eval      # specdec-eval per drafter, both arms (resumes its journal)
+#   recipes/ablation_smollm2.sh record    # the evaluations' summaries (reports, metrics, plots) -> $RECORD
 #
 # The regenerated arm reads the committed set (data/selfdistill/...), so only features are rebuilt
-# on a new machine; trained drafters are copied to $KEEP (committed), so the evaluation, which takes
-# hours on one core at batch 8, resumes its journal on any machine. ARMS / DRAFTERS / N / RUNS /
-# EVAL_OUT / KEEP / DTYPE override the defaults; pin with taskset.
+# on a new machine. Everything a run writes lives in $RUNS (runs/ is ignored by git): features,
+# training runs, the trained drafters ($KEEP/<arm>-<drafter>) and the evaluation runs ($EVAL_OUT,
+# hours on one core at batch 8; a killed one resumes its journal). `record` copies their summaries
+# to $RECORD (docs/results/ablation). ARMS / DRAFTERS / N / RUNS / EVAL_OUT / KEEP / RECORD / DTYPE
+# override the defaults; pin with taskset.
 set -euo pipefail
 RUNS=${RUNS:-runs/abl}
 SET=${SET:-data/selfdistill/smollm2-135m-instruct}
 N=${N:-1500}
-EVAL_OUT=${EVAL_OUT:-docs/results/ablation}
-KEEP=${KEEP:-data/ablation}  # the trained drafters (8 MB for an EAGLE-1), in git: an eval resumes anywhere
+KEEP=${KEEP:-$RUNS/drafters}  # the trained drafters (8 MB for an EAGLE-1)
+EVAL_OUT=${EVAL_OUT:-$RUNS/eval}  # the evaluation runs (answers, journals, reports)
+RECORD=${RECORD:-docs/results/ablation}  # the summaries kept in git
 ARMS=${ARMS:-orig regen}
 DRAFTERS=${DRAFTERS:-medusa eagle eagle3}
 # The target's matmuls in feature extraction, the same for both arms: float32 (EAGLE-1's arms ran
@@ -53,7 +57,7 @@ case ${1:-train} in
         # shellcheck disable=SC2046
         specdec-train --drafter "$d" $(data "$arm") --max_len 512 --lr 1e-3 --warmup 30 \
           $(recipe "$d") --out "$out"
-        mkdir -p "$KEEP" && cp -r "$out/drafter" "$KEEP/$arm-$d"  # commit it: runs/ is not kept
+        mkdir -p "$KEEP" && cp -r "$out/drafter" "$KEEP/$arm-$d"
       done
     done
     ;;
@@ -67,5 +71,12 @@ case ${1:-train} in
       specdec-eval --all --batch_size 8 --temperature 0 --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/$d"
     done
     ;;
-  *) echo "usage: $0 train|eval" >&2; exit 2 ;;
+  record)
+    # report.md, metrics.json and plots per drafter; answer files and journals stay in $EVAL_OUT
+    dst=$(realpath -m "$RECORD")
+    mkdir -p "$dst"
+    (cd "$EVAL_OUT" && find . -type f \( -name '*.md' -o -name '*.json' -o -name '*.png' \) -exec cp --parents {} "$dst" \;)
+    echo "recorded the summaries of $EVAL_OUT in $RECORD"
+    ;;
+  *) echo "usage: $0 train|eval|record" >&2; exit 2 ;;
 esac

@@ -6,17 +6,22 @@
 # T = 1), then on MT-Bench (all 80) chains at T = 0 and T = 1.
 #
 #   recipes/objectives_smollm2.sh train     # the arms (resumable: rerun after a kill)
-#   recipes/objectives_smollm2.sh report    # held-out table -> $EVAL_OUT/heldout.md
+#   recipes/objectives_smollm2.sh report    # held-out table and curves -> $RECORD/heldout.md, .png
 #   recipes/objectives_smollm2.sh eval      # MT-Bench chain:6, T = 0 and T = 1, all arms in one run each
+#   recipes/objectives_smollm2.sh record    # the evaluations' summaries (reports, metrics, plots) -> $RECORD
 #
 # Uses the retrain recipe's feature cache ($FEATURES; `recipes/retrain_smollm2.sh features` builds
-# it). ARMS / STEPS / RUNS / EVAL_OUT / KEEP override the defaults; pin with taskset.
+# it). Everything a run writes lives in $RUNS (runs/ is ignored by git): training runs, the trained
+# drafters ($KEEP/<arm>) and the evaluation runs ($EVAL_OUT); `report` and `record` write summaries
+# to $RECORD (docs/results/objectives). ARMS / STEPS / RUNS / EVAL_OUT / KEEP / RECORD override the
+# defaults; pin with taskset.
 set -euo pipefail
 RUNS=${RUNS:-runs/obj}
 SET=${SET:-data/selfdistill/smollm2-135m-instruct}
 FEATURES=${FEATURES:-runs/retrain/features}
-EVAL_OUT=${EVAL_OUT:-docs/results/objectives}
-KEEP=${KEEP:-data/objectives}  # trained drafters (8 MB each), in git: the evaluation resumes anywhere
+KEEP=${KEEP:-$RUNS/drafters}  # the trained drafters (8 MB each)
+EVAL_OUT=${EVAL_OUT:-$RUNS/eval}  # the evaluation runs (answers, journals, reports)
+RECORD=${RECORD:-docs/results/objectives}  # the summaries kept in git
 ARMS=${ARMS:-ce lk tv hass}
 STEPS=${STEPS:-600}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/xla_cache}
@@ -40,8 +45,8 @@ case ${1:-train} in
     done
     ;;
   report)
-    mkdir -p "$EVAL_OUT"
-    python - "$KEEP" "$EVAL_OUT/heldout.md" $ARMS <<'EOF'
+    mkdir -p "$RECORD"
+    python - "$KEEP" "$RECORD/heldout.md" $ARMS <<'EOF'
 import json, pathlib, sys
 keep, out, arms = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3:]
 rows = ["| arm | steps | held-out loss | top-1 (T = 0) | α (T = 1) | τ est. T = 0 | τ est. T = 1 |",
@@ -57,7 +62,7 @@ for a in arms:
 out.write_text("\n".join(rows) + "\n")
 print(out.read_text())
 EOF
-    python - "$RUNS" "$EVAL_OUT/heldout.png" $ARMS <<'EOF'
+    python - "$RUNS" "$RECORD/heldout.png" $ARMS <<'EOF'
 # Training curves: top-1 and α (T = 1) per step (training batches, smoothed; held-out points marked).
 import json, pathlib, sys
 import matplotlib
@@ -94,5 +99,12 @@ EOF
       specdec-eval --all --batch_size 8 --temperature $temp --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/t$temp"
     done
     ;;
-  *) echo "usage: $0 train|report|eval" >&2; exit 2 ;;
+  record)
+    # report.md, metrics.json and plots per temperature; answer files and journals stay in $EVAL_OUT
+    dst=$(realpath -m "$RECORD")
+    mkdir -p "$dst"
+    (cd "$EVAL_OUT" && find . -type f \( -name '*.md' -o -name '*.json' -o -name '*.png' \) -exec cp --parents {} "$dst" \;)
+    echo "recorded the summaries of $EVAL_OUT in $RECORD"
+    ;;
+  *) echo "usage: $0 train|report|eval|record" >&2; exit 2 ;;
 esac

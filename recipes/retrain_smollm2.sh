@@ -9,20 +9,25 @@
 #   recipes/retrain_smollm2.sh eval-t1 [D...]  # τ at T = 1 (lossless verifier), chains, one run each
 #   recipes/retrain_smollm2.sh cost [D...]     # draft cost per step (ms, vs a T=1 step), batch 1
 #   recipes/retrain_smollm2.sh table           # the comparison table from the three runs above
+#   recipes/retrain_smollm2.sh record          # their summaries (reports, metrics, plots) -> $RECORD
 #   recipes/retrain_smollm2.sh ship            # retrained drafters become the shipped ones where better
-#   recipes/retrain_smollm2.sh all             # all of the above in order; rerun after a kill
+#   recipes/retrain_smollm2.sh all             # all of the above but ship, in order; rerun after a kill
 #
-# The feature cache and run folders live in $RUNS (ignored by git): a new machine rebuilds the
-# cache, ~1.2 h for 2.5M tokens on two Zen 4 cores (bf16 products), ~2 h on two Zen 3 cores (f32),
-# less what REUSE holds. The set itself is in git, and so is each trained
-# drafter ($KEEP/<drafter>), so its evaluation journal resumes on any machine. STEPS overrides a
+# Everything a run writes lives in $RUNS (runs/ is ignored by git): the feature cache, the training
+# runs, the trained drafters ($KEEP/<drafter>) and the evaluation runs ($EVAL_OUT: answer files and
+# resumable journals). A new machine rebuilds the cache, ~1.2 h for 2.5M tokens on two Zen 4 cores
+# (bf16 products), ~2 h on two Zen 3 cores (f32), less what REUSE holds. The set itself is in git
+# (data/selfdistill/); `record` copies the evaluations' summaries to $RECORD (docs/results/retrain)
+# and `ship` copies a drafter into the package (specdec/data/drafters/). STEPS overrides a
 # drafter's step count; pin a job with taskset to run two drafters side by side.
 set -euo pipefail
 RUNS=${RUNS:-runs/retrain}
 SET=${SET:-data/selfdistill/smollm2-135m-instruct}
-EVAL_OUT=${EVAL_OUT:-docs/results/retrain}
-KEEP=${KEEP:-data/retrain}
-SHIPPED=data/shipped_issue5  # the drafters shipped before the retrain (issue 5), for reference rows
+KEEP=${KEEP:-$RUNS/drafters}   # the trained drafters, one folder per family
+EVAL_OUT=${EVAL_OUT:-$RUNS/eval}  # the evaluation runs (answers, journals, reports)
+RECORD=${RECORD:-docs/results/retrain}  # the summaries kept in git
+# The drafters shipped now: each family's reference row, unless the retrained one is identical.
+SHIPPED=${SHIPPED:-specdec/data/drafters}
 FEATURES=$RUNS/features
 FAMILIES="eagle eagle3 medusa amphista falcon dflash"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/xla_cache}
@@ -33,16 +38,31 @@ DTYPE=${DTYPE:-auto}
 REUSE=${REUSE-$( (ls -d runs/train/features-*-regen 2>/dev/null || true) | paste -sd, -)}
 COMMON="--regenerated $SET --features $FEATURES --extract_dtype $DTYPE --max_len 512 --lr 1e-3 --warmup 30 --eval_every 500"
 
+# Copies the summaries of an evaluation tree (*.md, *.json, *.png) to a folder kept in git; the
+# answer files (model_answer/*.jsonl) and resumable journals (progress.jsonl) stay where they are.
+record() {
+  local src=$1 dst
+  dst=$(realpath -m "$2")
+  [ -d "$src" ] || { echo "$src: nothing to record yet" >&2; return 1; }
+  mkdir -p "$dst"
+  (cd "$src" && find . -type f \( -name '*.md' -o -name '*.json' -o -name '*.png' \) -exec cp --parents {} "$dst" \;)
+  echo "recorded the summaries of $src in $2"
+}
+
 # DFlash's depth for SmolLM2 (3-5 layers at the target's width) by measurement: `dflash-layers`
 # trains each for 300 steps; the fewest layers whose held-out τ estimate is within 2% of the best.
 # Draft layers start as copies of the target's last layers (`--dflash_init target`): at 3 layers and
-# 300 steps, held-out loss 5.08 vs 5.91 and τ estimate 1.21 vs 1.16 for random layers (stop 27).
+# 300 steps, held-out loss 5.08 vs 5.91 and τ estimate 1.21 vs 1.16 for random layers
+# (docs/results/retrain/dflash_init.json).
 DFLASH_INIT=${DFLASH_INIT:-target}
 dflash_layers() {
   if [ -n "${DFLASH_LAYERS:-}" ]; then echo "$DFLASH_LAYERS"; return; fi
-  [ -f "$EVAL_OUT/dflash_layers.json" ] || { echo 3; return; }
+  # this machine's `dflash-layers` run, else the recorded one
+  local f=$EVAL_OUT/dflash_layers.json
+  [ -f "$f" ] || f=$RECORD/dflash_layers.json
+  [ -f "$f" ] || { echo 3; return; }
   python -c 'import json, sys; t = json.load(open(sys.argv[1])); best = max(t.values())
-print(min(int(k) for k, v in t.items() if v >= 0.98 * best))' "$EVAL_OUT/dflash_layers.json"
+print(min(int(k) for k, v in t.items() if v >= 0.98 * best))' "$f"
 }
 
 recipe() {
@@ -51,9 +71,9 @@ recipe() {
     eagle-hass) echo "--steps ${STEPS:-2000} --align_steps 3" ;;  # a variant: not in $FAMILIES yet
     # a variant: EAGLE's held-out top-1 still rose at 2,000 steps (0.45 -> 0.48 over the last 500)
     eagle-long) echo "--steps ${STEPS:-6000}" ;;
-    # a variant: the trained EAGLE-1 fine-tuned further (warm start, a fresh schedule at half the peak
-    # rate; $LOSS picks the objective, recipes/objectives_smollm2.sh compares them)
-    eagle-more) echo "--steps ${STEPS:-3000} --lr 5e-4 --init_from $KEEP/eagle${LOSS:+ --loss $LOSS}" ;;
+    # a variant: the shipped EAGLE-1 (or $EAGLE_INIT) fine-tuned further (warm start, a fresh schedule
+    # at half the peak rate; $LOSS picks the objective, recipes/objectives_smollm2.sh compares them)
+    eagle-more) echo "--steps ${STEPS:-3000} --lr 5e-4 --init_from ${EAGLE_INIT:-$SHIPPED/eagle}${LOSS:+ --loss $LOSS}" ;;
     eagle3) echo "--steps ${STEPS:-600} --ttt_steps 7" ;;
     medusa) echo "--steps ${STEPS:-1000} --heads 4" ;;
     amphista) echo "--steps ${STEPS:-1000} --heads 4" ;;
@@ -67,7 +87,7 @@ recipe() {
 trees() {
   case $1 in
     eagle | eagle-hass | eagle-long | eagle-more) echo "chain:6 dynamic:depth=6,topk=10,n=60" ;;
-    # Falcon on EAGLE-2's 60-node dynamic tree too: the issue compares their τ at equal tree size
+    # Falcon on EAGLE-2's 60-node dynamic tree too: their τ compared at equal tree size
     falcon) echo "chain:6 static:falcon dynamic:depth=6,topk=10,n=60" ;;
     eagle3) echo "chain:7 dynamic:depth=6,topk=10,n=60" ;;
     medusa | amphista | amphista-own) echo "chain:4 static:medusa63" ;;
@@ -96,11 +116,11 @@ case ${1:-} in
     if [ -f "$KEEP/$d/drafter.json" ]; then echo "$KEEP/$d: trained"; exit 0; fi
     # shellcheck disable=SC2046,SC2086
     specdec-train --drafter "${d%%-*}" $COMMON $(recipe "$d") --out "$out"
-    mkdir -p "$KEEP" && cp -r "$out/drafter" "$KEEP/$d"  # commit it: runs/ is not kept
+    mkdir -p "$KEEP" && cp -r "$out/drafter" "$KEEP/$d"
     ;;
   eval)
-    # One run per family ($EVAL_OUT/t0/<d>: its trees, the drafter it replaces, its own AR baseline,
-    # ~10 min of ~1 h on one core), so a session's end costs at most one family's run.
+    # One run per family ($EVAL_OUT/t0/<d>: its trees, the drafter it would replace, its own AR
+    # baseline, ~10 min of ~1 h on one core), so a kill costs at most one family's run.
     shift
     # shellcheck disable=SC2086
     [ $# -gt 0 ] || set -- $FAMILIES
@@ -108,9 +128,10 @@ case ${1:-} in
       [ -f "$KEEP/$d/drafter.json" ] || { echo "$KEEP/$d is not trained yet: $0 train $d" >&2; exit 2; }
       args=()
       for t in $(trees "$d"); do args+=(--compare "$KEEP/$d|$t|auto"); done
-      # the drafter shipped before the retrain (kept in $SHIPPED: the names now load the retrained
-      # ones once shipped), on its chain: the reference for `ship`
-      [ -d "$SHIPPED/$d" ] && args+=(--compare "$SHIPPED/$d|$(trees "$d" | cut -d' ' -f1)|auto")
+      # the drafter shipped now, on its chain: the reference for `ship` (none if identical)
+      if [ -d "$SHIPPED/$d" ] && ! diff -rq "$KEEP/$d" "$SHIPPED/$d" >/dev/null 2>&1; then
+        args+=(--compare "$SHIPPED/$d|$(trees "$d" | cut -d' ' -f1)|auto")
+      fi
       specdec-eval --all --batch_size 8 --temperature 0 --warmup_runs 0 "${args[@]}" --out "$EVAL_OUT/t0/$d"
     done
     ;;
@@ -127,7 +148,7 @@ case ${1:-} in
     ;;
   cost)
     # One run per family ($EVAL_OUT/cost/<d>.json: its trees and its own AR baseline, ~8 min on
-    # two quiet cores), so ratios come from one run and a session's end loses at most one family.
+    # two quiet cores), so ratios come from one run and a kill loses at most one family.
     shift
     # shellcheck disable=SC2086
     [ $# -gt 0 ] || set -- $FAMILIES
@@ -155,6 +176,7 @@ case ${1:-} in
       [ -f "$out/drafter/drafter.json" ] || specdec-train --drafter dflash $COMMON --steps 300 --block_size 16 \
         --dflash_layers "$l" --dflash_init "$DFLASH_INIT" --out "$out"
     done
+    mkdir -p "$EVAL_OUT"
     python - "$RUNS" "$EVAL_OUT/dflash_layers.json" "$DFLASH_INIT" <<'PY'
 import json, sys
 t = {l: json.load(open(f"{sys.argv[1]}/dflash-layers-{l}-{sys.argv[3]}/drafter/drafter.json"))["training"]["heldout"]["tau_est"]
@@ -163,11 +185,18 @@ print("DFlash held-out tau estimate after 300 steps, by layers:", {k: round(v, 3
 json.dump(t, open(sys.argv[2], "w"), indent=1)
 PY
     ;;
+  record)
+    # The evaluations' summaries (report.md, metrics.json, plots, cost JSON, the table) into $RECORD;
+    # answer files and journals stay in $EVAL_OUT.
+    record "$EVAL_OUT" "$RECORD"
+    ;;
   ship)
-    # Retrained drafters replace the shipped ones where their chain τ (T = 0, the table) is higher;
-    # the new families ship as they are. Each must stay <= 40 MB.
+    # Retrained drafters replace the shipped ones (specdec/data/drafters/) where their chain τ (T = 0,
+    # against `eval`'s reference row) is higher; a family not shipped yet ships as it is. Each must
+    # stay <= 40 MB.
     for d in $FAMILIES; do
       [ -f "$KEEP/$d/drafter.json" ] && [ -f "$EVAL_OUT/t0/$d/metrics.json" ] || continue  # not trained/evaluated yet
+      if diff -rq "$KEEP/$d" "specdec/data/drafters/$d" >/dev/null 2>&1; then echo "$d: already shipped"; continue; fi
       mb=$(du -sm "$KEEP/$d" | cut -f1)
       [ "$mb" -le 40 ] || { echo "$KEEP/$d is $mb MB (> 40): not shipped" >&2; continue; }
       python - "$EVAL_OUT/t0/$d/metrics.json" "$KEEP/$d" "$SHIPPED/$d" "$(trees "$d" | cut -d' ' -f1)" <<'PY' || continue
@@ -177,7 +206,6 @@ new, old = m[f"{sys.argv[2]}|{sys.argv[4]}|auto"]["tau"], m.get(f"{sys.argv[3]}|
 print(f"{sys.argv[3]} {sys.argv[4]}: tau {new:.2f} retrained vs {old:.2f} shipped")
 sys.exit(0 if new > old else 1)
 PY
-      if diff -rq "$KEEP/$d" "specdec/data/drafters/$d" >/dev/null 2>&1; then echo "$d: already shipped"; continue; fi
       rm -rf "specdec/data/drafters/$d" && cp -r "$KEEP/$d" "specdec/data/drafters/$d"
       echo "shipped specdec/data/drafters/$d"
     done
@@ -190,6 +218,7 @@ PY
     "$0" eval-t1
     "$0" cost
     "$0" table
+    "$0" record
     ;;
-  *) echo "usage: $0 features | dflash-layers | train DRAFTER | eval [DRAFTER...] | eval-t1 | cost | table | ship | all" >&2; exit 2 ;;
+  *) echo "usage: $0 features | dflash-layers | train DRAFTER | eval [DRAFTER...] | eval-t1 | cost | table | record | ship | all" >&2; exit 2 ;;
 esac

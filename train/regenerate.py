@@ -2,10 +2,11 @@
 cache is written from the same forwards.
 
 A drafter learns to predict the target; trained on ShareGPT's GPT-4 answers it learns contexts the
-target never produces (issue 5: the shipped EAGLE-1's teacher-forced top-1 drops from 0.42 on
-ShareGPT to ~0.30 on the target's own answers). So the user turns are kept and each assistant turn
-is replaced by the target's own continuation of the conversation so far (later turns see the
-regenerated history), as SpecForge, vLLM speculators and NeMo do.
+target never produces (an EAGLE-1 trained on ShareGPT answers, shipped until the retrain: its
+teacher-forced top-1 drops from 0.42 on ShareGPT to ~0.30 on the target's own answers). So the user
+turns are kept and each assistant turn is replaced by the target's own continuation of the
+conversation so far (later turns see the regenerated history), as SpecForge, vLLM speculators and
+NeMo do.
 
 **One pass.** A conversation's token sequence is exactly what the target ran over while writing it:
 the prompt parts (system, user turns, template markers) go through a prefill, every generated token
