@@ -83,14 +83,14 @@ def main(argv):
         ks = [int(k) for k in FLAGS.chains if name != "medusa" or int(k) <= 4]  # Medusa: 4 heads
         k_max = max(ks)
         deep = parse_tree(f"chain:{k_max}")
-        drafter, dparams = parse_drafter(name, params, cfg, max_depth=deep.max_depth, window=deep.window)
+        drafter, dparams = parse_drafter(name, params, cfg, max_depth=deep.max_depth)
         tau_deep, hist = tau_and_hist(drafter=drafter, draft_params=dparams, builder=deep)
         n = sum(hist)
         accept = [sum(hist[d + 1 :]) / n for d in range(1, k_max + 1)]  # a(d), d = 1..k_max
         rows = {}
         for k in ks:
             tree = parse_tree(f"chain:{k}")
-            d, dp = parse_drafter(name, params, cfg, max_depth=tree.max_depth, window=tree.window)
+            d, dp = parse_drafter(name, params, cfg, max_depth=tree.max_depth)
             tau = 1 + sum(accept[:k])
             ms = step_ms(d, dp, tree)
             rows[f"chain:{k}"] = {
@@ -103,7 +103,7 @@ def main(argv):
         if name != "ngram":
             for spec_ in FLAGS.tree:
                 tree = parse_tree(spec_)
-                d, dp = parse_drafter(name, params, cfg, max_depth=tree.max_depth, window=tree.window)
+                d, dp = parse_drafter(name, params, cfg, max_depth=tree.max_depth)
                 tau, _ = tau_and_hist(drafter=d, draft_params=dp, builder=tree)
                 ms = step_ms(d, dp, tree)
                 rows[spec_] = {"tau_measured": tau, "step_ms": ms, "speedup_predicted": tau * ar_step / ms}

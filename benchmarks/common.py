@@ -48,8 +48,7 @@ def prefilled(params, cfg, prompt, n_new: int, drafter=None, dparams=None, build
     from specdec.sampling import SamplingConfig
 
     spec = make_spec(cfg, SamplingConfig(), drafter, builder, None)
-    window = 1 if builder is None else max(builder.window, builder.num_nodes) + builder.max_depth + 1
-    toks, lens, size = pad_prompts([prompt], cfg, n_new, None, window)
+    toks, lens, size = pad_prompts([prompt], cfg, n_new, None, spec.cache_window)
     eos, max_new = jnp.asarray([-1], jnp.int32), jnp.int32(n_new)
     toks, lens = jnp.asarray(toks), jnp.asarray(lens)
     state = prefill_jit(

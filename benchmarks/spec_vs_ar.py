@@ -129,9 +129,7 @@ def main(argv):
         jax.clear_caches()  # many compiled loops in one process reach vm.max_map_count otherwise
         dname, _, tname = c.partition("|")
         builder = parse_tree(tname)
-        drafter, dparams = parse_drafter(
-            dname, params, cfg, max_depth=builder.max_depth, window=builder.window
-        )
+        drafter, dparams = parse_drafter(dname, params, cfg, max_depth=builder.max_depth)
         kw = dict(drafter=drafter, draft_params=dparams, builder=builder)
         r, outs = measure(c, **kw)
         r["speedup"] = r["tokens_per_s"] / ar["tokens_per_s"]

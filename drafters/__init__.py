@@ -23,9 +23,10 @@ import dataclasses
 import importlib.resources
 import pathlib
 
+from specdec.context import Context
+from specdec.drafter import Drafter
 from specdec.drafters.draft_model import DraftModel, layer_skip
 from specdec.drafters.ngram import NGram
-from specdec.drafters.protocol import Context, Drafter
 
 __all__ = ["Context", "DraftModel", "Drafter", "NGram", "layer_skip", "parse_drafter"]
 
@@ -69,9 +70,10 @@ def shipped_path(name: str) -> pathlib.Path:
     return pathlib.Path(str(importlib.resources.files("specdec") / "data" / "drafters" / name))
 
 
-def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, window: int = 64,
-                  dtype: str | None = None):  # fmt: skip
-    """(drafter, draft_params) for a CLI string; `max_depth` / `window` are the tree builder's."""
+def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, dtype: str | None = None):
+    """(drafter, draft_params) for a CLI string; `max_depth` is the tree builder's (n-gram lookup
+    proposes that many tokens). Drafters size their per-node state from the builder when the loop
+    starts (`specdec.drafter`), so nothing else of the tree is needed here."""
     kind, _, arg = spec.partition(":")
     if kind == "ngram":
         try:
@@ -102,7 +104,7 @@ def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, windo
         if not checkpoint.is_checkpoint(path):
             raise ValueError(f"--drafter {kind}: the shipped drafter {path} is missing; reinstall specdec")
         try:
-            d, dp = checkpoint.load(path, target_params, target_cfg, window=window)
+            d, dp = checkpoint.load(path, target_params, target_cfg)
             d = dataclasses.replace(d, confidence=conf) if conf else d
             return (d.with_block(block) if block else d), dp
         except checkpoint.DrafterCheckpointError as e:
@@ -112,9 +114,9 @@ def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, windo
                 "folder (RUN/drafter) as --drafter"
             ) from None
     if checkpoint.is_checkpoint(spec):
-        return checkpoint.load(spec, target_params, target_cfg, window=window)
+        return checkpoint.load(spec, target_params, target_cfg)
     if official.is_official(spec):
-        return official.load_official(spec, target_params, target_cfg, window=window)
+        return official.load_official(spec, target_params, target_cfg)
     from specdec.loading import CheckpointError, load_model
     from specdec.models import to_device
 

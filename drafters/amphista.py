@@ -41,8 +41,9 @@ from jaxtyping import Array, Bool, Float, Int
 
 from specdec.attention import attend, attend_cache, cache_mask
 from specdec.cache import KVCache, causal_mask
+from specdec.context import Context
 from specdec.drafters.eagle import to_target_vocab
-from specdec.drafters.protocol import Context, logits_by_depth
+from specdec.drafters.protocol import logits_by_depth
 from specdec.matmul import PackedWeight, dense
 from specdec.models import decoder
 from specdec.models.config import ModelConfig
@@ -175,10 +176,17 @@ class Amphista:
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
+    @property
+    def max_depth(self) -> int:
+        """Head d drafts depth d + 1: a tree deeper than the heads is refused (`specdec.drafter`)."""
+        return self.cfg.num_draft_heads
+
     def _logits(self, params, a: Float[Array, "B D"]) -> Float[Array, "B K V"]:
         return to_target_vocab(head_logits(params, self.cfg, a), params.get("d2t"), self.cfg.vocab_size)
 
-    def init(self, params, ctx: Context, prompt, prefill_taps, cache_size: int) -> AmphistaState:
+    def init(
+        self, params, ctx: Context, prompt, prefill_taps, cache_size: int, *, window: int
+    ) -> AmphistaState:
         b, t = prompt.shape
         cache = KVCache.init(self.cfg.layer_cfg, b, cache_size)
         pos = jnp.broadcast_to(jnp.arange(t), (b, t))  # pair t = (h_t, x_{t+1}); P - 1 holds the root

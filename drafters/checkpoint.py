@@ -107,22 +107,80 @@ def is_checkpoint(path: os.PathLike) -> bool:
 
 
 def read(path: os.PathLike) -> tuple[dict, dict]:
-    """(metadata, params as numpy f32 / int32) of a checkpoint folder."""
+    """(metadata, params as numpy f32 / int32) of a checkpoint folder.
+
+    Checks what `load`, `make_config`, `check_target` and training's --init_from read, so a damaged or
+    hand-written checkpoint fails here with a one-line `DrafterCheckpointError` naming the file, what
+    is wrong with it and the fix, not later with a KeyError or a TypeError.
+    """
     path = pathlib.Path(path)
+    fix = "re-train it with specdec-train or re-copy the whole checkpoint folder"
+    meta_file, params_file = path / "drafter.json", path / "params.safetensors"
+    for f in (meta_file, params_file):  # both first: a half-copied folder says so, whichever half
+        if not f.is_file():
+            raise DrafterCheckpointError(
+                f"{path} is not a complete drafter checkpoint: {f.name} is missing; {fix}"
+            )
+        if f.stat().st_size == 0:
+            raise DrafterCheckpointError(f"{f} is empty (0 bytes: an interrupted write or copy?); {fix}")
     try:
-        meta = json.loads((path / "drafter.json").read_text())
-        flat = load_file(str(path / "params.safetensors"))
-    except FileNotFoundError as e:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DrafterCheckpointError(f"{meta_file} is unreadable ({type(e).__name__}: {e}); {fix}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        what = f"format {meta.get('format')!r}" if isinstance(meta, dict) else f"a JSON {type(meta).__name__}"
         raise DrafterCheckpointError(
-            f"{path} is not a complete drafter checkpoint: {e.filename} is missing"
-        ) from None
-    except Exception as e:  # json, OS and safetensors' own error types
-        raise DrafterCheckpointError(f"{path}: corrupt drafter checkpoint ({type(e).__name__}: {e}); "
-                                     "re-train or re-copy it") from None  # fmt: skip
-    if meta.get("format") != FORMAT or meta.get("family") not in FAMILIES:
-        raise DrafterCheckpointError(
-            f"{path}/drafter.json is not a {FORMAT} file (family {meta.get('family')!r})"
+            f"{meta_file} is not a {FORMAT} file ({what}, expected a JSON object with format {FORMAT!r}); "
+            "pass a folder written by specdec-train (RUN/drafter) or a shipped drafter's name"
         )
+    family = meta.get("family")
+    if family not in FAMILIES:
+        raise DrafterCheckpointError(
+            f"{meta_file}: unknown drafter family {family!r} (this specdec knows {', '.join(FAMILIES)}); "
+            f"{fix}, or use the specdec version that wrote it"
+        )
+    for key in ("config", "target"):
+        if not isinstance(meta.get(key), dict):
+            got = "is missing" if key not in meta else f"is a {type(meta[key]).__name__}, not an object"
+            raise DrafterCheckpointError(
+                f"{meta_file}: the required key {key!r} {got} (a {FORMAT} file lists format, family, "
+                f"config and target); {fix}"
+            )
+    fields = {f.name: f for f in dataclasses.fields(FAMILIES[family][0]) if f.init}
+    required = [n for n, f in fields.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # fmt: skip
+    missing = [n for n in required if n not in meta["config"]]
+    unknown = sorted(set(meta["config"]) - set(fields))
+    if missing or unknown:
+        what = f"lacks {', '.join(missing)}" if missing else f"has unknown {', '.join(unknown)}"
+        raise DrafterCheckpointError(
+            f"{meta_file}: 'config' {what} (the settings of the {family} drafter); {fix}, or use the specdec "
+            "version that wrote it"
+        )
+    target = meta["target"]
+
+    def number(v):  # JSON also parses NaN and Infinity
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+    expect = {  # what check_target reads
+        "source": lambda v: isinstance(v, str),
+        "vocab_size": lambda v: number(v) and float(v).is_integer(),
+        "hidden_size": lambda v: number(v) and float(v).is_integer(),
+        "num_layers": lambda v: number(v) and float(v).is_integer(),
+        "fingerprint": lambda v: isinstance(v, list) and len(v) == 8 and all(map(number, v)),
+    }
+    for key, ok in expect.items():
+        if key not in target or not ok(target[key]):
+            got = "is missing" if key not in target else f"is malformed ({target[key]!r})"
+            raise DrafterCheckpointError(
+                f"{meta_file}: 'target' {key!r} {got} (the target the drafter was trained for); {fix}"
+            )
+    try:
+        flat = load_file(str(params_file))
+    except Exception as e:  # OS and safetensors' own error types
+        raise DrafterCheckpointError(f"{params_file} is corrupt ({type(e).__name__}: {e}); {fix}") from None
+    if not flat:
+        raise DrafterCheckpointError(f"{params_file} holds no arrays; {fix}")
     flat = {k: (v if k == "d2t" else np.asarray(v, np.float32)) for k, v in flat.items()}
     return meta, _unflatten(flat)
 
@@ -184,17 +242,14 @@ def bind(family: str, config, params: dict, target_params) -> dict:
     return pack_params(p, layout_of(target_params))
 
 
-def load(path: os.PathLike, target_params, cfg: ModelConfig, *, window: int = 64):
+def load(path: os.PathLike, target_params, cfg: ModelConfig):
     """(drafter, runtime params) for a checkpoint folder, checked against the target."""
     meta, params = read(path)
     check_target(meta, target_params, cfg, path)
     config = make_config(meta)
     params = {k: (v if k == "d2t" else _to_jnp(v)) for k, v in params.items()}
     _, cls = FAMILIES[meta["family"]]
-    drafter = (
-        cls(config, window=window) if meta["family"] == "eagle" else cls(config)
-    )  # window: EAGLE's node KV
-    return drafter, bind(meta["family"], config, params, target_params)
+    return cls(config), bind(meta["family"], config, params, target_params)
 
 
 def _to_jnp(tree):

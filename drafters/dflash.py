@@ -42,8 +42,9 @@ from jaxtyping import Array, Bool, Float, Int
 
 from specdec.attention import attend, attend_cache, attend_lse, merge_lse
 from specdec.cache import KVCache
+from specdec.context import Context
 from specdec.drafters.eagle import to_target_vocab
-from specdec.drafters.protocol import Context, logits_by_depth
+from specdec.drafters.protocol import logits_by_depth
 from specdec.matmul import PackedWeight, dense, plain
 from specdec.models import decoder
 from specdec.models.config import ModelConfig
@@ -235,10 +236,15 @@ class DFlash:
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
+    @property
+    def max_depth(self) -> int:
+        """Block position d drafts depth d: a tree deeper than block - 1 is refused."""
+        return self.cfg.block_size - 1
+
     def with_block(self, block: int) -> DFlash:
         """This drafter with an inference block of `block` positions (anchor + block - 1 masks),
         2 <= block <= the trained size. Fewer mask positions cost less per forward; a tree deeper
-        than block - 1 reuses the last position's distribution. Any block is lossless (the target
+        than block - 1 is refused (`max_depth`). Any block is lossless (the target
         verifies); whether acceptance holds is measured (docs/drafters.md)."""
         if not 2 <= block <= self.cfg.block_size:
             raise ValueError(f"block={block}: this DFlash drafts blocks of 2..{self.cfg.block_size} tokens")
@@ -252,7 +258,9 @@ class DFlash:
             cache = cache.write(n, k, v, positions)
         return cache
 
-    def init(self, params, ctx: Context, prompt, prefill_taps, cache_size: int) -> DFlashState:
+    def init(
+        self, params, ctx: Context, prompt, prefill_taps, cache_size: int, *, window: int
+    ) -> DFlashState:
         b, t = prompt.shape
         cache = KVCache.init(self.cfg.layer_cfg, b, cache_size + self.cfg.block_size)
         cache = self._write_context(params, cache, prefill_taps, jnp.broadcast_to(jnp.arange(t), (b, t)))

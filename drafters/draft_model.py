@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from specdec.cache import KVCache, causal_mask
-from specdec.drafters.protocol import Context
+from specdec.context import Context
 from specdec.models.config import ModelConfig
 from specdec.models.llama import Params, forward
 from specdec.tree import Tree, ancestor_mask
@@ -56,7 +56,9 @@ class DraftModel:
         cache = cache.advance(jnp.maximum(count - 1, 0))  # the root stays pending at slot lengths
         return DraftModelState(cache=cache, root_logits=logits[:, 0])
 
-    def init(self, params, ctx: Context, prompt: Int[Array, "B T"], prefill_taps, cache_size: int):
+    def init(
+        self, params, ctx: Context, prompt: Int[Array, "B T"], prefill_taps, cache_size: int, *, window: int
+    ):
         b, t = prompt.shape
         cache = KVCache.init(self.cfg, b, cache_size)
         pos = jnp.broadcast_to(jnp.arange(t), (b, t))

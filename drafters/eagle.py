@@ -37,7 +37,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from specdec.attention import attend, attend_cache, cache_mask
 from specdec.cache import KVCache, causal_mask
-from specdec.drafters.protocol import Context
+from specdec.context import Context
 from specdec.matmul import PackedWeight, dense
 from specdec.models.config import ModelConfig
 from specdec.models.llama import rms_norm
@@ -199,10 +199,9 @@ class EagleState:
 
 @dataclasses.dataclass(frozen=True)
 class Eagle:
-    """The EAGLE drafter (protocol in `drafters/protocol.py`); `window` = the builder's window."""
+    """The EAGLE drafter (contract: `specdec.drafter`); per-node features sized by `init`'s window."""
 
     cfg: EagleConfig
-    window: int = 64
     confidence: float = 0.0  # > 0: draft only when the root's top-1 draft probability reaches it
 
     @property
@@ -226,7 +225,7 @@ class Eagle:
     def _logits(self, params, out):
         return to_target_vocab(draft_logits(params, self.cfg, out), params.get("d2t"), self.cfg.vocab_size)
 
-    def init(self, params, ctx: Context, prompt, prefill_taps, cache_size: int) -> EagleState:
+    def init(self, params, ctx: Context, prompt, prefill_taps, cache_size: int, *, window: int) -> EagleState:
         b, t = prompt.shape
         cache = KVCache.init(self.cfg.layer_cfg, b, cache_size)
         pos = jnp.broadcast_to(jnp.arange(1, t + 1), (b, t))  # pairs for positions 1..t at slots 0..t-1
@@ -235,10 +234,10 @@ class Eagle:
         out, cache = run_layer(params, self.cfg, toks, feat, pos, cache, causal_mask(b, t))
         root = ctx.lengths - 1  # the root's position; its pair is at slot root - 1
         out_root = jnp.take_along_axis(out, (root - 1)[:, None, None], axis=1)
-        return self._state(cache.replace(lengths=root - 1), out_root[:, 0])
+        return self._state(cache.replace(lengths=root - 1), out_root[:, 0], window)
 
-    def _state(self, cache, out_root):
-        out = jnp.zeros((out_root.shape[0], self.window, out_root.shape[-1]), jnp.float32)
+    def _state(self, cache, out_root, window: int):
+        out = jnp.zeros((out_root.shape[0], window, out_root.shape[-1]), jnp.float32)
         return EagleState(cache=cache, out=out.at[:, 0].set(out_root))
 
     def begin(self, params, state: EagleState, ctx: Context):
@@ -274,4 +273,4 @@ class Eagle:
         out, cache = run_layer(params, self.cfg, toks, feat, pos, cache, causal_mask(b, block))
         last = jnp.take_along_axis(out, jnp.clip(n_new - 1, 0, block - 1)[:, None, None], axis=1)[:, 0]
         out_root = jnp.where((n_new > 0)[:, None], last, state.out[:, 0])
-        return self._state(cache.replace(lengths=old + n_new), out_root)
+        return self._state(cache.replace(lengths=old + n_new), out_root, state.out.shape[1])

@@ -46,8 +46,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from specdec.attention import attend, attend_cache
 from specdec.cache import KVCache
+from specdec.context import Context
 from specdec.drafters import eagle
-from specdec.drafters.protocol import Context
 from specdec.matmul import PackedWeight
 from specdec.tree import Tree, ancestor_mask
 
@@ -111,10 +111,9 @@ class FalconState:
 
 @dataclasses.dataclass(frozen=True)
 class Falcon:
-    """The Falcon drafter (protocol in `drafters/protocol.py`); `window` = the builder's window."""
+    """The Falcon drafter (contract: `specdec.drafter`); per-node features sized by `init`'s window."""
 
     cfg: FalconConfig
-    window: int = 64
 
     @property
     def taps(self) -> tuple[int, ...]:
@@ -143,7 +142,9 @@ class Falcon:
         attn = attend_cache(q, cache, 0, cache.attention_mask(window_mask), self.cfg.layer_cfg, kernel=kernel)
         return eagle.finish(params, self.cfg, resid, attn), cache
 
-    def init(self, params, ctx: Context, prompt, prefill_taps, cache_size: int) -> FalconState:
+    def init(
+        self, params, ctx: Context, prompt, prefill_taps, cache_size: int, *, window: int
+    ) -> FalconState:
         b, t = prompt.shape
         cache = KVCache.init(self.cfg.layer_cfg, b, cache_size)
         pos = jnp.broadcast_to(jnp.arange(1, t + 1), (b, t))  # pairs for positions 1..t at slots 0..t-1
@@ -153,7 +154,7 @@ class Falcon:
         root = ctx.lengths - 1
         idx = jnp.maximum(root[:, None] - self.cfg.k + jnp.arange(self.cfg.k)[None, :], 0)
         recent = jnp.take_along_axis(feat, idx[:, :, None], axis=1).astype(jnp.float32)
-        zeros = jnp.zeros((b, self.window, feat.shape[-1]), jnp.float32)
+        zeros = jnp.zeros((b, window, feat.shape[-1]), jnp.float32)
         return FalconState(cache=cache.replace(lengths=root - 1), out=zeros, pending=zeros, recent=recent)
 
     def begin(self, params, state: FalconState, ctx: Context):

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from specdec.context import Context
 from specdec.drafters.eagle import to_target_vocab
-from specdec.drafters.protocol import Context, logits_by_depth
+from specdec.drafters.protocol import logits_by_depth
 from specdec.matmul import dense
 from specdec.tree import Tree
 
@@ -84,11 +85,18 @@ class Medusa:
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
+    @property
+    def max_depth(self) -> int:
+        """Head d drafts depth d + 1: a tree deeper than the heads is refused (`specdec.drafter`)."""
+        return self.cfg.num_heads
+
     def _state(self, params, feat: Float[Array, "B D"]) -> MedusaState:
         logits = to_target_vocab(head_logits(params, self.cfg, feat), params.get("d2t"), self.cfg.vocab_size)
         return MedusaState(logits=logits)
 
-    def init(self, params, ctx: Context, prompt, prefill_taps, cache_size: int) -> MedusaState:
+    def init(
+        self, params, ctx: Context, prompt, prefill_taps, cache_size: int, *, window: int
+    ) -> MedusaState:
         last = (ctx.lengths - 2)[:, None, None]  # the prompt's last position predicted the root
         return self._state(params, jnp.take_along_axis(prefill_taps[0], last, axis=1)[:, 0])
 

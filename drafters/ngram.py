@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
-from specdec.drafters.protocol import Context
+from specdec.context import Context
 from specdec.tree import Tree
 
 _OFF = -1e9  # logit of every token but the proposed one: softmax gives an exact one-hot
@@ -65,7 +65,7 @@ class NGram:
         onehot = jax.nn.one_hot(token, self.vocab_size, dtype=bool)
         return jnp.where(ok[..., None], jnp.where(onehot, 0.0, _OFF), 0.0)
 
-    def init(self, params, ctx: Context, prompt, prefill_taps, cache_size: int) -> NGramState:
+    def init(self, params, ctx: Context, prompt, prefill_taps, cache_size: int, *, window: int) -> NGramState:
         return self._lookup(ctx)
 
     def should_draft(self, params, state: NGramState, ctx: Context) -> Bool[Array, " B"]:

@@ -137,11 +137,10 @@ def to_f32(tree):
 # Entry point
 
 
-def load_official(path, target_params, target_cfg: ModelConfig, *, window: int = 64):
+def load_official(path, target_params, target_cfg: ModelConfig):
     """(drafter, runtime params) for an official Medusa / EAGLE-1 / EAGLE-3 checkpoint folder.
 
-    Checked against the target (hidden size, vocabulary) and tensor by tensor; `window` is the tree
-    builder's window (EAGLE's per-node state).
+    Checked against the target (hidden size, vocabulary) and tensor by tensor.
     """
     folder = folder_of(path)
     if not folder.is_dir():
@@ -154,7 +153,7 @@ def load_official(path, target_params, target_cfg: ModelConfig, *, window: int =
     if kind == "medusa":
         return load_medusa(folder, target_params, target_cfg)
     if kind == "eagle":
-        return load_eagle(folder, target_params, target_cfg, window)
+        return load_eagle(folder, target_params, target_cfg)
     if kind == "dflash":
         from specdec.drafters.official_dflash import load_dflash
 

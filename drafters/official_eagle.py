@@ -60,7 +60,7 @@ def _eagle_taps(cfg: dict, tcfg: ModelConfig, folder) -> tuple[int, ...]:
     return taps
 
 
-def load_eagle(folder: pathlib.Path, target_params, tcfg: ModelConfig, window: int):
+def load_eagle(folder: pathlib.Path, target_params, tcfg: ModelConfig):
     """(Eagle drafter, runtime params) from an official EAGLE-1 / EAGLE-3 folder, checked vs the target."""
     cfg = read_config(folder)
     f = eagle_file(folder)
@@ -198,7 +198,7 @@ def load_eagle(folder: pathlib.Path, target_params, tcfg: ModelConfig, window: i
     runtime = checkpoint.bind("eagle", config, params, target_params)
     if own_embed is not None:
         runtime["embed"] = jnp.asarray(own_embed, jnp.float32)
-    return Eagle(config, window=window), runtime
+    return Eagle(config), runtime
 
 
 def _draft_vocab(t: Tensors, folder, vd: int, vocab: int) -> np.ndarray | None:

@@ -119,6 +119,13 @@ def evaluate(argv: Sequence[str], *, model=None) -> dict:
         raise UsageError(str(e)) from None
     if len(rest) > 1:
         raise UsageError(f"unexpected arguments {rest[1:]} (all options are --flags)")
+    from specdec.cli.entry import check_flags, check_out_folder
+
+    try:  # before the model loads: nothing is lost
+        check_flags(FLAGS, sampling=("temperature", "top_k", "top_p"))
+        check_out_folder("out", FLAGS.out)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     from specdec.eval.mtbench import run_eval
     from specdec.eval.report import tables, write_all
 

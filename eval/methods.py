@@ -97,9 +97,7 @@ class Method:
         try:
             builder = parse_tree(self.tree)
             verifier = get_verifier(self.verifier) if isinstance(self.verifier, str) else self.verifier
-            drafter, dparams = parse_drafter(
-                self.drafter, params, cfg, max_depth=builder.max_depth, window=builder.window
-            )
+            drafter, dparams = parse_drafter(self.drafter, params, cfg, max_depth=builder.max_depth)
         except ValueError as e:
             raise ValueError(f"method {self.label!r}: {e}") from None
         return dict(drafter=drafter, draft_params=dparams, builder=builder, verifier=verifier)

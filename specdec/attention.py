@@ -83,6 +83,11 @@ def flash_splits(size: int) -> tuple[int, int] | None:
     return None
 
 
+def flash_size(size: int) -> int:
+    """The smallest cache size >= `size` that `flash_splits` tiles (a multiple of 16 always does)."""
+    return -(-size // 16) * 16
+
+
 def prefix_flash(q: Float[Array, "B T Hq Dh"], k: Float[Array, "B S Hkv Dh"], v: Float[Array, "B S Hkv Dh"],
                  lengths: Int[Array, " B"], cfg: ModelConfig):  # fmt: skip
     """`attend_lse` over the committed slots `< lengths` through Pallas's split-K decode-attention
@@ -140,8 +145,14 @@ def attend_split(q: Float[Array, "B T Hq Dh"], k_new: Float[Array, "B T Hkv Dh"]
     separately and merged by log-sum-exp — equal to attending over the cache with the combined
     mask. The prefix half needs no per-token mask, so an accelerator runs it as ragged
     (length-masked) attention (`flash`: `prefix_flash`); the block half is small. No sliding
-    window, no explicit slots. A cache size the kernel cannot tile uses the einsum prefix."""
-    if flash and flash_splits(cache.size) is not None:
+    window, no explicit slots. `flash` needs a cache size the kernel tiles (`flash_size`; the host
+    driver sizes caches so): any other size is refused, never silently run another way."""
+    if flash:
+        if flash_splits(cache.size) is None:
+            raise ValueError(
+                f"a cache of {cache.size} slots does not tile the flash attention kernel; size it with "
+                f"specdec.attention.flash_size ({flash_size(cache.size)})"
+            )
         prefix = prefix_flash(q, cache.k[layer], cache.v[layer], cache.lengths, cfg)
     else:
         committed = jnp.arange(cache.size)[None, None, :] < cache.lengths[:, None, None]  # [B, 1, S]

@@ -1,4 +1,4 @@
-"""Prompts to token ids through the tokenizer's own chat template."""
+"""Prompts to token ids through the tokenizer's own chat template, and `chat`: text in, text out."""
 
 from __future__ import annotations
 
@@ -31,3 +31,16 @@ def chat_ids(tokenizer, conversation: str | Sequence[Message], *, system: str | 
 def raw_ids(tokenizer, text: str) -> list[int]:
     """Plain-text prompt ids (the tokenizer's own special-token convention, e.g. a BOS)."""
     return [int(i) for i in tokenizer(text)["input_ids"]]
+
+
+def chat(model, conversation: str | Sequence[Message], *, max_new_tokens: int = 256, speculator=None,
+         sampling=None, system: str | None = None, seed: int = 0) -> str:  # fmt: skip
+    """The assistant's reply to `conversation` (one user message or a list of messages) from
+    `model` (`specdec.load`), speculative when a `speculator` (`specdec.speculator`) is given."""
+    from specdec.generate import generate
+    from specdec.sampling import SamplingConfig
+
+    ids = chat_ids(model.tokenizer, conversation, system=system)
+    out = generate(model.params, model.cfg, [ids], max_new_tokens=max_new_tokens, speculator=speculator,
+                   sampling=sampling or SamplingConfig(), seed=seed)  # fmt: skip
+    return model.tokenizer.decode(out.tokens[0], skip_special_tokens=True)

@@ -14,15 +14,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specdec import sharding
+from specdec import invariants, sharding
+from specdec import trace as step_trace
+from specdec.attention import flash_size, flash_splits
+from specdec.compose import CompositionError, make_spec
 from specdec.decode import Spec, _running, loop_jit, prefill_jit, step_jit
 from specdec.models.config import ModelConfig
 from specdec.models.llama import Params
 from specdec.sampling import SamplingConfig
 
+__all__ = [
+    "CompositionError", "GenerateOutput", "InvariantError", "PromptTooLongError", "generate", "make_spec",
+    "pad_prompts", "warmup",
+]  # fmt: skip
+
 
 class PromptTooLongError(ValueError):
     """A prompt (plus the tokens to generate) does not fit the model context or the cache."""
+
+
+class InvariantError(RuntimeError):
+    """`generate(..., check=True)` found a broken tree or loop invariant (`specdec.invariants`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +73,8 @@ def pad_prompts(
     """Right-pad prompts to a bucketed block and choose the cache size.
 
     Returns (tokens [B, T], lengths [B], cache_size). The cache holds the padded prompt block, the
-    bucketed output budget and a tree `window`. Raises PromptTooLongError when a prompt plus
+    bucketed output budget and a tree `window`, rounded up to a size the flash kernel tiles when
+    `cfg.attention == "flash"`. Raises PromptTooLongError when a prompt plus
     `max_new_tokens` exceeds the model context or an explicit `cache_size`.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -85,6 +98,13 @@ def pad_prompts(
         )
     if cache_size is None:
         cache_size = t + bucket(max_new_tokens) + window
+        if cfg.attention == "flash":  # a size the kernel tiles (`attend_split` refuses any other)
+            cache_size = flash_size(cache_size)
+    elif cfg.attention == "flash" and flash_splits(cache_size) is None:
+        raise PromptTooLongError(
+            f"cache_size={cache_size} does not tile the flash attention kernel; use cache_size="
+            f"{flash_size(cache_size)} (or leave it unset)"
+        )
     tokens = np.zeros((len(prompts), t), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
@@ -107,6 +127,9 @@ def generate(
     loop: str = "device",
     cache_size: int | None = None,
     mesh=None,
+    check: bool = False,
+    trace: str | None = None,
+    speculator=None,
 ) -> GenerateOutput:
     """Generate for a batch of prompts of different lengths; speculative when a drafter is given.
 
@@ -117,57 +140,44 @@ def generate(
     `mesh` (`specdec.sharding`): `params` and `cfg` from `sharding.shard_params` on that mesh; rows
     are split over its `data` axis (padded to a multiple of it with finished rows), drafter params
     replicated. Outputs equal the unsharded run's up to float rounding of the sharded reductions.
+    The composition is validated first (`specdec.compose.make_spec`: a bad one raises
+    `CompositionError`). `check=True` runs the tree and loop invariants of `specdec.invariants`
+    every step and raises `InvariantError` with the step and row of the first broken one; `trace`
+    (a path) writes one JSON line per step and running row (`specdec.trace`). `speculator`
+    (`specdec.speculator`) stands for `drafter`, `draft_params`, `builder` and `verifier` at once.
     """
-    spec = make_spec(cfg, sampling, drafter, builder, verifier, mesh)
-    return _run(
-        params, draft_params, spec, prompts, max_new_tokens, max_new_tokens, eos_ids, seed, loop, cache_size
-    )
+    drafter, draft_params, builder, verifier = _unbundle(speculator, drafter, draft_params, builder, verifier)
+    spec = make_spec(cfg, sampling, drafter, builder, verifier, mesh, check=check, trace=trace is not None)
+    return _run(params, draft_params, spec, prompts, max_new_tokens, max_new_tokens, eos_ids, seed, loop,
+                cache_size, trace)  # fmt: skip
 
 
 def warmup(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
            sampling: SamplingConfig = SamplingConfig(), drafter=None, draft_params=None, builder=None,
            verifier=None, loop: str = "device", cache_size: int | None = None,
-           mesh=None) -> None:  # fmt: skip
+           mesh=None, speculator=None) -> None:  # fmt: skip
     """Compile everything `generate` with these arguments would, running a single step."""
+    drafter, draft_params, builder, verifier = _unbundle(speculator, drafter, draft_params, builder, verifier)
     spec = make_spec(cfg, sampling, drafter, builder, verifier, mesh)
     _run(params, draft_params, spec, prompts, max_new_tokens, 1, None, 0, loop, cache_size)
 
 
-def make_spec(cfg, sampling, drafter, builder, verifier, mesh=None) -> Spec:
-    if mesh is not None and cfg.tp_groups != sharding.model_size(mesh):
-        raise sharding.MeshError(
-            f"the params are grouped for a model axis of {cfg.tp_groups} but the mesh's is "
-            f"{sharding.model_size(mesh)}; build them with specdec.sharding.shard_params on this mesh"
-        )
-    if drafter is None:
-        if builder is not None or verifier is not None:
-            raise ValueError("a tree builder or verifier needs a drafter (drafter=None is AR decoding)")
-        return Spec(cfg, sampling, mesh=mesh)
-    if builder is None:
-        raise ValueError(
-            "speculative decoding needs a tree builder (e.g. specdec.trees.parse_tree('chain:4'))"
-        )
-    if verifier is None:
-        from specdec.verifiers.auto import auto_verify as verifier
-    vocab = getattr(drafter, "vocab_size", cfg.vocab_size)
-    if vocab != cfg.vocab_size:
-        raise ValueError(
-            f"drafter vocabulary ({vocab}) differs from the target's ({cfg.vocab_size}); a drafter must "
-            "share the target's tokenizer (or map its reduced vocabulary onto the target's)"
-        )
-    return Spec(cfg, sampling, drafter, builder, verifier, mesh)
+def _unbundle(speculator, drafter, draft_params, builder, verifier):
+    if speculator is None:
+        return drafter, draft_params, builder, verifier
+    if any(x is not None for x in (drafter, draft_params, builder, verifier)):
+        raise CompositionError("pass either speculator= or drafter/draft_params/builder/verifier, not both")
+    return speculator.drafter, speculator.params, speculator.builder, speculator.verifier
 
 
-def _run(params, dparams, spec: Spec, prompts, max_new_tokens, limit, eos_ids, seed, loop, cache_size):
+def _run(params, dparams, spec: Spec, prompts, max_new_tokens, limit, eos_ids, seed, loop, cache_size,
+         trace=None):  # fmt: skip
     if loop not in ("device", "python"):
         raise ValueError(f"loop must be 'device' or 'python', got {loop!r}")
-    window = (
-        1 if spec.drafter is None else max(spec.builder.window, spec.builder.num_nodes) + spec.max_depth + 1
-    )
     n_rows = len(prompts)
     pad = -n_rows % sharding.data_size(spec.mesh)  # rows split evenly over the data axis
     prompts = list(prompts) + [prompts[-1]] * pad if pad else prompts
-    tokens, lens, cache_size = pad_prompts(prompts, spec.cfg, max_new_tokens, cache_size, window)
+    tokens, lens, cache_size = pad_prompts(prompts, spec.cfg, max_new_tokens, cache_size, spec.cache_window)
     eos = jnp.asarray(list(spec.cfg.eos_token_ids if eos_ids is None else eos_ids) or [-1], jnp.int32)
     max_new = jnp.int32(max_new_tokens)
     stop = jnp.int32(limit)  # loop steps; traced, so a 1-step warm-up compiles the same programs
@@ -178,8 +188,9 @@ def _run(params, dparams, spec: Spec, prompts, max_new_tokens, limit, eos_ids, s
         tokens_d, lens_d = jnp.asarray(tokens), jnp.asarray(lens)
     # traced under the run's mesh: per-shard kernels (`attention.prefix_flash`) read it from context
     with jax.set_mesh(spec.mesh) if spec.mesh is not None else contextlib.nullcontext():
+        trace_steps = max_new_tokens if spec.trace else 0  # a decode takes at most max_new steps
         state = prefill_jit(params, dparams, tokens_d, lens_d, jax.random.key(seed), eos, max_new, spec=spec,
-                            cache_size=cache_size)  # fmt: skip
+                            cache_size=cache_size, trace_steps=trace_steps)  # fmt: skip
         if pad:  # padding rows are finished before the first step: no forwards or tokens counted
             state = state.replace(done=state.done.at[n_rows:].set(True))
         if loop == "device":
@@ -187,13 +198,23 @@ def _run(params, dparams, spec: Spec, prompts, max_new_tokens, limit, eos_ids, s
         else:
             while bool(_running(state, stop)):
                 state = step_jit(params, dparams, state, eos, max_new, spec=spec)
+    steps = int(sharding.fetch(state.steps))
+    if trace is not None:  # before the invariant check: the trace shows the steps leading to it
+        step_trace.write(trace, jax.tree.map(sharding.fetch, state.records), steps, n_rows)
+    if spec.check:
+        step, row, code = (int(x) for x in sharding.fetch(state.error))
+        if code:
+            name = invariants.CODES[code]
+            raise InvariantError(
+                f"step {step}, row {row}: invariant '{name}' broken: {invariants.EXPLAIN[name]}"
+            )
     toks, length = sharding.fetch(state.tokens), sharding.fetch(state.length)
     rows = [toks[i, lens[i] : length[i]].tolist() for i in range(n_rows)]
     eos_set = set(np.asarray(eos).tolist())
     return GenerateOutput(
         tokens=rows,
         finished=[bool(r) and r[-1] in eos_set for r in rows],
-        steps=int(sharding.fetch(state.steps)),
+        steps=steps,
         row_steps=sharding.fetch(state.row_steps)[:n_rows].tolist(),
         accepted_hist=sharding.fetch(state.accepted_hist).tolist(),
     )

@@ -172,12 +172,25 @@ def choose_layout(dtype: Any = jnp.float32, backend: str | None = None) -> str:
     if backend != "cpu" or jnp.dtype(dtype) != jnp.float32:
         if forced == "packed":
             raise ValueError("SPECDEC_MATMUL=packed needs the CPU backend and float32 weights")
+        if backend == "cpu":
+            _say_non_f32_on_cpu(jnp.dtype(dtype).name)
         return "plain"
     if not kernels.available():
         if forced == "packed":
             raise ValueError("SPECDEC_MATMUL=packed but the CPU kernel is not built; reinstall specdec")
         return "plain"
     return "packed"
+
+
+@functools.cache
+def _say_non_f32_on_cpu(dtype: str) -> None:
+    """The fallback a non-f32 model takes on CPU, named once per dtype: the kernels are f32 only, so
+    its matmuls and its (same-dtype) KV cache attention run as XLA's ops."""
+    kernels.log.warning(
+        "specdec: %s weights and KV cache on CPU: using XLA's matmul and attention, not specdec's "
+        "float32 CPU kernels (verification blocks cost more; without avx512_bf16 XLA widens bf16 to f32 "
+        "around every product). --dtype float32 is the fast path on CPU.", dtype,
+    )  # fmt: skip
 
 
 def pack_params(tree: Any, layout: str) -> Any:

@@ -8,12 +8,41 @@ Temperature 0 means greedy (argmax); its "distribution" is one-hot.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 _NEG_INF = -jnp.inf
+# The smallest positive temperature: logits / T overflow float32 (NaN probabilities, token 0) below
+# ~1e-37, and under 1e-6 sampling is the argmax but for near-ties anyway. 0 is greedy.
+MIN_TEMPERATURE = 1e-6
+
+
+def check_sampling(temperature, top_k, top_p, *, names: dict[str, str] | None = None) -> None:
+    """Raise ValueError naming the first bad sampling option and its valid range: `temperature` a
+    finite number >= 0 (0 = greedy; a positive one >= MIN_TEMPERATURE), `top_k` a whole number >= 0
+    (0 = off), `top_p` in (0, 1] (1 = off). `names` maps an option to the name to print (a CLI's
+    `--flag`), so the CLIs and `SamplingConfig` refuse the same values with the same words."""
+    names = names or {}
+    t, k, p = (names.get(x, x) for x in ("temperature", "top_k", "top_p"))
+
+    def real(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    if not (real(temperature) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"{t} must be a finite number >= 0, got {temperature!r}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"{t} must be 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {temperature!r} (smaller ones are greedy "
+            "but for near-ties, and overflow float32 logits near 1e-37); use 0 for greedy decoding"
+        )
+    if not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 0):
+        raise ValueError(f"{k} must be a whole number >= 0 (0 = off), got {top_k!r}")
+    if not (real(top_p) and 0.0 < top_p <= 1.0):  # NaN fails the comparison
+        raise ValueError(f"{p} must be in (0, 1] (1 = off), got {top_p!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,12 +54,7 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_sampling(self.temperature, self.top_k, self.top_p)
 
     @property
     def greedy(self) -> bool:

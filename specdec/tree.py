@@ -36,7 +36,7 @@ class Tree:
     draft_probs: Float[Array, "B N V"] | None = None
     max_depth: int = flax.struct.field(pytree_node=False, default=0)
     sibling_mode: str = flax.struct.field(pytree_node=False, default="deterministic")
-    # Cumulative draft log-prob of each node's path (root 0; `trees._topk.draft_logprobs`, so raw
+    # Cumulative draft log-prob of each node's path (root 0; `trees.topk.draft_logprobs`, so raw
     # log-softmax at T = 0): how confident the drafter is. Optional; a batch budget ranks by it.
     score: Float[Array, "B N"] | None = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from specdec.cache import KVCache, causal_mask
 from specdec.models import ModelConfig, forward, to_device
@@ -132,13 +133,53 @@ def test_split_attention_decodes_like_dense_attention():
 
     dense, split = decode(CFG), decode(CFG.replace(attention="split"))
     assert split == dense and dense[0] == dense[1]
+
+
+def test_flash_decode_runs_the_kernel(monkeypatch):
+    """`attention="flash"` under `generate`: the cache is sized to tile the kernel, the prefix half
+    goes through Pallas's decode kernel (its calls are counted while tracing) and the tokens equal
+    dense attention's."""
+    import jax
+
+    from specdec import attention
+    from specdec.drafters import layer_skip
+    from specdec.generate import generate
+    from specdec.trees import parse_tree
+    from tests.sharded_worker import CFG, random_params
+
+    calls = []
+    kernel = attention._prefix_flash_shard
+    monkeypatch.setattr(attention, "_prefix_flash_shard", lambda *a: calls.append(a[1].shape) or kernel(*a))
+    jax.clear_caches()  # trace afresh, so the count sees this test's programs
+    host = random_params(CFG, 0)
+    prompts = [[5, 9, 3, 5, 9, 3], list(range(20, 41))]
+
+    def decode(cfg):
+        params = to_device(host, cfg, "plain")
+        d, dp = layer_skip(params, cfg, 1)
+        return [generate(params, cfg, prompts, max_new_tokens=10).tokens,
+                generate(params, cfg, prompts, max_new_tokens=10, drafter=d, draft_params=dp,
+                         builder=parse_tree("dynamic:depth=3,topk=3,n=10")).tokens]  # fmt: skip
+
+    dense = decode(CFG)
+    assert not calls
     assert decode(CFG.replace(attention="flash")) == dense
+    assert calls and all(attention.flash_splits(shape[1]) for shape in calls)  # K: [B, S, Hkv, Dh]
 
 
 def test_flash_tiling():
     """Pallas's decode kernel tiles a cache of S slots as k_splits x (n = S / k_splits >= 16, a
-    multiple of a power-of-two block in [16, 128]); other sizes fall back to the einsum prefix."""
-    from specdec.attention import flash_splits
+    multiple of a power-of-two block in [16, 128]); other sizes are refused, never run another
+    way, and `generate` sizes caches to tile (`flash_size`)."""
+    from specdec.attention import flash_size, flash_splits
+    from specdec.generate import PromptTooLongError, pad_prompts
 
     assert flash_splits(4096) == (16, 128) and flash_splits(48) == (1, 16) and flash_splits(96) == (2, 16)
     assert flash_splits(20) is None and flash_splits(8) is None
+    assert [flash_size(n) for n in (1, 16, 33, 70)] == [16, 16, 48, 80]
+    flash = CFG.replace(attention="flash")
+    assert pad_prompts([[1, 2, 3]], flash, 16, window=5)[2] == 48  # 16 + 16 + 5, rounded up
+    with pytest.raises(
+        PromptTooLongError, match="does not tile the flash attention kernel; use cache_size=48"
+    ):
+        pad_prompts([[1, 2, 3]], flash, 16, cache_size=40)

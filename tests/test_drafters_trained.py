@@ -14,7 +14,7 @@ from specdec.decode import Spec, prefill_jit, step_jit
 from specdec.drafters import amphista, dflash, eagle, falcon, medusa
 from specdec.drafters import checkpoint as ckpt
 from specdec.drafters.protocol import Context
-from specdec.generate import generate, pad_prompts
+from specdec.generate import CompositionError, generate, pad_prompts
 from specdec.models import forward, to_device
 from specdec.sampling import SamplingConfig
 from specdec.tree import Tree
@@ -34,19 +34,19 @@ def target(tiny_models):
     return params, cfg, generate(params, cfg, PROMPTS, max_new_tokens=16).tokens
 
 
-def make(kind: str, params, cfg, window: int, d2t=None):
+def make(kind: str, params, cfg, d2t=None):
     key = jax.random.PRNGKey(3)
     vd = None if d2t is None else len(d2t)
     head = ckpt.target_head(params)
     if kind == "medusa":
-        c = medusa.MedusaConfig.for_target(cfg, 3, vd)
+        c = medusa.MedusaConfig.for_target(cfg, 5, vd)
         p = medusa.init_params(c, key)
         p["w"] = jax.random.normal(key, p["w"].shape) * 0.1  # not the identity-like init
         d = medusa.Medusa(c)
         fam = "medusa"
     elif kind.startswith("amphista"):
         own = kind == "amphista_own"
-        c = amphista.AmphistaConfig.for_target(cfg, 3, vd, own_heads=own)
+        c = amphista.AmphistaConfig.for_target(cfg, 5, vd, own_heads=own)
         h = head if d2t is None else head[:, np.asarray(d2t)]
         p = amphista.init_params(c, key, h if own else None)
         p["heads_w"] = jax.random.normal(key, p["heads_w"].shape) * 0.1
@@ -54,16 +54,16 @@ def make(kind: str, params, cfg, window: int, d2t=None):
     elif kind == "falcon":
         c = falcon.FalconConfig.for_target(cfg, 1, vd, k=2)
         p = eagle.init_params(c, key)
-        d, fam = falcon.Falcon(c, window=window), "falcon"
+        d, fam = falcon.Falcon(c), "falcon"
     elif kind == "dflash":
-        c = dflash.DFlashConfig.for_target(cfg, num_layers=2, block_size=5, draft_vocab_size=vd, taps=(1, 2))
+        c = dflash.DFlashConfig.for_target(cfg, num_layers=2, block_size=6, draft_vocab_size=vd, taps=(1, 2))
         p = dflash.init_params(c, key)
         d, fam = dflash.DFlash(c), "dflash"
     else:
         c = eagle.EagleConfig.for_target(cfg, 1 if kind == "eagle" else 3, vd)
         h = None if d2t is None else head[:, np.asarray(d2t)]
         p = eagle.init_params(c, key, h if kind == "eagle3" else None)
-        d = eagle.Eagle(c, window=window)
+        d = eagle.Eagle(c)
         fam = "eagle"
     if d2t is not None:
         p["d2t"] = np.asarray(d2t, np.int32)
@@ -87,31 +87,34 @@ def decode_states(params, cfg, d, dp, builder, steps: int = 4):
 
 
 @pytest.mark.parametrize(
-    "kind,tree", [(k, t) for k in KINDS for t in TREES] + [("falcon", "static:falcon"), ("dflash", "chain:8")]
+    "kind,tree", [(k, t) for k in KINDS for t in TREES] + [("falcon", "static:falcon"), ("dflash", "chain:5")]
 )
 def test_greedy_equals_ar(target, kind, tree):
     params, cfg, ar = target
     builder = parse_tree(tree)
     reduced = kind == "eagle3" or (kind in ("dflash", "amphista") and tree == "chain:3")
     d2t = np.arange(0, cfg.vocab_size, 2) if reduced else None  # a reduced draft vocabulary
-    d, dp = make(kind, params, cfg, builder.window, d2t)
+    d, dp = make(kind, params, cfg, d2t)
     out = generate(params, cfg, PROMPTS, max_new_tokens=16, drafter=d, draft_params=dp, builder=builder)
     assert out.tokens == ar
 
 
 def test_dflash_shorter_inference_block_equals_ar(target):
-    """`DFlash.with_block`: fewer mask positions per forward (a tree deeper than block - 1 reuses
-    the last position's distribution); output = AR; blocks outside 2..trained are refused."""
+    """`DFlash.with_block`: fewer mask positions per forward; output = AR; blocks outside
+    2..trained are refused, and so is a tree deeper than the block drafts (block - 1)."""
     params, cfg, ar = target
-    builder = parse_tree("dynamic:depth=3,topk=3,n=10")
-    d, dp = make("dflash", params, cfg, builder.window)
+    builder = parse_tree("dynamic:depth=2,topk=3,n=6")
+    d, dp = make("dflash", params, cfg)
     short = d.with_block(3)
-    assert (short.cfg.block_size, d.cfg.block_size) == (3, 5)
+    assert (short.cfg.block_size, d.cfg.block_size, short.max_depth) == (3, 6, 2)
     out = generate(params, cfg, PROMPTS, max_new_tokens=16, drafter=short, draft_params=dp, builder=builder)
     assert out.tokens == ar
-    for bad in (1, 6):
-        with pytest.raises(ValueError, match=r"2\.\.5"):
+    for bad in (1, 7):
+        with pytest.raises(ValueError, match=r"2\.\.6"):
             d.with_block(bad)
+    with pytest.raises(CompositionError, match="at most 2 depths; use a tree of depth <= 2"):
+        generate(params, cfg, PROMPTS, max_new_tokens=4, drafter=short, draft_params=dp,
+                 builder=parse_tree("chain:3"))  # fmt: skip
 
 
 @pytest.mark.parametrize("confidence", [0.02, 0.9])
@@ -121,7 +124,7 @@ def test_confidence_gated_eagle_equals_ar(target, confidence):
 
     params, cfg, ar = target
     builder = parse_tree("chain:3")
-    d, dp = make("eagle", params, cfg, builder.window)
+    d, dp = make("eagle", params, cfg)
     d = dataclasses.replace(d, confidence=confidence)
     out = generate(params, cfg, PROMPTS, max_new_tokens=16, drafter=d, draft_params=dp, builder=builder)
     assert out.tokens == ar
@@ -131,7 +134,7 @@ def test_confidence_gated_eagle_equals_ar(target, confidence):
 def test_lossless_verifiers(target, kind):
     params, cfg, ar = target
     builder = parse_tree("static:eagle1")
-    d, dp = make(kind, params, cfg, builder.window)
+    d, dp = make(kind, params, cfg)
     for v in ("rrs", "target_only"):
         out = generate(params, cfg, PROMPTS, max_new_tokens=16, drafter=d, draft_params=dp, builder=builder,
                        verifier=get_verifier(v))  # fmt: skip
@@ -144,7 +147,7 @@ def test_eagle_cache_equals_full_recompute(target, kind):
     over the whole committed sequence at once with the target's teacher-forced features."""
     params, cfg, _ = target
     builder = parse_tree("dynamic:depth=3,topk=3,n=10")
-    d, dp = make(kind, params, cfg, builder.window)
+    d, dp = make(kind, params, cfg)
 
     @jax.jit
     def recompute(seq):  # [1, N] -> the draft layer's outputs [1, N - 1, D]; causal, so padding is inert
@@ -166,7 +169,7 @@ def test_eagle_cache_equals_full_recompute(target, kind):
 
 def test_medusa_feature_is_the_one_before_the_root(target):
     params, cfg, _ = target
-    d, dp = make("medusa", params, cfg, 10)
+    d, dp = make("medusa", params, cfg)
     spec = Spec(cfg=cfg, sampling=SamplingConfig(), drafter=d, builder=parse_tree("chain:3"),
                 verifier=get_verifier("auto"))  # fmt: skip
     prompt, lens, size = pad_prompts(PROMPTS, cfg, 40, window=16)
@@ -190,7 +193,7 @@ def test_dflash_cache_equals_full_recompute(target):
     teacher-forced taps, anchor = the root."""
     params, cfg, _ = target
     builder = parse_tree("dynamic:depth=3,topk=3,n=10")
-    d, dp = make("dflash", params, cfg, builder.window)
+    d, dp = make("dflash", params, cfg)
 
     @jax.jit
     def recompute(seq, anchor):  # [1, N], [1, 1] -> block logits [1, 1, K, Vd]
@@ -224,7 +227,7 @@ def test_dflash_anchored_attention_equals_dense_mask(target):
     log-sum-exp) = dense attention under `training_mask`, outputs and gradients; control: anchors
     moved by one give other outputs (the outputs compared depend on the anchors)."""
     params, cfg, _ = target
-    d, dp = make("dflash", params, cfg, 4)
+    d, dp = make("dflash", params, cfg)
     seq = jax.random.randint(jax.random.PRNGKey(5), (2, 20), 0, cfg.vocab_size)
     _, taps, _ = forward(params, cfg, seq, jnp.arange(20)[None].repeat(2, 0), None, causal_mask(2, 20),
                          taps=d.taps)  # fmt: skip
@@ -248,7 +251,7 @@ def test_amphista_cache_equals_full_recompute(target):
     the whole committed sequence (pairs (h_t, x_{t+1}), the target's teacher-forced h) at P - 1."""
     params, cfg, _ = target
     builder = parse_tree("static:eagle1")
-    d, dp = make("amphista", params, cfg, builder.window)
+    d, dp = make("amphista", params, cfg)
 
     @jax.jit
     def recompute(seq):  # [1, N] -> head logits at every position [1, N, K, Vd]
@@ -272,9 +275,10 @@ def test_amphista_auto_embedding_is_bidirectional_across_heads_only(target):
     """Every head's output depends on every head's input (no causal mask across heads), and a
     position's heads never see another position's."""
     params, cfg, _ = target
-    d, dp = make("amphista", params, cfg, 16)
-    hk = jax.random.normal(jax.random.PRNGKey(5), (2, 3, cfg.hidden_size))
-    jac = jax.jacobian(lambda x: amphista.auto_embedding(dp, d.cfg, x))(hk)  # [2, 3, D, 2, 3, D]
+    d, dp = make("amphista", params, cfg)
+    k = d.cfg.num_draft_heads
+    hk = jax.random.normal(jax.random.PRNGKey(5), (2, k, cfg.hidden_size))
+    jac = jax.jacobian(lambda x: amphista.auto_embedding(dp, d.cfg, x))(hk)  # [2, K, D, 2, K, D]
     dep = np.abs(np.asarray(jac)).sum(axis=(2, 5))  # [n, k, n', j]
     for n in range(2):
         assert (dep[n, :, n, :] > 0).all()  # head k sees head j, both ways
@@ -286,7 +290,7 @@ def test_falcon_passes_equal_the_training_forward(target):
     anchored at a depth-2 chain node over drafted pairs) equal `sar_forward` over the same pairs
     with the relaxed block-causal mask, i.e. what training computes."""
     params, cfg, _ = target
-    d, dp = make("falcon", params, cfg, 8)
+    d, dp = make("falcon", params, cfg)
     toks = jnp.asarray([[5, 9, 3, 5, 9, 3, 7, 11, 4, 6, 8, 10]])
     r = 8  # the prompt is toks[:r], the root toks[r]
     _, taps, _ = forward(params, cfg, toks[:, : r + 1], jnp.arange(r + 1)[None], None, causal_mask(1, r + 1),
@@ -294,7 +298,7 @@ def test_falcon_passes_equal_the_training_forward(target):
     ctx = Context(
         tokens=jnp.zeros((1, 64), jnp.int32).at[:, : toks.shape[1]].set(toks), lengths=jnp.asarray([r + 1])
     )
-    state = d.init(dp, ctx, toks[:, :r], tuple(t[:, :r] for t in taps), 64)
+    state = d.init(dp, ctx, toks[:, :r], tuple(t[:, :r] for t in taps), 64, window=8)
     _, state = d.begin(dp, state, ctx)
     # training view: pairs for positions 1..r (feature f_{p-1}, token t_p), blocks ending at the root
     f = taps[0][:, :r]
@@ -366,3 +370,52 @@ def test_dflash_warm_start_copies_the_target(tiny_models):
     with pytest.raises(ValueError, match="--dflash_init random"):
         too_deep = dflash.DFlashConfig.for_target(cfg, num_layers=n_layers + 1)
         dflash.init_from_target(too_deep, jax.random.key(0), host)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_traces_equal_across_loops(target, kind, tmp_path):
+    """The fused loop and the host loop give byte-identical step traces (trees, verdicts, cache
+    lengths) for every family, at T = 1 so sampled verdicts are compared too; the invariant checks
+    pass every step; the trace's appended tokens are the output."""
+    import json
+
+    params, cfg, _ = target
+    builder = parse_tree("static:eagle1")
+    d, dp = make(kind, params, cfg)
+    kw = dict(max_new_tokens=12, drafter=d, draft_params=dp, builder=builder, sampling=SamplingConfig(1.0),
+              seed=3, check=True)  # fmt: skip
+    outs = {
+        loop: generate(params, cfg, PROMPTS, loop=loop, trace=tmp_path / loop, **kw)
+        for loop in ("device", "python")
+    }
+    assert (tmp_path / "device").read_bytes() == (tmp_path / "python").read_bytes()
+    assert outs["device"].tokens == outs["python"].tokens
+    lines = [json.loads(x) for x in (tmp_path / "device").read_text().splitlines()]
+    assert sum(len(x["nodes"]) > 1 for x in lines) > 0  # speculative steps were recorded
+    for b, toks in enumerate(outs["device"].tokens):
+        assert [t for x in lines if x["row"] == b for t in x["accepted"]] == toks[1:]  # prefill gave toks[0]
+
+
+def test_loaded_falcon_sizes_its_node_state_from_the_tree(target, tmp_path):
+    """A Falcon loaded from a checkpoint drafts a tree whose window (71) exceeds any default: its
+    per-node features are sized by the loop from the builder, so no node write is dropped and no
+    NaN feature is read (the invariant check rejects a non-distribution draft); output = AR."""
+    params, cfg, ar = target
+    c = falcon.FalconConfig.for_target(cfg, 1, None, k=2)
+    trained = eagle.init_params(c, jax.random.PRNGKey(3))  # the arrays a checkpoint stores
+    ckpt.save(
+        tmp_path / "falcon", "falcon", c, trained, ckpt.target_info(params, cfg, "tiny"), dtype="float32"
+    )
+    loaded, ldp = ckpt.load(tmp_path / "falcon", params, cfg)
+    builder = parse_tree("dynamic:depth=8,topk=10,n=60")
+    assert builder.window == 71
+    spec = Spec(
+        cfg=cfg, sampling=SamplingConfig(), drafter=loaded, builder=builder, verifier=get_verifier("auto")
+    )
+    prompt, lens, size = pad_prompts(PROMPTS, cfg, 16, window=spec.cache_window)
+    state = prefill_jit(params, ldp, jnp.asarray(prompt), jnp.asarray(lens), jax.random.PRNGKey(0),
+                        jnp.asarray([-1], jnp.int32), 16, spec=spec, cache_size=size)  # fmt: skip
+    assert state.draft.out.shape[1] == 71
+    out = generate(params, cfg, PROMPTS, max_new_tokens=16, drafter=loaded, draft_params=ldp, builder=builder,
+                   check=True)  # fmt: skip
+    assert out.tokens == ar

@@ -321,6 +321,6 @@ def test_imported_drafters_lossless(target, tmp_path):
     for folder in folders:
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)  # well-formed checkpoints load without warnings
-            d, dp = load_official(folder, params, cfg, window=builder.window)
+            d, dp = load_official(folder, params, cfg)
         out = generate(params, cfg, PROMPTS, max_new_tokens=12, drafter=d, draft_params=dp, builder=builder)
         assert out.tokens == ar, folder.name

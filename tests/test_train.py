@@ -224,7 +224,7 @@ def test_training_learns_and_checkpoint_loads(tiny, tmp_path, family, own_heads,
         assert ev["acc0"] > ev["acc1"], ev
     if family in ("eagle", "eagle3"):  # the expected acceptance at T = 1 rises too
         assert 0 < before["alpha0"] < ev["alpha0"] <= 1 and ev["tau_est_t1"] > 1 + ev["alpha0"] - 1e-6, ev
-    d, dp = ckpt.load(out["drafter"], params, cfg, window=16)
+    d, dp = ckpt.load(out["drafter"], params, cfg)
     assert d.taps == (
         (2,) if family not in ("eagle3", "dflash") else d.cfg.taps
     )  # tap L = 2: the final state
@@ -291,10 +291,10 @@ def test_training_time_test_equals_inference_chain(tiny, version):
     n = toks.shape[1]
     _, taps, _ = forward(params, cfg, toks, jnp.arange(n)[None], None, causal_mask(1, n), taps=c.taps)
     outs = losses.eagle3_outputs(dp, c, toks, taps, ttt_steps=3)
-    d = eagle.Eagle(c, window=4)
+    d = eagle.Eagle(c)
     r = 9  # root position: the prompt is toks[:r], the root toks[r]
     ctx = Context(tokens=jnp.zeros((1, 64), jnp.int32).at[:, :n].set(toks), lengths=jnp.asarray([r + 1]))
-    state = d.init(dp, ctx, toks[:, :r], tuple(t[:, :r] for t in taps), 64)
+    state = d.init(dp, ctx, toks[:, :r], tuple(t[:, :r] for t in taps), 64, window=4)
     np.testing.assert_allclose(state.out[0, 0], outs[0][0, r - 1], atol=1e-4, rtol=1e-4)
     tree = Tree.chain(toks[:, r : r + 4])
     for k in (1, 2):

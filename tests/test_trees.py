@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from specdec.drafters.protocol import Context
+from specdec.context import Context
 from specdec.sampling import SamplingConfig, probabilities
 from specdec.tree import PAD, ancestor_mask, child_mask, positions, root_paths
 from specdec.trees import (
@@ -31,6 +31,7 @@ from specdec.trees import (
     chain,
     parse_tree,
 )
+from specdec.trees import check_tree as public_check_tree
 
 V = 24
 MAXD = 16
@@ -112,7 +113,9 @@ def build(builder, roots, sampling=GREEDY, seed=0, table=None, key=0):
 
 
 def check_tree(tree, builder, table, sampling, audit=None, strict=True):
-    """Invariants every builder promises (see specdec.tree and trees/protocol.py)."""
+    """Invariants every builder promises (see specdec.tree and specdec.builder): the public checker's
+    (`specdec.trees.check_tree`), then what this harness's toy drafter lets us check exactly."""
+    public_check_tree(tree, table.shape[1])
     b, n = tree.tokens.shape
     assert n == builder.num_nodes and tree.max_depth == builder.max_depth
     assert tree.valid[:, 0].all() and (tree.parents[:, 0] == -1).all() and (tree.depth[:, 0] == 0).all()

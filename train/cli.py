@@ -136,6 +136,12 @@ def main(argv):
 
     if not FLAGS.out:
         raise app.UsageError("--out RUN_FOLDER is required (checkpoints and the trained drafter go there)")
+    from specdec.cli.entry import check_flags, check_out_folder
+
+    # before the target loads and hours of extraction: a bad number or an --out that is a file
+    check_flags(FLAGS, sampling=("regenerate_temperature", None, "regenerate_top_p"))
+    for flag in ("out", "features", "export_regenerated"):
+        check_out_folder(flag, FLAGS[flag].value)
     from specdec.matmul import native_bf16
 
     dtype = FLAGS.extract_dtype

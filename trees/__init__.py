@@ -1,10 +1,12 @@
-"""Tree builders: static, dynamic and recursive-sampling trees; the protocol lives in `protocol.py`.
+"""Tree builders: static, dynamic and recursive-sampling trees; the contract is `specdec.builder`.
 
 from specdec.trees import parse_tree
 builder = parse_tree("dynamic:depth=5,topk=8,n=32")
 tree, draft_state = builder(drafter, params, draft_state, ctx, key, sampling)
+check_tree(tree, vocab_size)   # the structural invariants every builder keeps (specdec.invariants)
 """
 
+from specdec.invariants import check_tree
 from specdec.trees.budget import BatchBudget
 from specdec.trees.dynamic import DynamicTree, DySpecTree
 from specdec.trees.parse import TREE_FORMS, parse_tree
@@ -25,5 +27,6 @@ __all__ = [
     "StaticTree",
     "TreeBuilder",
     "chain",
+    "check_tree",
     "parse_tree",
 ]

@@ -1,13 +1,13 @@
 """Dynamic trees whose shape follows the draft's confidence: EAGLE-2 and DySpec.
 
-Both score a node by the cumulative draft log-prob of its path (`_topk.draft_logprobs`: raw
+Both score a node by the cumulative draft log-prob of its path (`topk.draft_logprobs`: raw
 log-softmax at temperature 0, the processed distribution at T > 0), draft children by rank
 (sibling_mode "deterministic", so verifiers treat q as one-hot; reference notes B3.3), and end
 with the same rerank: the best `num_nodes - 1` candidates by score, reindexed into a compact tree
-in topological order with siblings in rank order (`_pool.finalize`).
+in topological order with siblings in rank order (`pool.finalize`).
 
 Candidates are kept in a pool; only expanded candidates get a working slot the drafter writes
-(`_pool` docstring), so `window = max(num_nodes, 1 + number of expanded nodes)`.
+(`pool` docstring), so `window = max(num_nodes, 1 + number of expanded nodes)`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
-from specdec.drafters.protocol import Context, Drafter, DraftState
+from specdec.context import Context
+from specdec.drafter import Drafter, DraftState
 from specdec.sampling import SamplingConfig
 from specdec.tree import Tree
-from specdec.trees._pool import expand_entries, finalize, init_pool
+from specdec.trees.pool import expand_entries, finalize, init_pool
 
 
 def _check_positive(**kw: int) -> None:
@@ -72,6 +73,9 @@ class DynamicTree:
     @property
     def spec(self) -> str:
         return f"dynamic:depth={self.depth},topk={self.topk},n={self.num_nodes}"
+
+    def sibling_mode(self, sampling: SamplingConfig) -> str:
+        return "deterministic"  # top-k children at every temperature
 
     def __call__(
         self,
@@ -153,6 +157,9 @@ class DySpecTree:
     @property
     def spec(self) -> str:
         return f"dyspec:n={self.num_nodes},topk={self.topk},per_call={self.per_call},rounds={self.rounds}"
+
+    def sibling_mode(self, sampling: SamplingConfig) -> str:
+        return "deterministic"  # top-k children at every temperature
 
     def __call__(
         self,

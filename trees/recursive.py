@@ -15,19 +15,20 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from specdec.drafters.protocol import Context, Drafter, DraftState
+from specdec.context import Context
+from specdec.drafter import Drafter, DraftState
 from specdec.sampling import SamplingConfig
 from specdec.tree import Tree
-from specdec.trees._topk import (
+from specdec.trees.static import StaticTree
+from specdec.trees.topk import (
     add_nodes,
     record_probs,
     select_children,
-    sibling_mode,
     split_keys,
     take_rows,
     zero_probs,
 )
-from specdec.trees.static import StaticTree
+from specdec.trees.topk import sibling_mode as draw_mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,9 @@ class RSDTree:
     @property
     def spec(self) -> str:
         return "rsd:" + ",".join(map(str, self.branching))
+
+    def sibling_mode(self, sampling: SamplingConfig) -> str:
+        return draw_mode(True, sampling)
 
     def __call__(
         self,
@@ -144,6 +148,9 @@ class RSDBeamTree:
     def spec(self) -> str:
         return f"rsd-beam:depth={self.depth},beam={self.beam}"
 
+    def sibling_mode(self, sampling: SamplingConfig) -> str:
+        return draw_mode(True, sampling)
+
     def __call__(
         self,
         drafter: Drafter,
@@ -157,7 +164,7 @@ class RSDBeamTree:
         w = self.beam
         root = ctx.root
         b = root.shape[0]
-        tree = Tree.empty(root, self.num_nodes, self.depth, sibling_mode=sibling_mode(True, sampling))
+        tree = Tree.empty(root, self.num_nodes, self.depth, sibling_mode=self.sibling_mode(sampling))
         logits, state = drafter.begin(params, state, ctx)
         logits = logits[:, None]
         probs = zero_probs(b, self.num_nodes, logits.shape[-1])

@@ -22,10 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
-from specdec.drafters.protocol import Context, Drafter, DraftState
+from specdec.context import Context
+from specdec.drafter import Drafter, DraftState
 from specdec.sampling import SamplingConfig
 from specdec.tree import Tree
-from specdec.trees._topk import add_nodes, record_probs, select_children, sibling_mode, split_keys, zero_probs
+from specdec.trees.topk import add_nodes, record_probs, select_children, split_keys, zero_probs
+from specdec.trees.topk import sibling_mode as draw_mode
 
 Choices = tuple[tuple[int, ...], ...]
 
@@ -148,6 +150,9 @@ class StaticTree:
     def window(self) -> int:
         return self.num_nodes
 
+    def sibling_mode(self, sampling: SamplingConfig) -> str:
+        return draw_mode(self.sample, sampling)
+
     @property
     def parents(self) -> np.ndarray:
         """[N] parent index per node (host, -1 at the root)."""
@@ -186,9 +191,7 @@ class StaticTree:
         """Draft the fixed shape from `ctx.root`; returns a Tree [B, num_nodes] and the new state."""
         root = ctx.root
         b = root.shape[0]
-        tree = Tree.empty(
-            root, self.num_nodes, self.max_depth, sibling_mode=sibling_mode(self.sample, sampling)
-        )
+        tree = Tree.empty(root, self.num_nodes, self.max_depth, sibling_mode=self.sibling_mode(sampling))
         logits, state = drafter.begin(params, state, ctx)
         logits = logits[:, None]  # [B, 1, V]: the first frontier is the root alone
         probs = zero_probs(b, self.num_nodes, logits.shape[-1])

@@ -44,6 +44,9 @@ flags.DEFINE_bool("json", False, "Print one JSON object instead of the text.")
 
 def main(argv):
     del argv
+    from specdec.cli.entry import check_flags
+
+    check_flags(FLAGS, sampling=("temperature", "top_k", "top_p"))  # before anything loads
     # Imported here so that --help answers without loading JAX.
     import jax
 
@@ -66,9 +69,7 @@ def main(argv):
         from specdec.verifiers import get_verifier
 
         builder = parse_tree(FLAGS.tree)
-        drafter, dparams = parse_drafter(
-            FLAGS.drafter, params, cfg, max_depth=builder.max_depth, window=builder.window
-        )
+        drafter, dparams = parse_drafter(FLAGS.drafter, params, cfg, max_depth=builder.max_depth)
         kw.update(
             drafter=drafter, draft_params=dparams, builder=builder, verifier=get_verifier(FLAGS.verifier)
         )

@@ -43,6 +43,17 @@ LOSSLESS: dict[str, bool] = {name: m.LOSSLESS for name, m in _MODULES.items()}
 SIBLING_MODES: dict[str, tuple[str, ...]] = {name: m.SIBLING_MODES for name, m in _MODULES.items()}
 
 
+def requirements(verifier) -> tuple[tuple[str, ...] | None, bool]:
+    """(sibling modes the verifier accepts, or None if it does not say; whether it is the
+    temperature-0 verifier). Registered verifiers declare them in their module (`SIBLING_MODES`,
+    `GREEDY_ONLY`); a user's verifier may carry the same names as attributes."""
+    name = next((n for n, v in VERIFIERS.items() if v is verifier), None)
+    if name is not None:
+        module = _MODULES[name]
+        return module.SIBLING_MODES, getattr(module, "GREEDY_ONLY", False)
+    return getattr(verifier, "SIBLING_MODES", None), getattr(verifier, "GREEDY_ONLY", False)
+
+
 def get_verifier(name: str) -> Verifier:
     """The registered verifier called `name` (see `VERIFIERS`)."""
     try:
@@ -60,6 +71,7 @@ __all__ = [
     "Verdict",
     "Verifier",
     "get_verifier",
+    "requirements",
     "greedy_verify",
     "rrs_verify",
     "speculative_verify",

@@ -8,7 +8,7 @@ greedy AR decoding token for token (in fp32; batched tree forwards can differ in
 
 Requires nothing of the draft (any sibling mode, `draft_probs` unused) and ignores `sampling` and
 `key`: it is the T = 0 verifier. Every lossless verifier reduces to this one at temperature 0.
-Duplicated tokens under one prefix are followed jointly (see `_walk`), so with i.i.d. drafts the
+Duplicated tokens under one prefix are followed jointly (see `walk`), so with i.i.d. drafts the
 result is the longest matching root path of the whole tree.
 """
 
@@ -20,11 +20,12 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from specdec.sampling import SamplingConfig, argmax
 from specdec.tree import Tree, child_mask, root_paths
-from specdec.verifiers._walk import first_true
 from specdec.verifiers.protocol import Verdict
+from specdec.verifiers.walk import first_true
 
 LOSSLESS = True
 SIBLING_MODES = ("deterministic", "without_replacement", "iid")
+GREEDY_ONLY = True  # emits the target's argmax: refused at temperature > 0 (`specdec.compose`)
 
 
 def greedy_verify(
@@ -35,7 +36,7 @@ def greedy_verify(
     tree: any sibling mode; target_logits[b, i]: target logits after node i. Returns a Verdict with
     path[B, max_depth + 1], n_accepted[B] and next_token[B].
 
-    The same descent as `_walk.walk` (surviving equal-token candidates included) on the argmax
+    The same descent as `walk.walk` (surviving equal-token candidates included) on the argmax
     tokens alone: one argmax per node up front, then integer work, no vocabulary-sized vectors in
     the loop (on CPU the generic walk cost ~1.3 ms per step, 7% of a one-token step).
     """

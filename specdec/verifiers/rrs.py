@@ -28,9 +28,9 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from specdec.sampling import SamplingConfig
 from specdec.tree import Tree
-from specdec.verifiers._walk import NodeView, check_tree, safe_norm, sibling_loop, walk
 from specdec.verifiers.protocol import Verdict
 from specdec.verifiers.target_only import target_only_verify
+from specdec.verifiers.walk import NodeView, require_modes, safe_norm, sibling_loop, walk
 
 LOSSLESS = True
 SIBLING_MODES = ("deterministic", "without_replacement", "iid")
@@ -60,5 +60,5 @@ def rrs_verify(
     the tree is deterministic. target_logits[b, i]: raw target logits after node i."""
     if tree.sibling_mode == "deterministic":
         return target_only_verify(tree, target_logits, key, sampling)
-    check_tree(tree, "rrs", SIBLING_MODES)
+    require_modes(tree, "rrs", SIBLING_MODES)
     return walk(tree, target_logits, key, sampling, _node)

@@ -21,9 +21,9 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from specdec.sampling import SamplingConfig
 from specdec.tree import Tree
-from specdec.verifiers._walk import NodeView, check_tree, safe_norm, sibling_loop, walk
 from specdec.verifiers.protocol import Verdict
 from specdec.verifiers.rrs import accept
+from specdec.verifiers.walk import NodeView, require_modes, safe_norm, sibling_loop, walk
 
 LOSSLESS = True
 SIBLING_MODES = ("iid",)
@@ -44,5 +44,5 @@ def specinfer_verify(
     tree: Tree, target_logits: Float[Array, "B N V"], key: PRNGKeyArray, sampling: SamplingConfig
 ) -> Verdict:
     """MSS over an i.i.d. tree; needs `tree.draft_probs`. target_logits[b, i]: after node i."""
-    check_tree(tree, "specinfer", SIBLING_MODES)
+    require_modes(tree, "specinfer", SIBLING_MODES)
     return walk(tree, target_logits, key, sampling, _node)

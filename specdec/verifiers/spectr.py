@@ -13,7 +13,7 @@ P(Y = y, accepted) = min(q, p/rho)(y) * P_acc / beta, which is <= p(y) exactly w
 r is a distribution and Y ~ p. (rho = 1, "accept each draft with min(1, p/q)", is NOT valid.)
 
 Trees: the drafts at a depth are the children of every surviving node (those whose root path equals
-the accepted prefix, see `_walk`), and rho* is recomputed for their number k' at every node. Given
+the accepted prefix, see `walk`), and rho* is recomputed for their number k' at every node. Given
 the accepted prefix they are again i.i.d. from q, so each node is a fresh K-SEQ instance: lossless
 for sibling_mode "iid" (independent draws, duplicates allowed). Needs `draft_probs`.
 """
@@ -26,8 +26,8 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from specdec.sampling import SamplingConfig
 from specdec.tree import Tree
-from specdec.verifiers._walk import NodeView, check_tree, first_true, safe_norm, walk
 from specdec.verifiers.protocol import Verdict
+from specdec.verifiers.walk import NodeView, first_true, require_modes, safe_norm, walk
 
 LOSSLESS = True
 SIBLING_MODES = ("iid",)
@@ -74,5 +74,5 @@ def spectr_verify(
     tree: Tree, target_logits: Float[Array, "B N V"], key: PRNGKeyArray, sampling: SamplingConfig
 ) -> Verdict:
     """K-SEQ over an i.i.d. tree; needs `tree.draft_probs`. target_logits[b, i]: after node i."""
-    check_tree(tree, "spectr", SIBLING_MODES)
+    require_modes(tree, "spectr", SIBLING_MODES)
     return walk(tree, target_logits, key, sampling, kseq_node)

@@ -23,9 +23,9 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from specdec.sampling import SamplingConfig, probabilities
 from specdec.tree import Tree
-from specdec.verifiers import _walk
-from specdec.verifiers._walk import check_tree, emit, safe_norm
+from specdec.verifiers import walk as tree_walk
 from specdec.verifiers.protocol import Verdict
+from specdec.verifiers.walk import emit, require_modes, safe_norm
 
 LOSSLESS = True
 SIBLING_MODES = ("deterministic", "without_replacement", "iid")
@@ -35,9 +35,9 @@ def speculative_verify(
     tree: Tree, target_logits: Float[Array, "B N V"], key: PRNGKeyArray, sampling: SamplingConfig
 ) -> Verdict:
     """Leviathan/Chen verification of the chain tree.tokens[:, 1:]; see the module docstring."""
-    check_tree(tree, "speculative", SIBLING_MODES)
+    require_modes(tree, "speculative", SIBLING_MODES)
     b, n, v = target_logits.shape
-    coins, emit_u = _walk.uniforms(key, b, n)  # the same coins the tree verifiers use
+    coins, emit_u = tree_walk.uniforms(key, b, n)  # the same coins the tree verifiers use
     p = probabilities(target_logits, sampling)  # [B, N, V]
     x = tree.tokens[:, 1:]  # x[:, i] was drawn at node i
     links = tree.valid[:, 1:] & (tree.parents[:, 1:] == jnp.arange(n - 1)) & (x >= 0)

@@ -23,8 +23,8 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from specdec.sampling import SamplingConfig
 from specdec.tree import SIBLING_MODES as _ALL_MODES
 from specdec.tree import Tree
-from specdec.verifiers._walk import NodeView, safe_norm, sibling_loop, walk
 from specdec.verifiers.protocol import Verdict
+from specdec.verifiers.walk import NodeView, safe_norm, sibling_loop, walk
 
 LOSSLESS = True
 SIBLING_MODES = _ALL_MODES

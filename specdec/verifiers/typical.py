@@ -44,6 +44,7 @@ class TypicalAcceptance:
     posterior_alpha: float | None = None  # None: sqrt(posterior_threshold), as Medusa recommends
 
     LOSSLESS = False  # class attribute (not a field): typical acceptance is a heuristic
+    SIBLING_MODES = SIBLING_MODES
 
     def __post_init__(self):
         if not 0.0 < self.posterior_threshold <= 1.0:

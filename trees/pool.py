@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from specdec.drafters.protocol import Context, Drafter, DraftState
+from specdec.context import Context
+from specdec.drafter import Drafter, DraftState
 from specdec.sampling import SamplingConfig
 from specdec.tree import PAD, Tree, ancestor_closed
-from specdec.trees._topk import add_nodes, record_probs, select_children, set_rows, take_rows, zero_probs
+from specdec.trees.topk import add_nodes, record_probs, select_children, set_rows, take_rows, zero_probs
 
 
 @flax.struct.dataclass

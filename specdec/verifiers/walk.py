@@ -87,7 +87,7 @@ def first_true(mask: Bool[Array, " N"]) -> Int[Array, ""]:
     return jnp.where(jnp.any(mask), jnp.argmax(mask), -1).astype(jnp.int32)
 
 
-def check_tree(tree: Tree, name: str, modes: tuple[str, ...]) -> None:
+def require_modes(tree: Tree, name: str, modes: tuple[str, ...]) -> None:
     """Trace-time checks: the sibling mode is one `name` supports, and q is recorded if needed."""
     if tree.sibling_mode not in modes:
         raise ValueError(f"verifier {name!r} supports sibling_mode in {modes}, got {tree.sibling_mode!r}")

@@ -1,0 +1,20 @@
+"""`Context`: the committed history a drafter and a tree builder read at every step."""
+
+from __future__ import annotations
+
+import flax.struct
+import jax.numpy as jnp
+from jaxtyping import Array, Int
+
+
+@flax.struct.dataclass
+class Context:
+    """Row b's committed tokens are `tokens[b, :lengths[b]]`; the last one is the root, the newest
+    token, whose KV is not yet in the target cache (it is node 0 of this step's tree)."""
+
+    tokens: Int[Array, "B S"]  # prompt + generated tokens; tokens[b, lengths[b] - 1] is the root
+    lengths: Int[Array, " B"]  # committed tokens including the root
+
+    @property
+    def root(self) -> Int[Array, " B"]:
+        return jnp.take_along_axis(self.tokens, (self.lengths - 1)[:, None], axis=1)[:, 0]
