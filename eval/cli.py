@@ -55,6 +55,7 @@ flags.DEFINE_enum(
     "dtype", "float32", ["float32", "bfloat16"], "Target dtype (float32: fastest on CPU).", flag_values=FLAGS
 )
 _bool("progress", True, "Show the progress bar.")
+_bool("check", False, "Check the tree and loop invariants every step (slower; fails with the step and row).")
 _bool(
     "restart", False,
     "Discard <out>/progress.jsonl and start over (by default a rerun resumes an interrupted run of the "
@@ -100,7 +101,7 @@ def config_from_flags():
         max_new_tokens=FLAGS.max_new_tokens, limit=FLAGS.limit, categories=tuple(FLAGS.categories),
         per_category=None if FLAGS.all else FLAGS.per_category, runs=FLAGS.runs,
         batch_size=FLAGS.batch_size, seed=FLAGS.seed, raw=FLAGS.raw, system=FLAGS.system,
-        warmup_runs=FLAGS.warmup_runs, dtype=FLAGS.dtype, mesh=FLAGS.mesh,
+        warmup_runs=FLAGS.warmup_runs, dtype=FLAGS.dtype, mesh=FLAGS.mesh, check=FLAGS.check,
     )  # fmt: skip
 
 

@@ -58,6 +58,7 @@ class EvalConfig:
     warmup_runs: int = 1
     dtype: str = "float32"
     mesh: str | None = None  # device mesh, e.g. "data=2,model=4" (specdec.sharding); None = one device
+    check: bool = False  # tree and loop invariants every step (specdec.invariants): slower, for debugging
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -216,7 +217,7 @@ def run_eval(
         warmup_seconds=dict.fromkeys(labels, 0.0), timed_compiles=dict.fromkeys(labels, 0), load=load,
         target_source=str(model.source), tstamp=tstamp,
     )  # fmt: skip
-    gen_kw = dict(max_new_tokens=config.max_new_tokens, sampling=sampling, mesh=mesh)
+    gen_kw = dict(max_new_tokens=config.max_new_tokens, sampling=sampling, mesh=mesh, check=config.check)
     compiled: set[tuple] = set()
 
     def ensure_compiled(lab: str, prompts: list[list[int]]) -> None:

@@ -33,8 +33,9 @@ class PromptTooLongError(ValueError):
     """A prompt (plus the tokens to generate) does not fit the model context or the cache."""
 
 
-class InvariantError(RuntimeError):
-    """`generate(..., check=True)` found a broken tree or loop invariant (`specdec.invariants`)."""
+class InvariantError(ValueError):
+    """`generate(..., check=True)` found a broken tree or loop invariant (`specdec.invariants`): a
+    drafter or builder produced a value the loop cannot use (the CLIs print it as one line)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,10 +156,10 @@ def generate(
 def warmup(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
            sampling: SamplingConfig = SamplingConfig(), drafter=None, draft_params=None, builder=None,
            verifier=None, loop: str = "device", cache_size: int | None = None,
-           mesh=None, speculator=None) -> None:  # fmt: skip
+           mesh=None, speculator=None, check: bool = False) -> None:  # fmt: skip
     """Compile everything `generate` with these arguments would, running a single step."""
     drafter, draft_params, builder, verifier = _unbundle(speculator, drafter, draft_params, builder, verifier)
-    spec = make_spec(cfg, sampling, drafter, builder, verifier, mesh)
+    spec = make_spec(cfg, sampling, drafter, builder, verifier, mesh, check=check)
     _run(params, draft_params, spec, prompts, max_new_tokens, 1, None, 0, loop, cache_size)
 
 

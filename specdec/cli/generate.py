@@ -2,6 +2,7 @@
 
 specdec-generate --prompt "Write a haiku about the sea." --max_new_tokens 64
 specdec-generate --target /path/to/hf_folder --raw --prompt "Once upon a time" --temperature 0.8
+specdec-generate --drafter ngram --tree chain:4 --loop python --check --trace steps.jsonl
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ flags.DEFINE_enum(
     "dtype", "float32", ["float32", "bfloat16"], "Weights/activations (float32 is fastest on CPU)."
 )
 flags.DEFINE_enum("loop", "device", ["device", "python"], "On-device while_loop, or the host debug loop.")
+flags.DEFINE_bool("check", False, "Check tree and loop invariants every step; fail with the step and row.")
+flags.DEFINE_string("trace", None, "Write one JSON line per step and row (tree, verdict, cache) here.")
 flags.DEFINE_string(
     "drafter",
     None,
@@ -74,10 +77,11 @@ def main(argv):
             drafter=drafter, draft_params=dparams, builder=builder, verifier=get_verifier(FLAGS.verifier)
         )
     t0 = time.perf_counter()
-    warmup(params, cfg, [ids], **kw)
+    if not (FLAGS.check or FLAGS.trace):  # a debugging run compiles its own programs: no warm-up
+        warmup(params, cfg, [ids], **kw)
     compile_s = time.perf_counter() - t0  # compile + one step: time the real run cleanly
     t0 = time.perf_counter()
-    out = generate(params, cfg, [ids], seed=FLAGS.seed, **kw)
+    out = generate(params, cfg, [ids], seed=FLAGS.seed, check=FLAGS.check, trace=FLAGS.trace, **kw)
     seconds = time.perf_counter() - t0
     new = out.tokens[0]
     text = tok.decode(new, skip_special_tokens=True)
