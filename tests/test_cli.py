@@ -107,3 +107,19 @@ def test_every_tool_reports_bad_input_in_one_line_with_exit_code_2(
         lines = [x for x in err.splitlines() if x.startswith(f"{prog}: error: ")]
         assert code == 2 and len(lines) == 1 and needle in lines[0], (prog, args, err[-1500:])
         assert "Traceback" not in err, (prog, args, err[-1500:])
+
+
+def test_generate_check_and_trace_and_refused_composition(tiny_folder, tmp_path):
+    """--loop python --check --trace: one JSON line per step whose appended tokens are the output;
+    a composition that cannot work is one line naming the fix, exit 2, before anything compiles."""
+    base = ["--target", str(tiny_folder), "--raw", "--prompt", "t5 t6 t7 t5 t6", "--max_new_tokens", "6",
+            "--json", "--drafter", "layerskip:1", "--tree", "chain:3"]  # fmt: skip
+    run = _cli(*base, "--loop", "python", "--check", "--trace", str(tmp_path / "t.jsonl"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    lines = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert len(lines) == out["steps"] and [t for x in lines for t in x["accepted"]] == out["tokens"][1:]
+    bad = _cli(*base, "--verifier", "greedy", "--temperature", "1")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "specdec-generate: error: the verifier greedy_verify is the temperature-0 verifier"
+    )
