@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from specdec.attention import attend, attend_cache, cache_mask
+from specdec.attention import cache_mask
 from specdec.cache import KVCache, causal_mask
 from specdec.context import Context
 from specdec.drafters.eagle import to_target_vocab
@@ -47,7 +47,7 @@ from specdec.drafters.protocol import logits_by_depth
 from specdec.matmul import PackedWeight, dense
 from specdec.models import decoder
 from specdec.models.config import ModelConfig
-from specdec.models.llama import rms_norm
+from specdec.models.decoder import rms_norm
 from specdec.tree import Tree
 
 
@@ -119,13 +119,8 @@ def adapt(params, cfg: AmphistaConfig, feat: Float[Array, "B T D"], next_tokens:
     for s in range(2):
         lp = params["stages"][str(s)]
         x = h if s == 0 else h + feat  # stage 2 re-reads the target feature
-        q, k, v = decoder.qkv(lp, lc, x, positions)
-        if cache is None:
-            attn = attend(q, k, v, mask, lc)
-        else:
-            cache = cache.write(s, k, v, slots)
-            attn = attend_cache(q, cache, s, mask, lc, kernel=isinstance(lp["wqkv"], PackedWeight))
-        h = decoder.finish(lp, lc, x, attn)
+        h, cache = decoder.layer(lp, lc, x, positions, mask, cache, s, slots=slots,
+                                 kernel=isinstance(lp["wqkv"], PackedWeight))  # fmt: skip
     return h, cache
 
 
@@ -137,9 +132,7 @@ def auto_embedding(params, cfg: AmphistaConfig, hk: Float[Array, "N K D"]) -> Fl
     zero = jnp.zeros((n, k), jnp.int32)  # no RoPE: position 0 rotates nothing; heads are told apart by PE
     everyone = jnp.ones((n, k, k), bool)
     for i in range(cfg.encoder_layers):
-        lp = params["encoder"][str(i)]
-        q, kk, v = decoder.qkv(lp, lc, x, zero)
-        x = decoder.finish(lp, lc, x, attend(q, kk, v, everyone, lc))
+        x, _ = decoder.layer(params["encoder"][str(i)], lc, x, zero, everyone)
     return x
 
 

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from specdec.attention import attend, attend_cache, attend_lse, merge_lse
+from specdec.attention import attend, attend_lse, merge_lse
 from specdec.cache import KVCache
 from specdec.context import Context
 from specdec.drafters.eagle import to_target_vocab
@@ -48,7 +48,7 @@ from specdec.drafters.protocol import logits_by_depth
 from specdec.matmul import PackedWeight, dense, plain
 from specdec.models import decoder
 from specdec.models.config import ModelConfig
-from specdec.models.llama import rms_norm
+from specdec.models.decoder import rms_norm
 from specdec.tree import Tree
 
 
@@ -212,7 +212,7 @@ def train_forward(params, cfg: DFlashConfig, tokens: Int[Array, "B T"], taps, an
             attn = anchored_attention(q, kc, vc, kb, vb, anchors, lc)
         else:
             attn = attend(q, jnp.concatenate([kc, kb], 1), jnp.concatenate([vc, vb], 1), mask, lc)
-        h = decoder.finish(lp, lc, h, attn.astype(h.dtype))
+        h = decoder.finish(lp, lc, h, attn)
     return h.reshape(b, a, k, -1)
 
 
@@ -280,10 +280,8 @@ class DFlash:
         kernel = isinstance(params["layers"]["0"]["wqkv"], PackedWeight)
         lc = self.cfg.layer_cfg
         for n in range(self.cfg.num_layers):
-            lp = params["layers"][str(n)]
-            q, kb, vb = decoder.qkv(lp, lc, h, pos)
-            cache = cache.write(n, kb, vb)  # slots P.. (past lengths: dropped from the next step)
-            h = decoder.finish(lp, lc, h, attend_cache(q, cache, n, mask, lc, kernel=kernel))
+            # the block's K/V go to slots P.. (past lengths: dropped from the next step)
+            h, cache = decoder.layer(params["layers"][str(n)], lc, h, pos, mask, cache, n, kernel=kernel)
         logits = to_target_vocab(draft_logits(params, self.cfg, h), params.get("d2t"), self.cfg.vocab_size)
         return logits, cache
 

@@ -35,13 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from specdec.attention import attend, attend_cache, cache_mask
+from specdec.attention import cache_mask
 from specdec.cache import KVCache, causal_mask
 from specdec.context import Context
 from specdec.matmul import PackedWeight, dense
+from specdec.models import decoder
 from specdec.models.config import ModelConfig
-from specdec.models.llama import rms_norm
-from specdec.models.rope import apply_rope, rope_tables
+from specdec.models.decoder import rms_norm
 from specdec.tree import Tree, ancestor_mask
 
 NEG = -1e30
@@ -82,6 +82,12 @@ class EagleConfig:
                    num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                    intermediate_size=cfg.intermediate_size, taps=kw.pop("taps", taps),
                    rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, **kw)  # fmt: skip
+
+    @property
+    def layer_norm(self) -> decoder.Norm:
+        """The draft layer's input norm (`decoder.qkv`'s `norm`): none for version 1; version 3
+        normalises the embedding and the feature halves of its input apart."""
+        return None if self.version == 1 else ("input_norm", "hidden_norm")
 
     @property
     def layer_cfg(self) -> ModelConfig:
@@ -128,7 +134,11 @@ def fuse(params, cfg: EagleConfig, taps) -> Float[Array, "B T D"]:
 
 
 def layer_input(params, cfg: EagleConfig, tokens: Int[Array, "B T"], feat: Float[Array, "B T D"]):
-    """(attention input, residual) of the draft layer for pairs (feat at p-1, token at p)."""
+    """(layer input, residual) of the draft layer for pairs (feat at p-1, token at p).
+
+    Version 1: `x = fc([embed(t) ; f]) (+ fc_b)` [B, T, D], its own residual (the layer has no
+    input norm). Version 3: `[embed(t) ; f]` [B, T, 2D], which the layer normalises half by half
+    (`input_norm`, `hidden_norm`: `cfg.layer_norm`), with `f` as residual."""
     emb = params["embed"][tokens].astype(jnp.float32)
     feat = feat.astype(jnp.float32)
     if cfg.version == 1:
@@ -136,29 +146,7 @@ def layer_input(params, cfg: EagleConfig, tokens: Int[Array, "B T"], feat: Float
         if "fc_b" in params:
             x = x + params["fc_b"]
         return x, x
-    lp, eps = params["layer"], cfg.rms_norm_eps
-    x = jnp.concatenate([rms_norm(emb, lp["input_norm"], eps), rms_norm(feat, lp["hidden_norm"], eps)], -1)
-    return x, feat
-
-
-def project(params, cfg: EagleConfig, x, positions):
-    """RoPE'd q [B,T,Hq,Dh], k, v [B,T,Hkv,Dh] of the draft layer."""
-    b, t = x.shape[:2]
-    nq, nkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qkv = dense(x, params["layer"]["wqkv"])
-    cos, sin = rope_tables(cfg.layer_cfg, positions)
-    q = apply_rope(qkv[..., : nq * dh].reshape(b, t, nq, dh), cos, sin)
-    k = apply_rope(qkv[..., nq * dh : (nq + nkv) * dh].reshape(b, t, nkv, dh), cos, sin)
-    v = qkv[..., (nq + nkv) * dh :].reshape(b, t, nkv, dh)
-    return q, k, v
-
-
-def finish(params, cfg: EagleConfig, resid, attn: Float[Array, "B T HD"]) -> Float[Array, "B T D"]:
-    """Output projection, residual and MLP: the draft layer's output feature."""
-    lp = params["layer"]
-    h = resid + dense(attn, lp["wo"])
-    gate, up = jnp.split(dense(rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps), lp["w_gate_up"]), 2, axis=-1)
-    return h + dense(jax.nn.silu(gate) * up, lp["w_down"])
+    return jnp.concatenate([emb, feat], axis=-1), feat
 
 
 def draft_logits(params, cfg: EagleConfig, out: Float[Array, "... D"]) -> Float[Array, "... Vd"]:
@@ -177,18 +165,14 @@ def to_target_vocab(logits: Float[Array, "... Vd"], d2t: Int[Array, " Vd"] | Non
 
 def run_layer(params, cfg: EagleConfig, tokens, feat, positions, cache: KVCache | None,
               block_mask: Bool[Array, "B T W"], slots=None):  # fmt: skip
-    """Draft layer over a block of pairs with the draft KV cache (None: the block alone)."""
+    """Draft layer (`decoder.layer`) over a block of pairs with the draft KV cache (None: the block
+    alone); returns the output features [B, T, D] and the cache."""
     x, resid = layer_input(params, cfg, tokens, feat)
-    q, k, v = project(params, cfg, x, positions)
     lc = cfg.layer_cfg
     mask = cache_mask(lc, positions, cache, block_mask, slots)
-    if cache is None:
-        attn = attend(q, k, v, mask, lc)
-    else:
-        cache = cache.write(0, k, v, slots)
-        kernel = isinstance(params["layer"]["wqkv"], PackedWeight)
-        attn = attend_cache(q, cache, 0, mask, lc, kernel=kernel)
-    return finish(params, cfg, resid, attn), cache
+    lp = params["layer"]
+    return decoder.layer(lp, lc, x, positions, mask, cache, norm=cfg.layer_norm, resid=resid, slots=slots,
+                         kernel=isinstance(lp["wqkv"], PackedWeight))  # fmt: skip
 
 
 @flax.struct.dataclass

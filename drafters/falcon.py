@@ -44,11 +44,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from specdec.attention import attend, attend_cache
+from specdec.attention import attend_cache
 from specdec.cache import KVCache
 from specdec.context import Context
 from specdec.drafters import eagle
 from specdec.matmul import PackedWeight
+from specdec.models import decoder
 from specdec.tree import Tree, ancestor_mask
 
 
@@ -80,9 +81,7 @@ def block_mask(n: int, k: int, offset: int | Int[Array, ""] = 0) -> Bool[Array, 
 def sar_forward(params, cfg: FalconConfig, tokens, feats, positions, mask: Bool[Array, "B T T"]):
     """The draft layer over pairs (feats = f_{p-1}, tokens = t_p) under `mask`, no cache; the output
     at p is the drafted f_{p+k-1}."""
-    x, resid = eagle.layer_input(params, cfg, tokens, feats)
-    q, k, v = eagle.project(params, cfg, x, positions)
-    return eagle.finish(params, cfg, resid, attend(q, k, v, mask, cfg.layer_cfg))
+    return eagle.run_layer(params, cfg, tokens, feats, positions, None, mask)[0]
 
 
 def glance(key, true_tok, true_feat, pred_tok, pred_feat, valid: Bool[Array, "B T"], lam, k: int):
@@ -129,18 +128,13 @@ class Falcon:
 
     def _write_pairs(self, params, cache, tokens, feats, positions, slots):
         x, _ = eagle.layer_input(params, self.cfg, tokens, feats)
-        _, k, v = eagle.project(params, self.cfg, x, positions)
+        _, k, v = decoder.qkv(params["layer"], self.cfg.layer_cfg, x, positions, norm=self.cfg.layer_norm)
         return cache.write(0, k, v, slots)
 
     def _pass(self, params, cache, tokens, feats, positions, slots, window_mask):
         """One block pass: write the pairs' K/V at `slots`, attend over the committed slots plus the
         window slots `window_mask` allows ([B, T, W]); returns the outputs [B, T, D]."""
-        x, resid = eagle.layer_input(params, self.cfg, tokens, feats)
-        q, k, v = eagle.project(params, self.cfg, x, positions)
-        cache = cache.write(0, k, v, slots)
-        kernel = isinstance(params["layer"]["wqkv"], PackedWeight)
-        attn = attend_cache(q, cache, 0, cache.attention_mask(window_mask), self.cfg.layer_cfg, kernel=kernel)
-        return eagle.finish(params, self.cfg, resid, attn), cache
+        return eagle.run_layer(params, self.cfg, tokens, feats, positions, cache, window_mask, slots)
 
     def init(
         self, params, ctx: Context, prompt, prefill_taps, cache_size: int, *, window: int
@@ -164,13 +158,13 @@ class Falcon:
         pos = root[:, None] - k + 1 + jnp.arange(k)[None, :]
         toks = jnp.take_along_axis(ctx.tokens, jnp.maximum(pos, 0), axis=1)
         cache = state.cache
-        q_in, resid = eagle.layer_input(params, self.cfg, toks, state.recent)
-        q, _, _ = eagle.project(params, self.cfg, q_in, pos)
+        lp, lc = params["layer"], self.cfg.layer_cfg
+        x, resid = eagle.layer_input(params, self.cfg, toks, state.recent)
+        q, _, _ = decoder.qkv(lp, lc, x, pos, norm=self.cfg.layer_norm)
         mask = jnp.arange(cache.size)[None, None, :] <= cache.lengths[:, None, None]  # up to the root's pair
         mask = jnp.broadcast_to(mask, (b, k, cache.size))
-        kernel = isinstance(params["layer"]["wqkv"], PackedWeight)
-        attn = attend_cache(q, cache, 0, mask, self.cfg.layer_cfg, kernel=kernel)
-        outs = eagle.finish(params, self.cfg, resid, attn)  # outs[:, j] = f̂_{P + j}
+        attn = attend_cache(q, cache, 0, mask, lc, kernel=isinstance(lp["wqkv"], PackedWeight))
+        outs = decoder.finish(lp, lc, resid, attn)  # outs[:, j] = f̂_{P + j}
         out = state.out.at[:, 0].set(outs[:, 0])
         pending = state.pending.at[:, 0].set(outs[:, min(1, k - 1)])
         return self._logits(params, outs[:, 0]), state.replace(out=out, pending=pending)

@@ -21,7 +21,7 @@ Layout with G = the `model` axis size (Megatron-style tensor parallelism):
 | drafter KV caches | [L, B, S, H, Dh] | rows on `data`, replicated over `model` |
 
 The fused projections are regrouped on the host (`cfg.tp_groups = G`, see
-`specdec.models.llama.split_qkv`): the checkpoint's [q | k | v] columns become G groups
+`specdec.models.decoder.split_qkv`): the checkpoint's [q | k | v] columns become G groups
 [q | k | v of shard g]. KV heads that G does not divide are repeated when they divide G (each
 shard keeps the one KV head its query heads read — what vLLM does when TP exceeds the KV heads):
 an equivalent model with G KV heads. A mesh that fits neither is refused with a message naming

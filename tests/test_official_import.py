@@ -316,7 +316,7 @@ def test_imported_drafters_lossless(target, tmp_path):
         save(
             tmp_path / "e3", eagle3_sd(draft_ids=ids), "model.safetensors", llama_config(draft_vocab_size=50)
         ),
-        save(tmp_path / "m", medusa_sd(4, H, cfg.vocab_size), "medusa_lm_head.pt", {"medusa_num_heads": 4}),
+        save(tmp_path / "m", medusa_sd(5, H, cfg.vocab_size), "medusa_lm_head.pt", {"medusa_num_heads": 5}),
     ]
     for folder in folders:
         with warnings.catch_warnings():
@@ -324,3 +324,4 @@ def test_imported_drafters_lossless(target, tmp_path):
             d, dp = load_official(folder, params, cfg)
         out = generate(params, cfg, PROMPTS, max_new_tokens=12, drafter=d, draft_params=dp, builder=builder)
         assert out.tokens == ar, folder.name
+    assert d.max_depth == 5  # the Medusa (last): 5 heads draft depths 1..5, as deep as static:eagle1

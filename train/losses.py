@@ -51,6 +51,8 @@ from jaxtyping import Array, Bool, Float, Int
 from specdec.attention import NEG_INF
 from specdec.cache import causal_mask
 from specdec.drafters import amphista, dflash, eagle, falcon, medusa
+from specdec.models import decoder
+from specdec.models.rope import rope_tables
 
 
 @flax.struct.dataclass
@@ -212,10 +214,12 @@ def eagle3_outputs(params, cfg: eagle.EagleConfig, tokens: Int[Array, "B T"], ta
     feat = eagle.fuse(params, cfg, tuple(t[:, :-1] for t in taps))
     nkv, grp, dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
     j = jnp.arange(n)
+    lp, lc = params["layer"], cfg.layer_cfg
+    rope = rope_tables(lc, pos)  # the draft layer's blocks (`specdec.models.decoder`), one RoPE table
     keys, values, outs = [], [], []  # step m's keys/values (m >= 1), unshifted
     for k in range(ttt_steps):
         x, resid = eagle.layer_input(params, cfg, toks, feat)
-        q, kk, vv = eagle.project(params, cfg, x, pos)
+        q, kk, vv = decoder.qkv(lp, lc, x, rope, norm=cfg.layer_norm)
         q = q.reshape(b, n, nkv, grp, dh) * dh**-0.5
         if k == 0:
             k0, v0 = kk, vv
@@ -234,7 +238,7 @@ def eagle3_outputs(params, cfg: eagle.EagleConfig, tokens: Int[Array, "B T"], ta
         attn = jnp.einsum("bkgts,bskd->btkgd", probs[..., :n], v0)
         for i, dv in enumerate(diag_v):
             attn = attn + probs[..., n + i].transpose(0, 3, 1, 2)[..., None] * dv[:, :, :, None, :]
-        out = eagle.finish(params, cfg, resid, attn.reshape(b, n, -1))
+        out = decoder.finish(lp, lc, resid, attn.reshape(b, n, -1))
         outs.append(out)
         feat = _shift(out, 1)  # the next step's feature at p is this step's output at p - 1
     return outs

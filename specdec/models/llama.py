@@ -10,6 +10,7 @@ Params (see `specdec.loading`): `embed [V, D]`, `final_norm [D]`, optional `lm_h
 arrays stacked on a leading L axis (`cfg.scan_layers`). Per layer: `attn_norm [D]`,
 `wqkv [D, (Hq + 2 Hkv) Dh]`, optional `bqkv`, `wo [Hq Dh, D]`, `mlp_norm [D]`,
 `w_gate_up [D, 2 I]`, `w_down [I, D]`. Fused projections: fewer, larger matmuls decode faster.
+Each layer is `specdec.models.decoder.layer`, the one decoder layer the draft stacks share.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from specdec.attention import KERNEL_MAX_BLOCK, attend, attend_cache, attend_split, cache_mask, visible_limit
+from specdec.attention import KERNEL_MAX_BLOCK, cache_mask, visible_limit
 from specdec.cache import KVCache
 from specdec.matmul import choose_layout, dense, layout_of, pack_params
+from specdec.models import decoder
 from specdec.models.config import ModelConfig
-from specdec.models.rope import apply_rope, rope_tables
+from specdec.models.decoder import rms_norm, scatter_block, split_gate_up, split_qkv  # noqa: F401  (re-exported)
+from specdec.models.rope import rope_tables
 
 Params = dict[str, Any]
 
@@ -49,75 +52,6 @@ def to_device(params: Params, cfg: ModelConfig, layout: str | None = None) -> Pa
     if layout == "packed" and "lm_head" not in out:
         out["lm_head"] = out["embed"].T  # packed below, like every dense weight
     return pack_params(out, layout)
-
-
-def rms_norm(x: Float[Array, "... D"], w: Float[Array, " D"], eps: float) -> Float[Array, "... D"]:
-    # Statistics in float32 whatever the activation dtype, as the reference does.
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return w * x32.astype(x.dtype)
-
-
-def split_qkv(cfg: ModelConfig, qkv: Float[Array, "... F"]):
-    """q [..., Hq, Dh], k and v [..., Hkv, Dh] from the fused projection, in `cfg.tp_groups` groups.
-
-    Each of the G column groups is [q | k | v] of its heads, so a shard of G-way tensor
-    parallelism splits locally; G = 1 is the plain [q | k | v] layout."""
-    g, dh = cfg.tp_groups, cfg.head_dim
-    nq, nkv = cfg.num_heads // g, cfg.num_kv_heads // g
-    sh = qkv.shape[:-1]
-    x = qkv.reshape(sh + (g, (nq + 2 * nkv) * dh))
-    q = x[..., : nq * dh].reshape(sh + (g * nq, dh))
-    k = x[..., nq * dh : (nq + nkv) * dh].reshape(sh + (g * nkv, dh))
-    return q, k, x[..., (nq + nkv) * dh :].reshape(sh + (g * nkv, dh))
-
-
-def split_gate_up(cfg: ModelConfig, x: Float[Array, "... 2I"]) -> tuple[Array, Array]:
-    """gate, up [..., I] from the fused MLP projection (G column groups [gate | up], see `split_qkv`)."""
-    g = cfg.tp_groups
-    sh = x.shape[:-1]
-    x = x.reshape(sh + (g, 2, x.shape[-1] // (2 * g)))
-    return x[..., 0, :].reshape(sh + (-1,)), x[..., 1, :].reshape(sh + (-1,))
-
-
-def scatter_block(x: Float[Array, "1 M ..."], compact: Int[Array, " M"], b: int, t: int) -> Array:
-    """The M computed tokens of a flattened ragged block at their `[B, T, ...]` places (zeros elsewhere)."""
-    out = jnp.zeros((b * t,) + x.shape[2:], x.dtype).at[compact].set(x[0])
-    return out.reshape((b, t) + x.shape[2:])
-
-
-def _layer(lp, h, cos, sin, mask, limit, cache: KVCache | None, slots, layer_idx, cfg: ModelConfig,
-           block_mask=None, compact=None, block_shape=None):  # fmt: skip
-    """One decoder layer; writes this layer's new keys/values into `cache` (when given).
-
-    `limit` (the slots the block sees, `visible_limit`) is given when the CPU attention kernel runs;
-    `block_mask` when split-prefix attention runs (`cfg.attention` "split" or "flash"). With `compact`,
-    `h` is `[1, M, D]`, the block tokens `compact` of the `block_shape` = (B, T) block: the
-    projections and the MLP run on those M, attention on the `[B, T]` layout.
-    """
-    x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
-    qkv = dense(x, lp["wqkv"]).astype(h.dtype)
-    if "bqkv" in lp:
-        qkv = qkv + lp["bqkv"]
-    q, k, v = split_qkv(cfg, qkv)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if compact is not None:
-        q, k, v = (scatter_block(y, compact, *block_shape) for y in (q, k, v))
-    if cache is None:
-        attn = attend(q, k, v, mask, cfg)  # no cache: the block attends to itself only
-    else:
-        cache = cache.write(layer_idx, k, v, slots)
-        if block_mask is not None:
-            attn = attend_split(q, k, v, cache, layer_idx, block_mask, cfg, flash=cfg.attention == "flash")
-        else:
-            attn = attend_cache(q, cache, layer_idx, mask, cfg, kernel=limit is not None, limit=limit)
-    if compact is not None:
-        attn = attn.reshape((-1, attn.shape[-1]))[compact][None]
-    h = h + dense(attn.astype(h.dtype), lp["wo"]).astype(h.dtype)
-    x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate, up = split_gate_up(cfg, dense(x, lp["w_gate_up"]).astype(h.dtype))
-    h = h + dense(jax.nn.silu(gate) * up, lp["w_down"]).astype(h.dtype)
-    return h, cache
 
 
 def forward(
@@ -150,10 +84,10 @@ def forward(
         if logits_idx is not None:
             raise ValueError("forward: compact and logits_idx cannot be combined")
         h = params["embed"][tokens.reshape(-1)[compact]][None]  # [1, M, D]
-        cos, sin = rope_tables(cfg, positions.reshape(-1)[compact][None])
+        rope = rope_tables(cfg, positions.reshape(-1)[compact][None])
     else:
         h = params["embed"][tokens]
-        cos, sin = rope_tables(cfg, positions)
+        rope = rope_tables(cfg, positions)
     mask = cache_mask(cfg, positions, cache, block_mask, slots)
     if compact is not None:  # uncomputed block tokens see nothing: the CPU kernel skips them
         computed = jnp.zeros(block_shape[0] * block_shape[1], bool).at[compact].set(True)
@@ -166,6 +100,14 @@ def forward(
     # Split-prefix attention needs the block at its own window (no explicit slots) and no window.
     split = cfg.attention != "dense" and cache is not None and slots is None and cfg.sliding_window is None
     bm = block_mask if split else None
+
+    def layer(lp, h, c, i):
+        # The shared decoder layer (its input norm is the target's `attn_norm`); with `compact` the
+        # projections and the MLP run on the M tokens, attention on the [B, T] layout.
+        return decoder.layer(lp, cfg, h, rope, mask, c, i, norm="attn_norm", slots=slots,
+                             kernel=kernel, limit=limit, block_mask=bm, compact=compact,
+                             block_shape=block_shape)  # fmt: skip
+
     n = cfg.num_layers
     tapped: dict[int, Array] = {}
     if cfg.scan_layers:
@@ -174,7 +116,7 @@ def forward(
             h, c = carry
             lp, i = xs
             h_in = h
-            h, c = _layer(lp, h, cos, sin, mask, limit, c, slots, i, cfg, bm, compact, block_shape)
+            h, c = layer(lp, h, c, i)
             return (h, c), h_in
 
         (h, cache), stream = jax.lax.scan(body, (h, cache), (params["layers"], jnp.arange(n)))
@@ -183,7 +125,7 @@ def forward(
         for i, lp in enumerate(params["layers"]):
             if i in taps:
                 tapped[i] = h
-            h, cache = _layer(lp, h, cos, sin, mask, limit, cache, slots, i, cfg, bm, compact, block_shape)
+            h, cache = layer(lp, h, cache, i)
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     tapped[n] = h
     if logits_idx is not None:
