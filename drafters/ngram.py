@@ -39,6 +39,19 @@ class NGram:
     adaptive: bool = True  # skip drafting (AR step) when no row has a proposal
     taps: tuple[int, ...] = ()
 
+    @property
+    def fallback(self) -> str:
+        """What a row without a match drafts (logged once by the loop: `specdec.drafter`)."""
+        skip = (
+            "a step where no row has a match runs as a plain AR step"
+            if self.adaptive
+            else "every step verifies a full tree (adaptive=0)"
+        )
+        return (
+            f"n-gram lookup: a row whose last {self.min_n}..{self.max_n} tokens occurred nowhere earlier "
+            f"drafts nothing useful that step (uniform draft logits, verified losslessly); {skip}"
+        )
+
     def _lookup(self, ctx: Context) -> NGramState:
         b, s = ctx.tokens.shape
         k = self.max_depth

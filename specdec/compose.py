@@ -16,6 +16,9 @@ Cache sizing for the attention kind (flash needs a tiling size) is the host driv
 
 from __future__ import annotations
 
+import functools
+import logging
+
 from specdec import builder as builder_contract
 from specdec import drafter as drafter_contract
 from specdec import sharding
@@ -73,7 +76,15 @@ def make_spec(
             f"most {limit} depths; use a tree of depth <= {limit} (e.g. chain:{limit})"
         )
     _check_verifier(sampling, builder, verifier)
+    if drafter_contract.option(drafter, "fallback"):
+        _say(drafter_contract.option(drafter, "fallback"))
     return Spec(cfg, sampling, drafter, builder, verifier, mesh, check=check, trace=trace)
+
+
+@functools.cache
+def _say(note: str) -> None:
+    """A drafter's declared fallback, named once in the log (`specdec.drafter`: `fallback`)."""
+    logging.getLogger("specdec").info("specdec: %s", note)
 
 
 def _check_verifier(sampling: SamplingConfig, builder, verifier) -> None:

@@ -36,6 +36,8 @@ Optional members (`OPTIONAL`, read through `option`): a drafter that lacks one g
     adaptive: bool = False         True: the loop calls `should_draft(params, state, ctx) -> Bool[B]`
                                    before drafting and, when no running row wants to draft, takes
                                    a plain AR step (a T = 1 forward) instead of a tree block.
+    fallback: str | None = None    a sentence naming what the drafter drafts when it has nothing to
+                                   propose (n-gram lookup without a match); the loop logs it once.
 
 The four families fit as: parallel heads (Medusa, Amphista: `expand` returns head d's logits
 for frontier nodes at depth d, from features stored by `update`), feature-level autoregressive
@@ -58,7 +60,7 @@ DraftState = Any
 Taps = tuple[Float[Array, "B N D"], ...]
 
 REQUIRED = ("taps", "vocab_size", "init", "begin", "expand", "update")
-OPTIONAL: dict[str, Any] = {"max_depth": None, "adaptive": False}
+OPTIONAL: dict[str, Any] = {"max_depth": None, "adaptive": False, "fallback": None}
 
 
 class Drafter(Protocol):

@@ -253,3 +253,18 @@ def test_traces_equal_across_loops_for_every_tree_kind(model, tmp_path, tree, sa
         # the bonus, cut only where the row finished
         assert x["cache_after"] - x["cache_before"] == len(x["path"]) >= len(x["accepted"]) >= 1
     assert len(lines) == sum(outs[0].row_steps)  # one line per step and running row
+
+
+def test_a_drafters_fallback_is_named_once_in_the_log(caplog):
+    """n-gram lookup declares what a row without a match drafts; composing it logs that once."""
+    import logging
+
+    from specdec import compose
+
+    compose._say.cache_clear()
+    d = NGram(CFG.vocab_size, max_depth=3)
+    with caplog.at_level(logging.INFO, logger="specdec"):
+        for _ in range(3):
+            make_spec(CFG, T0, d, parse_tree("chain:3"))
+    said = [r.getMessage() for r in caplog.records if "n-gram lookup" in r.getMessage()]
+    assert len(said) == 1 and "plain AR step" in said[0]
