@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from specdec.checkpoints.common import DrafterCheckpointError
 from specdec.drafters.amphista import Amphista, AmphistaConfig
 from specdec.drafters.dflash import DFlash, DFlashConfig
 from specdec.drafters.eagle import Eagle, EagleConfig
@@ -41,10 +42,6 @@ FAMILIES = {
     "falcon": (FalconConfig, Falcon),
     "dflash": (DFlashConfig, DFlash),
 }
-
-
-class DrafterCheckpointError(ValueError):
-    """A drafter checkpoint that cannot be used with this target; the message names the fix."""
 
 
 def fingerprint(target_params, cfg: ModelConfig) -> list[float]:

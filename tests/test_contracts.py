@@ -268,3 +268,21 @@ def test_a_drafters_fallback_is_named_once_in_the_log(caplog):
             make_spec(CFG, T0, d, parse_tree("chain:3"))
     said = [r.getMessage() for r in caplog.records if "n-gram lookup" in r.getMessage()]
     assert len(said) == 1 and "plain AR step" in said[0]
+
+
+def test_the_core_imports_no_plugin_package():
+    """`specdec/` (the loop, cache, models, verifiers, contracts) imports none of the plugin packages
+    (drafters, trees, train, eval) at module level: a plugin depends on the core, never back."""
+    import ast
+    import pathlib
+
+    plugins = ("specdec.drafters", "specdec.trees", "specdec.train", "specdec.eval")
+    core = pathlib.Path(__file__).parents[1] / "specdec"
+    found = []
+    for path in core.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:  # module level only: lazy imports are fine
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            found += [f"{path.relative_to(core)}: {n}" for n in names if n.startswith(plugins)]
+    assert not found

@@ -18,6 +18,11 @@ class CheckpointError(ValueError):
     """A checkpoint could not be read; the message names the problem and how to fix it."""
 
 
+class DrafterCheckpointError(ValueError):
+    """A drafter checkpoint that cannot be used with this target; the message names the fix
+    (`specdec.drafters.checkpoint` and the official-checkpoint readers raise it)."""
+
+
 @dataclasses.dataclass
 class LoadedModel:
     """What `load_model` returns. `params` follows the module docstring's pytree (numpy float32); `source` is

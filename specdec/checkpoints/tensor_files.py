@@ -20,7 +20,7 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
-from specdec.drafters.checkpoint import DrafterCheckpointError
+from specdec.checkpoints.common import DrafterCheckpointError
 
 __all__ = ["Tensors", "read_tensors"]
 
