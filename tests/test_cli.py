@@ -123,3 +123,22 @@ def test_generate_check_and_trace_and_refused_composition(tiny_folder, tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
         "specdec-generate: error: the verifier greedy_verify is the temperature-0 verifier"
     )
+
+
+def test_facade_load_speculator_generate(tiny_folder):
+    """The public facade: `specdec.load` a folder, bundle a drafter + tree, decode; greedy = AR;
+    a bundle and loose drafter arguments together are refused."""
+    import specdec
+
+    model = specdec.load(tiny_folder)
+    ids = [specdec.raw_ids(model.tokenizer, "t5 t6 t7 t5 t6")]
+    ar = specdec.generate(model.params, model.cfg, ids, max_new_tokens=8)
+    spec = specdec.speculator(model, "layerskip:1", "chain:3", "target_only")
+    out = specdec.generate(model.params, model.cfg, ids, max_new_tokens=8, speculator=spec, check=True)
+    assert out.tokens == ar.tokens
+    with pytest.raises(specdec.CompositionError, match="not both"):
+        specdec.generate(
+            model.params, model.cfg, ids, max_new_tokens=8, speculator=spec, drafter=spec.drafter
+        )
+    with pytest.raises(ValueError, match="no chat template"):
+        specdec.chat(model, "hi", speculator=spec)

@@ -50,7 +50,7 @@ def main(argv):
     from specdec.cli.entry import check_flags
 
     check_flags(FLAGS, sampling=("temperature", "top_k", "top_p"))  # before anything loads
-    # Imported here so that --help answers without loading JAX.
+    # Imported here: --help and flag errors answer before any model code runs.
     import jax
 
     from specdec.chat import chat_ids, raw_ids
