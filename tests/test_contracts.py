@@ -228,6 +228,8 @@ TREE_KINDS = [
     ("rsd:2,2,1", T1),
     ("rsd-beam:depth=3,beam=2", T1),
     ("dynamic:depth=3,topk=3,n=10+budget:5", T0),
+    ("ngram|chain:4", T0),  # token-level lookup (adaptive: AR steps where no row has a match)
+    ("ngram|dynamic:depth=3,topk=2,n=6", T1),
 ]
 
 
@@ -236,6 +238,9 @@ def test_traces_equal_across_loops_for_every_tree_kind(model, tmp_path, tree, sa
     """The fused `lax.while_loop` and the host loop write the same trace bytes (no timings in it),
     the invariants hold every step, and every traced tree passes `check_tree`'s rules."""
     params, d, dp = model
+    if tree.startswith("ngram|"):
+        tree = tree.removeprefix("ngram|")
+        d, dp = NGram(CFG.vocab_size, max_depth=parse_tree(tree).max_depth), None
     kw = dict(max_new_tokens=10, drafter=d, draft_params=dp, builder=parse_tree(tree), sampling=sampling,
               seed=1, check=True)  # fmt: skip
     outs = [
