@@ -27,6 +27,25 @@ def _tiny_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1", bos_token="t2")
 
 
+def write_tiny_tokenizer(path, vocab: int = VOCAB) -> None:
+    """tokenizer.json + tokenizer_config.json for `_tiny_tokenizer`'s vocabulary, written with the
+    `tokenizers` library alone (no torch, no transformers model class)."""
+    import json
+    import pathlib
+
+    import tokenizers
+
+    words = tokenizers.models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0")
+    tok = tokenizers.Tokenizer(words)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    path = pathlib.Path(path)
+    tok.save(str(path / "tokenizer.json"))
+    # what transformers 5 writes for a tokenizers-backed tokenizer
+    config = dict(backend="tokenizers", tokenizer_class="TokenizersBackend", unk_token="t0", eos_token="t1")
+    config["bos_token"] = "t2"
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+
+
 ARCHS = {
     "llama": dict(
         cls="LlamaForCausalLM",
@@ -70,6 +89,84 @@ def build_tiny(arch: str, path, *, layers: int = 2, seed: int = 0, vocab: int = 
     return model
 
 
+# config.json fields per arch for `write_tiny` (what transformers' save_pretrained writes for ARCHS).
+_NP_CONFIGS = {
+    "llama": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, mlp_bias=False,
+        rope_parameters=dict(
+            rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=32,
+        ),
+    ),
+    "llama_tied": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, mlp_bias=False,
+        tie_word_embeddings=True,
+    ),
+    "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=5),
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False),
+}  # fmt: skip
+
+
+def write_tiny(
+    arch: str, path, *, layers: int = 2, seed: int = 0, vocab: int = VOCAB, std: float = 0.02,
+    head_std: float | None = None,
+) -> None:  # fmt: skip
+    """Write a random tiny HF checkpoint folder of `arch` with numpy alone (no torch): config.json,
+    model.safetensors (HF tensor names, [out, in] Linear layout) and the word-level tokenizer.
+
+    The same shapes as `build_tiny` (hidden 64, 4 query / 2 KV heads, MLP 96, 128 positions); weights
+    normal(0, std) like HF's init (norm weights 1; qwen2's q/k/v biases normal(0, 0.5)). `head_std`
+    (default `std`) scales lm_head alone: the final RMSNorm makes the hidden state unit-scale, so a
+    logit has standard deviation ~ head_std * 8, e.g. 0.16 (near-uniform) at 0.02 and ~5 (peaked
+    next-token distributions) at 0.6. Tied archs have no lm_head (head_std is then ignored).
+    The folder loads with `specdec.loading.load_hf_folder` and with transformers' from_pretrained.
+    """
+    import json
+    import pathlib
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    d, inter, heads, kv_heads, head_dim = 64, 96, 4, 2, 16
+    spec = _NP_CONFIGS[arch]
+    tied = spec.get("tie_word_embeddings", False)
+    normal = lambda *shape, s=std: rng.normal(0.0, s, shape).astype(np.float32)
+    ones = lambda n: np.ones((n,), np.float32)
+    w = {"model.embed_tokens.weight": normal(vocab, d), "model.norm.weight": ones(d)}
+    if not tied:
+        w["lm_head.weight"] = normal(vocab, d, s=std if head_std is None else head_std)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        w |= {
+            p + "input_layernorm.weight": ones(d),
+            p + "post_attention_layernorm.weight": ones(d),
+            p + "self_attn.q_proj.weight": normal(heads * head_dim, d),
+            p + "self_attn.k_proj.weight": normal(kv_heads * head_dim, d),
+            p + "self_attn.v_proj.weight": normal(kv_heads * head_dim, d),
+            p + "self_attn.o_proj.weight": normal(d, heads * head_dim),
+            p + "mlp.gate_proj.weight": normal(inter, d),
+            p + "mlp.up_proj.weight": normal(inter, d),
+            p + "mlp.down_proj.weight": normal(d, inter),
+        }
+        if arch == "qwen2":  # biases that matter (HF initialises them to zero)
+            for proj, n in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+                w[p + f"self_attn.{proj}_proj.bias"] = normal(n * head_dim, s=0.5)
+    config = dict(
+        vocab_size=vocab, hidden_size=d, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=128, rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False,
+        bos_token_id=2, eos_token_id=1, initializer_range=std, dtype="float32",
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    )  # fmt: skip
+    config |= spec
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    write_tiny_tokenizer(path, vocab)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_code():
     """Drop every compiled executable after each test module.
@@ -97,6 +194,22 @@ def tiny_models(tmp_path_factory):
     for arch in ARCHS:
         path = tmp_path_factory.mktemp(arch)
         out[arch] = (build_tiny(arch, path), load_hf_folder(path))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_targets(tmp_path_factory):
+    """arch -> specdec LoadedModel of a `write_tiny` checkpoint (torch-free), built once per session.
+
+    For tests that need a random tiny model but no oracle: speculative == AR, losslessness, the
+    loop's bookkeeping. Tests comparing with transformers' torch forward use `tiny_models`."""
+    from specdec.loading import load_hf_folder
+
+    out = {}
+    for arch in _NP_CONFIGS:
+        path = tmp_path_factory.mktemp(f"np_{arch}")
+        write_tiny(arch, path)
+        out[arch] = load_hf_folder(path)
     return out
 
 

@@ -87,8 +87,8 @@ def test_budget_spec_round_trips_and_rejects_bad_forms():
             parse_tree(bad)
 
 
-def test_compact_forward_equals_the_full_block_on_the_computed_tokens(tiny_models):
-    _, loaded = tiny_models["llama"]
+def test_compact_forward_equals_the_full_block_on_the_computed_tokens(tiny_targets):
+    loaded = tiny_targets["llama"]
     cfg = loaded.cfg
     params = to_device(loaded.params, cfg)
     b, t = 3, 6
@@ -113,10 +113,10 @@ def test_compact_forward_equals_the_full_block_on_the_computed_tokens(tiny_model
     jax.clear_caches()
 
 
-def test_ngram_min_match_option(tiny_models):
+def test_ngram_min_match_option(tiny_targets):
     from specdec.drafters import parse_drafter
 
-    _, loaded = tiny_models["llama"]
+    loaded = tiny_targets["llama"]
     d, _ = parse_drafter("ngram:n=3,min=2", None, loaded.cfg, max_depth=4)
     assert (d.min_n, d.max_n, d.max_depth) == (2, 3, 4)
     for bad in ("ngram:n=2,min=3", "ngram:min=0", "ngram:mn=2"):

@@ -51,10 +51,10 @@ def test_commit_moves_path_to_contiguous_slots():
     np.testing.assert_array_equal(out.v[1, 0, 2:5, 0, 0], [-1, -3, -5])
 
 
-def test_commit_then_step_equals_model_that_only_saw_the_path(tiny_models):
+def test_commit_then_step_equals_model_that_only_saw_the_path(tiny_targets):
     """After verifying a tree and committing one root-to-leaf path, the next step's logits equal
     those of a model that only ever saw prefix + path."""
-    _, loaded = tiny_models["qwen2"]
+    loaded = tiny_targets["qwen2"]
     cfg = loaded.cfg
     params = to_device(loaded.params, cfg)
     rng = np.random.RandomState(5)

@@ -102,9 +102,9 @@ def test_packed_matmul_batch_rows_vmap_grad_and_while_loop():
 @needs_kernel
 @pytest.mark.parametrize("isa", ISAS)  # 16 lanes on AVX-512, 8 on AVX2 and in the portable path
 @pytest.mark.parametrize("tree", [False, True])
-def test_cache_attention_equals_xla(tiny_models, monkeypatch, tree, isa):
+def test_cache_attention_equals_xla(tiny_targets, monkeypatch, tree, isa):
     monkeypatch.setenv("SPECDEC_CPU_ISA", isa)
-    cfg = tiny_models["llama"][1].cfg
+    cfg = tiny_targets["llama"].cfg
     rng = np.random.default_rng(3)
     b, s, t = 2, 40, 9
     cache = KVCache.init(cfg, b, s)
@@ -146,8 +146,8 @@ def test_cache_attention_equals_xla(tiny_models, monkeypatch, tree, isa):
 
 @needs_kernel
 @pytest.mark.parametrize("arch", ["llama", "llama_tied", "mistral", "qwen2"])
-def test_forward_packed_equals_plain(tiny_models, arch):
-    model = tiny_models[arch][1]
+def test_forward_packed_equals_plain(tiny_targets, arch):
+    model = tiny_targets[arch]
     cfg = model.cfg
     plain, packed = to_device(model.params, cfg, "plain"), to_device(model.params, cfg, "packed")
     assert matmul.layout_of(plain) == "plain" and matmul.layout_of(packed) == "packed"
@@ -170,10 +170,10 @@ def test_forward_packed_equals_plain(tiny_models, arch):
 
 
 @needs_kernel
-def test_scan_layers_and_layer_skip_with_packed_params(tiny_models):
+def test_scan_layers_and_layer_skip_with_packed_params(tiny_targets):
     from specdec.drafters.draft_model import layer_skip
 
-    model = tiny_models["llama"][1]
+    model = tiny_targets["llama"]
     cfg = model.cfg.replace(scan_layers=True)
     ps = to_device(model.params, cfg, "packed")
     assert ps["layers"]["wqkv"].tiles.shape[0] == cfg.num_layers
@@ -205,7 +205,7 @@ def test_layout_selection_per_backend_and_dtype(monkeypatch):
         matmul.choose_layout()
 
 
-def test_fallback_when_the_kernel_is_absent(monkeypatch, tiny_models, caplog):
+def test_fallback_when_the_kernel_is_absent(monkeypatch, tiny_targets, caplog):
     """No kernel: plain layout (logged once), XLA attention, the same results as forcing plain."""
     import builtins
 
@@ -224,7 +224,7 @@ def test_fallback_when_the_kernel_is_absent(monkeypatch, tiny_models, caplog):
             assert matmul.choose_layout(jnp.float32, "cpu") == "plain"
             assert matmul.choose_layout(jnp.float32, "cpu") == "plain"
         assert sum("CPU kernels are not built" in r.getMessage() for r in caplog.records) == 1
-        model = tiny_models["llama"][1]
+        model = tiny_targets["llama"]
         ps = to_device(model.params, model.cfg)
         assert matmul.layout_of(ps) == "plain"
         cfg = model.cfg

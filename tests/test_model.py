@@ -1,4 +1,7 @@
-"""The JAX target model against transformers (torch) on tiny random Llama / Mistral / Qwen2 models."""
+"""The JAX target model against transformers (torch) on tiny random Llama / Mistral / Qwen2 models.
+
+The oracle tests skip without torch (the `tiny_models` fixture needs it); the module itself imports
+without torch, since test_cache.py borrows its tree helpers."""
 
 from __future__ import annotations
 
@@ -10,11 +13,12 @@ from specdec.cache import KVCache, causal_mask
 from specdec.models import forward, to_device
 from tests.conftest import ARCHS, VOCAB
 
-torch = pytest.importorskip("torch")
 TOL = 1e-4
 
 
 def _hf_logits(model, tokens: np.ndarray, **kw):
+    import torch  # the tests calling this take `tiny_models`, which skips without torch
+
     with torch.no_grad():
         return model(torch.tensor(tokens), **kw)
 
@@ -109,8 +113,8 @@ def test_tree_block_matches_hf_on_each_root_to_node_path(tiny_models, arch):
         np.testing.assert_allclose(logits[0, i], ref, atol=TOL, err_msg=f"node {i}")
 
 
-def test_logits_idx_selects_positions(tiny_models):
-    _, loaded = tiny_models["llama"]
+def test_logits_idx_selects_positions(tiny_targets):
+    loaded = tiny_targets["llama"]
     params, cfg = _ours(loaded)
     toks = jnp.asarray(np.random.RandomState(4).randint(0, VOCAB, (2, 9)))
     pos = jnp.broadcast_to(jnp.arange(9), (2, 9))

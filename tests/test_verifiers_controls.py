@@ -8,8 +8,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-from specdec.verifiers import _walk, rrs, spectr
 from specdec.verifiers import get_verifier as get
+from specdec.verifiers import rrs, spectr, walk
 from tests.verifier_toy import FAIL_P, IID, T07K, T1, T13P, WOR, Drafting, bfs_layout, check
 
 
@@ -22,19 +22,19 @@ def sibling_rank(shape):
     return jnp.asarray([sum(parents[:j] == parents[j]) for j in range(len(parents))])
 
 
-_UNIFORMS = _walk.uniforms
+_UNIFORMS = walk.uniforms
 
 
 def broken_uniforms(key, batch, n, slot_of):
-    """Like _walk.uniforms, but node j gets the coin of slot slot_of[j] (so some coins are shared)."""
+    """Like walk.uniforms, but node j gets the coin of slot slot_of[j] (so some coins are shared)."""
     coins, emit_u = _UNIFORMS(key, batch, n)
     return coins[:, slot_of], emit_u
 
 
 def rrs_no_skip(tree, target_logits, key, sampling):
     """RRS on i.i.d. drafts WITHOUT skipping repeated tokens (repeat: q_j(x) = 0, ratio infinite)."""
-    node = lambda view: _walk.sibling_loop(view, rrs.conditional_rule, skip_duplicates=False)
-    return _walk.walk(tree, target_logits, key, sampling, node)
+    node = lambda view: walk.sibling_loop(view, rrs.conditional_rule, skip_duplicates=False)
+    return walk.walk(tree, target_logits, key, sampling, node)
 
 
 def fresh(verifier):
@@ -84,7 +84,7 @@ def resorted_siblings(mp):
 def shared_sibling_uniform(mp):
     """One uniform shared by all siblings: node j's coin is its parent's slot's."""
     parents = parents_of((3, 2))
-    mp.setattr(_walk, "uniforms", lambda k, b, n: broken_uniforms(k, b, n, parents))
+    mp.setattr(walk, "uniforms", lambda k, b, n: broken_uniforms(k, b, n, parents))
     return check(fresh(get("rrs")), (3, 2), WOR, T1)
 
 
@@ -92,7 +92,7 @@ def shared_sibling_uniform(mp):
 def coins_reused_across_depths(mp):
     """Coins reused across depths: node j's coin depends on its sibling rank only."""
     rank = sibling_rank((3, 2))
-    mp.setattr(_walk, "uniforms", lambda k, b, n: broken_uniforms(k, b, n, rank))
+    mp.setattr(walk, "uniforms", lambda k, b, n: broken_uniforms(k, b, n, rank))
     return check(fresh(get("rrs")), (3, 2), WOR, T1)
 
 
