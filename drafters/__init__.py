@@ -7,7 +7,8 @@
   "layerskip:K"              the target's first K layers + its final norm and head (no training)
   "medusa" | "eagle" | "eagle3" | "amphista" | "falcon" | "dflash"
                              the trained drafters shipped for the embedded target
-                             (SmolLM2-135M-Instruct); other targets: train one with specdec-train;
+                             (SmolLM2-135M-Instruct; the families of `specdec.drafters.family`
+                             with `shipped`); other targets: train one with specdec-train;
                              "eagle:conf=0.5": EAGLE drafts only when its top-1 probability at
                              the root reaches 0.5, else the loop takes a plain AR step;
                              "dflash:block=4": DFlash drafts blocks of 4 positions (cheaper
@@ -19,7 +20,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.resources
 import pathlib
 
@@ -41,28 +41,35 @@ def _kv(arg: str) -> dict[str, int]:
     return out
 
 
-SHIPPED = ("medusa", "eagle", "eagle3", "amphista", "falcon", "dflash")
-CONFIDENCE = ("eagle", "eagle3")  # drafters with the conf= option (draft only when confident)
+def _inference_options(spec: str, family, arg: str) -> dict:
+    """The options of a shipped name, `eagle:conf=0.5`, `dflash:block=4` (the family's `inference`),
+    parsed: option name -> value."""
+    from specdec.drafters.family import FAMILIES
 
-
-def _shipped_options(spec: str, kind: str, arg: str) -> tuple[float, int]:
-    """(conf, block) of a shipped drafter's options: `eagle:conf=0.5`, `dflash:block=4`."""
-    name, _, value = arg.partition("=")
-    if not arg:
-        return 0.0, 0
-    if name == "conf" and kind in CONFIDENCE:
+    out = {}
+    for part in filter(None, arg.split(",")):
+        name, _, value = part.partition("=")
+        opt = family.inference.get(name)
+        if opt is None:
+            owners: dict[str, list[str]] = {}
+            for f in FAMILIES.values():
+                for n in f.inference:
+                    owners.setdefault(n, []).append(f.name)
+            known = ", ".join(f"{n}= {'is ' * (i == 0)}for {' and '.join(fs)}"
+                              for i, (n, fs) in enumerate(owners.items()))  # fmt: skip
+            raise ValueError(f"--drafter {spec!r}: {family.name} takes no option {name}= ({known})")
         try:
-            return float(value), 0
+            out[name] = opt.parse(value)
         except ValueError:
-            raise ValueError(f"--drafter {spec!r}: use {kind}:conf=0.5 (draft only when confident)") from None
-    if name == "block" and kind == "dflash":
-        if not value.isdigit():
-            raise ValueError(f"--drafter {spec!r}: use dflash:block=4 (an inference block of 4 positions)")
-        return 0.0, int(value)
-    raise ValueError(
-        f"--drafter {spec!r}: {kind} takes no option {name}= (conf= is for eagle and eagle3, "
-        "block= for dflash)"
-    )
+            raise ValueError(f"--drafter {spec!r}: use {opt.usage.format(name=family.name)}") from None
+    return out
+
+
+def shipped_names() -> list[str]:
+    """The trained families whose drafter ships for the embedded target (`--drafter eagle`)."""
+    from specdec.drafters.family import FAMILIES
+
+    return [name for name, f in FAMILIES.items() if f.shipped]
 
 
 def shipped_path(name: str) -> pathlib.Path:
@@ -92,27 +99,30 @@ def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, dtype
             raise ValueError(f"--drafter {spec!r}: use layerskip:K with K the number of target layers kept")
         return layer_skip(target_params, target_cfg, int(arg))
     from specdec.drafters import checkpoint, official
+    from specdec.drafters.family import FAMILIES
 
-    if kind in SHIPPED:
-        conf, block = _shipped_options(spec, kind, arg)
+    family = FAMILIES.get(kind)
+    if family is not None:  # a trained family's name: the drafter shipped for the embedded target
+        options = _inference_options(spec, family, arg)
         path = shipped_path(kind)
-        if not checkpoint.is_checkpoint(path) and kind in ("amphista", "falcon", "dflash"):
+        if not family.shipped:
             raise ValueError(
-                f"--drafter {kind}: no {kind} checkpoint ships with this version yet; train one with "
+                f"--drafter {kind}: no {kind} checkpoint ships with this version; train one with "
                 f"`specdec-train --drafter {kind} --out RUN` and pass RUN/drafter as --drafter"
             )
         if not checkpoint.is_checkpoint(path):
             raise ValueError(f"--drafter {kind}: the shipped drafter {path} is missing; reinstall specdec")
         try:
             d, dp = checkpoint.load(path, target_params, target_cfg)
-            d = dataclasses.replace(d, confidence=conf) if conf else d
-            return (d.with_block(block) if block else d), dp
         except checkpoint.DrafterCheckpointError as e:
             raise ValueError(
                 f"--drafter {kind} is the drafter shipped for SmolLM2-135M-Instruct and does not fit this "
                 f"target ({e}). Train one with `specdec-train --drafter {kind} --target ...` and pass its "
                 "folder (RUN/drafter) as --drafter"
             ) from None
+        for name, value in options.items():
+            d = family.inference[name].apply(d, value)
+        return d, dp
     if checkpoint.is_checkpoint(spec):
         return checkpoint.load(spec, target_params, target_cfg)
     if official.is_official(spec):
@@ -124,7 +134,7 @@ def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, dtype
         m = load_model(spec, dtype=dtype or target_cfg.dtype)
     except CheckpointError as e:
         raise ValueError(
-            f"--drafter {spec!r} is not ngram[:n=N], layerskip:K, {', '.join(SHIPPED)}, a drafter "
+            f"--drafter {spec!r} is not ngram[:n=N], layerskip:K, {', '.join(shipped_names())}, a drafter "
             f"checkpoint folder or a loadable draft model: {e}"
         ) from None
     if m.cfg.vocab_size != target_cfg.vocab_size:

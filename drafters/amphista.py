@@ -33,6 +33,7 @@ Params: `fc_w [2D, D]`, `stages.{0,1}` and `encoder.{i}` (`models/decoder.py` la
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.struct
 import jax
@@ -43,6 +44,8 @@ from specdec.attention import cache_mask
 from specdec.cache import KVCache, causal_mask
 from specdec.context import Context
 from specdec.drafters.eagle import to_target_vocab
+from specdec.drafters.family import Built, Family, TrainTarget
+from specdec.drafters.medusa import MedusaOptions
 from specdec.drafters.protocol import logits_by_depth
 from specdec.matmul import PackedWeight, dense
 from specdec.models import decoder
@@ -207,3 +210,18 @@ class Amphista:
         last = jnp.take_along_axis(a, jnp.clip(n_new - 1, 0, block - 1)[:, None, None], axis=1)[:, 0]
         logits = jnp.where((n_new > 0)[:, None, None], self._logits(params, last), state.logits)
         return AmphistaState(cache=cache.replace(lengths=old + n_new), logits=logits)
+
+
+# ------------------------------------------------------------------------------------ the trained family
+def _build(opts: MedusaOptions, tc, target: TrainTarget, key) -> Built:
+    from specdec.train import losses  # here: losses imports the drafter modules
+
+    cfg = AmphistaConfig.for_target(target.cfg, opts.heads, target.draft_vocab_size, opts.own_heads)
+    params = init_params(cfg, key, target.head if opts.own_heads else None)
+    return Built(cfg, params, functools.partial(losses.amphista_loss, cfg=cfg, loss=tc.loss))
+
+
+FAMILY = Family(
+    name="amphista", config=AmphistaConfig, drafter=Amphista, options=MedusaOptions, build=_build,
+    shares=lambda cfg: ("embed",) if cfg.own_heads else ("embed", "head"), shipped=True,
+)  # fmt: skip

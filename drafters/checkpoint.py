@@ -3,14 +3,16 @@
 A checkpoint is a folder:
 
     drafter.json         {"format": "specdec-drafter",
-                          "family": "medusa" | "amphista" | "eagle" | "falcon" | "dflash",
+                          "family": "medusa" | "amphista" | "eagle" | "falcon" | "dflash" | ...,
                           "config": {...}, "target": {source, sizes, fingerprint}, "training": {...}}
     params.safetensors   trained arrays by dotted name ("layer.wqkv"); bf16 or f32; "d2t" int32
 
 `load` checks the checkpoint against the target it is about to draft for (vocabulary, hidden size,
 layers, and a fingerprint of the embedding table) and raises `DrafterCheckpointError` naming the
 mismatch. `bind` adds the shared target arrays (embedding, head rows) by reference: they are never
-stored in a checkpoint.
+stored in a checkpoint. Both follow the family's registry entry (`specdec.drafters.family`): the
+"family" of `drafter.json` is its `Family.stored` name (EAGLE-1 and EAGLE-3 are both "eagle", told
+apart by `config.version`), and `Family.shares(config)` names the shared arrays.
 """
 
 from __future__ import annotations
@@ -26,22 +28,13 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from specdec.checkpoints.common import DrafterCheckpointError
-from specdec.drafters.amphista import Amphista, AmphistaConfig
-from specdec.drafters.dflash import DFlash, DFlashConfig
-from specdec.drafters.eagle import Eagle, EagleConfig
-from specdec.drafters.falcon import Falcon, FalconConfig
-from specdec.drafters.medusa import Medusa, MedusaConfig
+from specdec.drafters import family as families
+from specdec.drafters.family import Family
 from specdec.matmul import layout_of, pack_params, plain
 from specdec.models.config import ModelConfig
 
 FORMAT = "specdec-drafter"
-FAMILIES = {
-    "medusa": (MedusaConfig, Medusa),
-    "amphista": (AmphistaConfig, Amphista),
-    "eagle": (EagleConfig, Eagle),
-    "falcon": (FalconConfig, Falcon),
-    "dflash": (DFlashConfig, DFlash),
-}
+FAMILIES = families.FAMILIES  # the registry: name -> Family
 
 
 def fingerprint(target_params, cfg: ModelConfig) -> list[float]:
@@ -131,10 +124,10 @@ def read(path: os.PathLike) -> tuple[dict, dict]:
             "pass a folder written by specdec-train (RUN/drafter) or a shipped drafter's name"
         )
     family = meta.get("family")
-    if family not in FAMILIES:
+    if family not in families.stored_names():
         raise DrafterCheckpointError(
-            f"{meta_file}: unknown drafter family {family!r} (this specdec knows {', '.join(FAMILIES)}); "
-            f"{fix}, or use the specdec version that wrote it"
+            f"{meta_file}: unknown drafter family {family!r} (this specdec knows "
+            f"{', '.join(families.stored_names())}); {fix}, or use the specdec version that wrote it"
         )
     for key in ("config", "target"):
         if not isinstance(meta.get(key), dict):
@@ -143,7 +136,7 @@ def read(path: os.PathLike) -> tuple[dict, dict]:
                 f"{meta_file}: the required key {key!r} {got} (a {FORMAT} file lists format, family, "
                 f"config and target); {fix}"
             )
-    fields = {f.name: f for f in dataclasses.fields(FAMILIES[family][0]) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(families.config_class(family)) if f.init}
     required = [n for n, f in fields.items()
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # fmt: skip
     missing = [n for n in required if n not in meta["config"]]
@@ -183,11 +176,17 @@ def read(path: os.PathLike) -> tuple[dict, dict]:
 
 
 def make_config(meta: dict):
-    cfg_cls, _ = FAMILIES[meta["family"]]
-    kw = dict(meta["config"])
-    if "taps" in kw:
-        kw["taps"] = tuple(kw["taps"])
-    return cfg_cls(**kw)
+    """The config dataclass of a checkpoint's metadata (JSON lists back to tuples: configs are hashable)."""
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
+    return families.config_class(meta["family"])(**kw)
+
+
+def family_of(meta: dict, config=None) -> Family:
+    """The registry entry of a checkpoint's metadata (EAGLE-1 vs EAGLE-3: by `config.version`)."""
+    try:
+        return families.for_checkpoint(meta["family"], make_config(meta) if config is None else config)
+    except ValueError as e:
+        raise DrafterCheckpointError(str(e)) from None
 
 
 def check_target(meta: dict, target_params, cfg: ModelConfig, path) -> None:
@@ -216,24 +215,23 @@ def target_head(target_params) -> jnp.ndarray:
     return target_params["embed"].T
 
 
-def bind(family: str, config, params: dict, target_params) -> dict:
+def bind(family: str | Family, config, params: dict, target_params) -> dict:
     """Runtime params: trained arrays + the target's embedding / head (rows at d2t) by reference,
-    in the target's matmul layout (`specdec.matmul`: packed on CPU)."""
+    in the target's matmul layout (`specdec.matmul`: packed on CPU). `family`: its registry entry or
+    its stored name (`drafter.json`'s "family", e.g. "eagle" for EAGLE-1 and EAGLE-3)."""
+    if not isinstance(family, Family):
+        family = families.for_checkpoint(family, config)
+    shares = family.shared(config)
     p = {k: v for k, v in params.items()}
     d2t = params.get("d2t")
-    shared_head = (
-        (family in ("medusa", "amphista") and not config.own_heads)
-        or (family in ("eagle", "falcon") and config.version == 1)
-        or family == "dflash"
-    )
-    if shared_head and d2t is None:  # the target's own head, shared in its layout
-        p["head"] = target_params["lm_head"] if "lm_head" in target_params else target_params["embed"].T
-    elif shared_head:
-        p["head"] = jnp.take(target_head(target_params), jnp.asarray(d2t), axis=1)
-    if family in ("eagle", "falcon", "dflash", "amphista"):
-        p["embed"] = target_params["embed"]
-    if family == "eagle" and config.version == 3:
+    if "lm_head" in p:  # a trained head (EAGLE-3's) is stored as lm_head and drafts as head
         p["head"] = p.pop("lm_head")
+    if "head" in shares and d2t is None:  # the target's own head, shared in its layout
+        p["head"] = target_params["lm_head"] if "lm_head" in target_params else target_params["embed"].T
+    elif "head" in shares:
+        p["head"] = jnp.take(target_head(target_params), jnp.asarray(d2t), axis=1)
+    if "embed" in shares:
+        p["embed"] = target_params["embed"]
     if d2t is not None:
         p["d2t"] = jnp.asarray(d2t, jnp.int32)
     return pack_params(p, layout_of(target_params))
@@ -244,9 +242,9 @@ def load(path: os.PathLike, target_params, cfg: ModelConfig):
     meta, params = read(path)
     check_target(meta, target_params, cfg, path)
     config = make_config(meta)
+    family = family_of(meta, config)
     params = {k: (v if k == "d2t" else _to_jnp(v)) for k, v in params.items()}
-    _, cls = FAMILIES[meta["family"]]
-    return cls(config), bind(meta["family"], config, params, target_params)
+    return family.drafter(config), bind(family, config, params, target_params)
 
 
 def _to_jnp(tree):

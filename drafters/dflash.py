@@ -34,6 +34,7 @@ Params: `fc_w [n*Dt, D]`, `hidden_norm [D]`, `mask_embed [D]`, `layers.{i}` (`mo
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.struct
 import jax
@@ -44,6 +45,7 @@ from specdec.attention import attend, attend_lse, merge_lse
 from specdec.cache import KVCache
 from specdec.context import Context
 from specdec.drafters.eagle import to_target_vocab
+from specdec.drafters.family import Built, Family, InferenceOption, TrainTarget, option
 from specdec.drafters.protocol import logits_by_depth
 from specdec.matmul import PackedWeight, dense, plain
 from specdec.models import decoder
@@ -300,3 +302,51 @@ class DFlash:
         path_taps = tuple(jnp.take_along_axis(t, path[:, :, None], axis=1) for t in taps)
         cache = self._write_context(params, state.cache, path_taps, old[:, None] + jnp.arange(block)[None, :])
         return state.replace(cache=cache.replace(lengths=ctx.lengths - 1))
+
+
+# ------------------------------------------------------------------------------------ the trained family
+@dataclasses.dataclass(frozen=True)
+class DFlashOptions:
+    """specdec-train options of DFlash (docs/training.md)."""
+
+    dflash_layers: int = option(3, "DFlash: draft decoder layers at the target's width.", lower_bound=1)
+    block_size: int = option(
+        16, "DFlash: block size (the anchor + block_size - 1 drafted tokens).", lower_bound=2
+    )
+    num_anchors: int = option(32, "DFlash: anchored blocks per training sequence.", lower_bound=1)
+    dflash_weighting: str = option(
+        "decay", "DFlash position weights: exp(-(k-1)/gamma) or D-PACE.", choices=("decay", "dpace")
+    )
+    dflash_gamma: float = option(7.0, "DFlash: decay constant gamma of the position weights.")
+    dflash_init: str = option(
+        "random", "DFlash draft layers: random, or the target's last layers.", choices=("random", "target")
+    )
+
+
+def _build(opts: DFlashOptions, tc, target: TrainTarget, key) -> Built:
+    from specdec.train import losses  # here: losses imports the drafter modules
+
+    cfg = DFlashConfig.for_target(target.cfg, opts.dflash_layers, opts.block_size, target.draft_vocab_size)
+    if opts.dflash_init == "target":
+        params = init_from_target(cfg, key, target.params)
+    else:
+        params = init_params(cfg, key)
+    loss = functools.partial(losses.dflash_loss, cfg=cfg, num_anchors=opts.num_anchors,
+                             gamma=opts.dflash_gamma, weighting=opts.dflash_weighting, loss=tc.loss,
+                             tap_final=target.cfg.num_layers)  # fmt: skip
+    return Built(cfg, params, loss)
+
+
+def _block(value: str) -> int:
+    if not value.isdigit():
+        raise ValueError(value)
+    return int(value)
+
+
+BLOCK = InferenceOption(
+    parse=_block,
+    apply=lambda d, block: d.with_block(block) if block else d,
+    usage="{name}:block=4 (an inference block of 4 positions)",
+)
+FAMILY = Family(name="dflash", config=DFlashConfig, drafter=DFlash, options=DFlashOptions, build=_build,
+                shares=lambda cfg: ("embed", "head"), inference={"block": BLOCK}, shipped=True)  # fmt: skip

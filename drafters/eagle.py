@@ -28,6 +28,7 @@ feature) and `out[:, 0]` its output; tree node i is written at slot `lengths + i
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.struct
 import jax
@@ -38,6 +39,7 @@ from jaxtyping import Array, Bool, Float, Int
 from specdec.attention import cache_mask
 from specdec.cache import KVCache, causal_mask
 from specdec.context import Context
+from specdec.drafters.family import Built, Family, InferenceOption, TrainTarget, option
 from specdec.matmul import PackedWeight, dense
 from specdec.models import decoder
 from specdec.models.config import ModelConfig
@@ -258,3 +260,57 @@ class Eagle:
         last = jnp.take_along_axis(out, jnp.clip(n_new - 1, 0, block - 1)[:, None, None], axis=1)[:, 0]
         out_root = jnp.where((n_new > 0)[:, None], last, state.out[:, 0])
         return self._state(cache.replace(lengths=old + n_new), out_root, state.out.shape[1])
+
+
+# ---------------------------------------------------------------------------------- the trained families
+NOISE_HELP = "EAGLE-1 / Falcon: feature noise U(-a, a) on the target's features in training."
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleOptions:
+    """specdec-train options of EAGLE-1/2."""
+
+    noise: float = option(0.1, NOISE_HELP)
+    align_steps: int = option(
+        1, "EAGLE-1: HASS harmonised context alignment, steps feeding the draft's own features back "
+        "(1 = teacher-forced only; docs/training.md).", lower_bound=1,
+    )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Eagle3Options:
+    """specdec-train options of EAGLE-3."""
+
+    ttt_steps: int = option(3, "EAGLE-3 training-time-test steps (paper: 7).")
+
+
+def _build1(opts: EagleOptions, tc, target: TrainTarget, key) -> Built:
+    from specdec.train import losses  # here: losses imports the drafter modules
+
+    cfg = EagleConfig.for_target(target.cfg, 1, target.draft_vocab_size)
+    loss = functools.partial(losses.eagle1_loss, cfg=cfg, noise=opts.noise, loss=tc.loss,
+                             align_steps=opts.align_steps)  # fmt: skip
+    return Built(cfg, init_params(cfg, key), loss)
+
+
+def _build3(opts: Eagle3Options, tc, target: TrainTarget, key) -> Built:
+    from specdec.train import losses
+
+    cfg = EagleConfig.for_target(target.cfg, 3, target.draft_vocab_size)
+    loss = functools.partial(losses.eagle3_loss, cfg=cfg, ttt_steps=opts.ttt_steps,
+                             tap_final=target.cfg.num_layers, loss=tc.loss)  # fmt: skip
+    return Built(cfg, init_params(cfg, key, target.head), loss)  # its own head starts as the target's
+
+
+CONFIDENCE = InferenceOption(
+    parse=float,
+    apply=lambda d, conf: dataclasses.replace(d, confidence=conf) if conf else d,
+    usage="{name}:conf=0.5 (draft only when confident)",
+)
+# EAGLE-1 and EAGLE-3 are both stored as "eagle", told apart by config.version
+EAGLE1 = Family(name="eagle", config=EagleConfig, drafter=Eagle, options=EagleOptions, build=_build1,
+                shares=lambda cfg: ("embed", "head"), eval_kwargs={"noise": 0.0},
+                inference={"conf": CONFIDENCE}, variant={"version": 1}, shipped=True)  # fmt: skip
+EAGLE3 = Family(name="eagle3", config=EagleConfig, drafter=Eagle, options=Eagle3Options, build=_build3,
+                shares=lambda cfg: ("embed",), inference={"conf": CONFIDENCE}, stored="eagle",
+                variant={"version": 3}, shipped=True)  # fmt: skip

@@ -38,6 +38,7 @@ feature `pending` its children inherit, and the last k target features `recent`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.struct
 import jax
@@ -48,6 +49,7 @@ from specdec.attention import attend_cache
 from specdec.cache import KVCache
 from specdec.context import Context
 from specdec.drafters import eagle
+from specdec.drafters.family import Built, Family, TrainTarget, option
 from specdec.matmul import PackedWeight
 from specdec.models import decoder
 from specdec.tree import Tree, ancestor_mask
@@ -226,3 +228,28 @@ class Falcon:
         idx = n_new[:, None] + jnp.arange(k)[None, :]
         recent = jnp.take_along_axis(seq, idx[:, :, None], axis=1)
         return state.replace(cache=cache.replace(lengths=old + n_new), recent=recent)
+
+
+# ------------------------------------------------------------------------------------ the trained family
+@dataclasses.dataclass(frozen=True)
+class FalconOptions:
+    """specdec-train options of Falcon."""
+
+    falcon_k: int = option(2, "Falcon: tokens drafted per semi-autoregressive pass.", lower_bound=1)
+    noise: float = option(0.1, eagle.NOISE_HELP)
+
+
+def _build(opts: FalconOptions, tc, target: TrainTarget, key) -> Built:
+    from specdec.train import losses  # here: losses imports the drafter modules
+
+    cfg = FalconConfig.for_target(target.cfg, 1, target.draft_vocab_size, k=opts.falcon_k)
+    loss = functools.partial(
+        losses.falcon_loss, cfg=cfg, noise=opts.noise, loss=tc.loss, total_steps=tc.steps
+    )
+    return Built(cfg, eagle.init_params(cfg, key), loss)
+
+
+# the loss takes the global step (CSGD's glancing schedule); the held-out evaluation runs without noise
+FAMILY = Family(name="falcon", config=FalconConfig, drafter=Falcon, options=FalconOptions, build=_build,
+                shares=lambda cfg: ("embed", "head"), loss_takes_step=True, eval_kwargs={"noise": 0.0},
+                shipped=True)  # fmt: skip

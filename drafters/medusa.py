@@ -19,6 +19,7 @@ Params: `w [K, D, D]`, `b [K, D]`, and `heads [K, D, Vd]` (own heads) or `head [
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.struct
 import jax
@@ -27,6 +28,7 @@ from jaxtyping import Array, Float, Int
 
 from specdec.context import Context
 from specdec.drafters.eagle import to_target_vocab
+from specdec.drafters.family import Built, Family, TrainTarget, option
 from specdec.drafters.protocol import logits_by_depth
 from specdec.matmul import dense
 from specdec.tree import Tree
@@ -111,3 +113,26 @@ class Medusa:
         last = jnp.take_along_axis(verdict.path, verdict.n_accepted[:, None], axis=1)
         feat = jnp.take_along_axis(taps[0], last[:, :, None], axis=1)[:, 0]
         return self._state(params, feat)
+
+
+# ------------------------------------------------------------------------------------ the trained family
+@dataclasses.dataclass(frozen=True)
+class MedusaOptions:
+    """specdec-train options of Medusa (and Amphista, which takes the same)."""
+
+    heads: int = option(4, "Medusa / Amphista heads.")
+    own_heads: bool = option(
+        False, "Medusa / Amphista: one LM head per head instead of the target's shared head."
+    )
+
+
+def _build(opts: MedusaOptions, tc, target: TrainTarget, key) -> Built:
+    from specdec.train import losses  # here: losses imports the drafter modules
+
+    cfg = MedusaConfig.for_target(target.cfg, opts.heads, target.draft_vocab_size, opts.own_heads)
+    params = init_params(cfg, key, target.head if opts.own_heads else None)
+    return Built(cfg, params, functools.partial(losses.medusa_loss, cfg=cfg, loss=tc.loss))
+
+
+FAMILY = Family(name="medusa", config=MedusaConfig, drafter=Medusa, options=MedusaOptions, build=_build,
+                shares=lambda cfg: () if cfg.own_heads else ("head",), shipped=True)  # fmt: skip

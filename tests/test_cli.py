@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from tests.conftest import build_tiny
+from tests.conftest import write_tiny
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli_llama")
-    build_tiny("llama", path)
+    write_tiny("llama", path)
     return path
 
 
@@ -99,7 +99,8 @@ def test_every_tool_reports_bad_input_in_one_line_with_exit_code_2(
         (tr, ["--drafter", "falcon9"], "drafter"),
         (tr, ["--out", str(tmp_path / "r2"), "--target_mesh", "model=two"], "data=N,model=M"),
         (tr, ["--out", str(tmp_path / "r3"), "--reuse_features", "x"], "--regenerated DIR"),
-        (tr, ["--out", str(tmp_path / "r4"), "--drafter", "medusa", "--align_steps", "2"], "--drafter eagle"),
+        (tr, ["--drafter", "medusa", "--align_steps", "2"], "--align_steps is an option of eagle, not of"),
+        (tr, ["--drafter", "eagle", "--ttt_steps", "2"], "--ttt_steps is an option of eagle3, not of eagle"),
         (tr, ["--target", t, "--out", str(tmp_path / "r5"), "--init_from", str(tmp_path)], "drafter.json"),
     ]
     for (run, prog), args, needle in cases:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import build_tiny
+from tests.conftest import write_tiny
 
 
 def _console(monkeypatch, capsys, run, *argv):
@@ -208,7 +208,7 @@ def test_generate_with_a_damaged_drafter_is_one_line(tmp_path, shipped_eagle, mo
     from specdec.cli.generate import run as generate
 
     target = tmp_path / "target"
-    build_tiny("llama", target)
+    write_tiny("llama", target)
     folder = _damaged(tmp_path, shipped_eagle, meta=NO_PARAMS_META)
     code, lines, err = _console(monkeypatch, capsys, generate, "specdec-generate", "--target", str(target),
                                 "--raw", "--prompt", "t5 t6", "--drafter", str(folder))  # fmt: skip

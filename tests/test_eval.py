@@ -183,10 +183,10 @@ def accept_everything(tree, target_logits, key, sampling):
 def tiny(tmp_path_factory):
     """(HF folder, LoadedModel, question file) of a 2-layer random Llama with a word-level tokenizer."""
     from specdec.loading import load_hf_folder
-    from tests.conftest import build_tiny
+    from tests.conftest import write_tiny
 
     path = tmp_path_factory.mktemp("tiny_eval")
-    build_tiny("llama", path, layers=2, seed=3)
+    write_tiny("llama", path, layers=2, seed=3)
     qs = [
         {"question_id": 7, "category": "math", "turns": ["t5 t9 t12", "t30 t31"], "reference": ["t4"]},
         {"question_id": 8, "category": "math", "turns": ["t40 t41 t42", "t8"]},

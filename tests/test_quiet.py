@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import build_tiny
+from tests.conftest import write_tiny
 
 CHATTER = (
     "PyTorch was not found",  # transformers, when torch is not installed (specdec never needs it)
@@ -44,7 +44,7 @@ def _run(module: str, prog: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("quiet_llama")
-    build_tiny("llama", path)
+    write_tiny("llama", path)
     return path
 
 

@@ -18,6 +18,7 @@ import pytest
 from specdec.cache import causal_mask
 from specdec.drafters import checkpoint as ckpt
 from specdec.drafters import eagle
+from specdec.drafters.family import FAMILIES, option_fields
 from specdec.drafters.protocol import Context
 from specdec.models import forward
 from specdec.train import data, features, losses, trainer
@@ -100,7 +101,7 @@ def test_fused_regeneration_features_equal_extraction_and_resume(tiny, tmp_path)
     """Self-distillation in one pass: user turns kept, each assistant turn = the target's greedy
     continuation of the conversation so far; the features written from the generating forwards equal
     a separate extraction of the same tokens; a killed run resumes with nothing lost or repeated."""
-    from specdec import generate as gen_mod
+    from specdec.generate import generate
     from specdec.train import regenerate as rg
     from specdec.train import regenerated_set as rs
 
@@ -116,7 +117,7 @@ def test_fused_regeneration_features_equal_extraction_and_resume(tiny, tmp_path)
     assert len(fs) == len(regen) == len(convs) - 1  # conversation 1's prompt fills max_len
 
     def answer(ids):  # the target's greedy continuation of token ids, generated alone
-        toks = gen_mod.generate(params, cfg, [ids], max_new_tokens=5, eos_ids=stops).tokens[0]
+        toks = generate(params, cfg, [ids], max_new_tokens=5, eos_ids=stops).tokens[0]
         return [t for t in toks if t not in stops]
 
     # Conversation 0 rebuilt by hand: prompt, answer, the template's tail (t3), the next user turn.
@@ -210,10 +211,12 @@ def test_training_learns_and_checkpoint_loads(tiny, tmp_path, family, own_heads,
     weighting = "dpace" if loss == "dpace" else "decay"
     align = 2 if loss == "align" else 1  # EAGLE-1 with HASS context alignment
     loss = "ce" if loss in ("dpace", "align") else loss
+    options = {"heads": 2, "ttt_steps": 2, "own_heads": own_heads, "dflash_layers": 1, "block_size": 4,
+               "num_anchors": 8, "dflash_weighting": weighting, "align_steps": align}  # fmt: skip
+    mine = option_fields(FAMILIES[family].options)  # each family takes its own options only
     tc = trainer.TrainConfig(family=family, steps=60, batch_size=4, seq_len=40, lr=1e-2, warmup=5,
-                             heldout=8, eval_every=60, save_every=30, draft_vocab=64, heads=2, ttt_steps=2,
-                             own_heads=own_heads, loss=loss, dflash_layers=1, block_size=4, num_anchors=8,
-                             dflash_weighting=weighting, align_steps=align)  # fmt: skip
+                             heldout=8, eval_every=60, save_every=30, draft_vocab=64, loss=loss,
+                             options={k: v for k, v in options.items() if k in mine})  # fmt: skip
     before = trainer.train(dataclasses_replace(tc, steps=1, eval_every=1), params, cfg, "tiny", fs,
                            tmp_path / "zero", progress=False, log=lambda s: None)["heldout"]  # fmt: skip
     out = trainer.train(tc, params, cfg, "tiny", fs, tmp_path / "run", progress=False, log=lambda s: None)
@@ -276,8 +279,8 @@ def test_warm_start_keeps_the_checkpoint_and_refuses_another_drafter(tiny, tmp_p
         np.testing.assert_array_equal(x, y)
     for fam, kw, needle in (("medusa", {}, "MedusaConfig"), ("eagle3", {}, "version 1 vs 3")):
         with pytest.raises(ckpt.DrafterCheckpointError, match=needle):
-            trainer.train(dataclasses_replace(tb, family=fam, **kw), params, cfg, "tiny", fs, tmp_path / fam,
-                          progress=False, log=lambda s: None)  # fmt: skip
+            trainer.train(dataclasses_replace(tb, family=fam, options=None, **kw), params, cfg, "tiny", fs,
+                          tmp_path / fam, progress=False, log=lambda s: None)  # fmt: skip
 
 
 @pytest.mark.parametrize("version", [1, 3])
@@ -316,7 +319,7 @@ def test_data_parallel_on_8_devices_matches_one(tiny, tmp_path):
         p = to_device(m.params, m.cfg)
         fs = features.FeatureSet.open({str(path)!r})
         tc = trainer.TrainConfig(family="medusa", steps=3, batch_size=8, seq_len=40, warmup=1, heldout=8,
-                                 eval_every=100, save_every=100, draft_vocab=None, heads=2)
+                                 eval_every=100, save_every=100, draft_vocab=None, options={{"heads": 2}})
         out = trainer.train(tc, p, m.cfg, "tiny", fs, sys.argv[3], progress=False, log=lambda s: None)
         print(json.dumps([len(jax.devices()), [h["loss"] for h in out["history"] if "loss" in h]]))
     """)

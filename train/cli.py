@@ -22,6 +22,8 @@ import sys
 
 from absl import app, flags
 
+from specdec.drafters.family import FAMILIES, lookup, option_fields, refusal
+
 FLAGS = flags.FlagValues()
 _string = functools.partial(flags.DEFINE_string, flag_values=FLAGS)
 _int = functools.partial(flags.DEFINE_integer, flag_values=FLAGS)
@@ -31,8 +33,8 @@ _bool = functools.partial(flags.DEFINE_bool, flag_values=FLAGS)
 flags.DEFINE_enum(
     "drafter",
     "eagle",
-    ["medusa", "amphista", "eagle", "eagle3", "falcon", "dflash"],
-    "Drafter family.",
+    list(FAMILIES),
+    "Drafter family (`specdec.drafters.family`); its options below are marked [family, ...].",
     flag_values=FLAGS,
 )
 _string("target", "smollm2-135m-instruct", "Registry name, HF checkpoint folder or .gguf file (frozen).")
@@ -93,21 +95,6 @@ _float("lr", 3e-4, "Peak learning rate (AdamW, warmup + cosine).")
 _int("warmup", 50, "Warmup steps.")
 _float("clip", 0.5, "Gradient clipping (global norm).")
 _float("weight_decay", 0.0, "AdamW weight decay.")
-_int("heads", 4, "Medusa / Amphista heads.")
-_bool("own_heads", False, "Medusa / Amphista: one LM head per head instead of the target's shared head.")
-_int("ttt_steps", 3, "EAGLE-3 training-time-test steps (paper: 7).")
-_float("noise", 0.1, "EAGLE-1 feature noise U(-a, a).")
-_int("align_steps", 1, "EAGLE-1: HASS harmonised context alignment, steps feeding the draft's own features "
-     "back (1 = teacher-forced only; docs/training.md).", lower_bound=1)  # fmt: skip
-_int("falcon_k", 2, "Falcon: tokens drafted per semi-autoregressive pass.", lower_bound=1)
-_int("dflash_layers", 3, "DFlash: draft decoder layers at the target's width.", lower_bound=1)
-_int("block_size", 16, "DFlash: block size (the anchor + block_size - 1 drafted tokens).", lower_bound=2)
-_int("num_anchors", 32, "DFlash: anchored blocks per training sequence.", lower_bound=1)
-flags.DEFINE_enum("dflash_weighting", "decay", ["decay", "dpace"],
-                  "DFlash position weights: exp(-(k-1)/gamma) or D-PACE.", flag_values=FLAGS)  # fmt: skip
-_float("dflash_gamma", 7.0, "DFlash: decay constant gamma of the position weights.")
-flags.DEFINE_enum("dflash_init", "random", ["random", "target"],
-                  "DFlash draft layers: random, or the target's last layers.", flag_values=FLAGS)  # fmt: skip
 flags.DEFINE_enum(
     "loss", "ce", ["ce", "tv", "lk"],
     "Divergence to the target's distribution: ce (cross-entropy, EAGLE/Medusa), tv (total variation = "
@@ -126,6 +113,47 @@ _string(
 _bool("progress", True, "Progress bars.")
 
 
+def _define_family_options() -> dict[str, list[str]]:
+    """One flag per training option of the registry's families (`Family.options`: the field's name,
+    default, type, help, lower_bound / choices); an option several families have (--heads, --noise)
+    is one flag, defined alike by each. Returns flag name -> the families that have it."""
+    owners: dict[str, list[str]] = {}
+    fields = {}
+    spec = lambda f: (f.default, f.type, {k: v for k, v in f.metadata.items() if k != "help"})  # noqa: E731
+    for fam in FAMILIES.values():
+        for name, f in option_fields(fam.options).items():
+            owners.setdefault(name, []).append(fam.name)
+            if name in fields and spec(fields[name]) != spec(f):
+                raise ValueError(f"option {name} of {fam.name} differs from {owners[name][0]}'s: one flag")
+            fields.setdefault(name, f)
+    for name, f in fields.items():
+        help_ = f"{f.metadata.get('help', '')} [{', '.join(owners[name])}]"
+        bound = {"lower_bound": f.metadata["lower_bound"]} if "lower_bound" in f.metadata else {}
+        if "choices" in f.metadata:
+            flags.DEFINE_enum(name, f.default, list(f.metadata["choices"]), help_, flag_values=FLAGS)
+        elif f.type in (bool, int, float, str):
+            define = {bool: _bool, int: _int, float: _float, str: _string}[f.type]
+            define(name, f.default, help_, **bound)
+        else:
+            raise TypeError(f"option {name} of {owners[name][0]}: a flag is a bool, int, float or str")
+    return owners
+
+
+FAMILY_OPTIONS = _define_family_options()
+
+
+def family_options(drafter: str):
+    """The `--drafter` family's options from the flags; a family option given on the command line for
+    a family that does not have it is refused (one line: "--ttt_steps is an option of eagle3, not of
+    medusa")."""
+    fam = lookup(drafter)
+    mine = option_fields(fam.options)
+    for name in FAMILY_OPTIONS:
+        if FLAGS[name].present and name not in mine:
+            raise app.UsageError(refusal(name, drafter, flag=True))
+    return fam.options(**{name: FLAGS[name].value for name in mine})
+
+
 def main(argv):
     del argv
     import pathlib
@@ -134,6 +162,7 @@ def main(argv):
     from specdec.sharding import device_params, parse_mesh
     from specdec.train import data, features, trainer
 
+    options = family_options(FLAGS.drafter)  # first: a flag of another family is a typo or a mix-up
     if not FLAGS.out:
         raise app.UsageError("--out RUN_FOLDER is required (checkpoints and the trained drafter go there)")
     from specdec.cli.entry import check_flags, check_out_folder
@@ -147,8 +176,6 @@ def main(argv):
     dtype = FLAGS.extract_dtype
     if dtype == "auto":
         dtype = "bfloat16" if native_bf16() and not FLAGS.regenerate else "float32"
-    if FLAGS.align_steps > 1 and FLAGS.drafter != "eagle":
-        raise app.UsageError("--align_steps applies to --drafter eagle (EAGLE-3 has --ttt_steps)")
     if FLAGS.reuse_features and not FLAGS.regenerated:
         raise app.UsageError("--reuse_features applies to --regenerated DIR (re-extracting an exported set)")
     if FLAGS.regenerate and dtype != "float32":
@@ -177,12 +204,11 @@ def main(argv):
 
         meta = ckpt.read(FLAGS.init_from)[0]
         ckpt.check_target(meta, model.params, model.cfg, FLAGS.init_from)
-        want = {"eagle3": ("eagle", 3), "eagle": ("eagle", 1)}.get(FLAGS.drafter, (FLAGS.drafter, None))
-        have = (meta["family"], meta["config"].get("version") if meta["family"] == "eagle" else None)
-        if have != want:
+        have = ckpt.family_of(meta).name  # its registry name (EAGLE-1 vs EAGLE-3 by config.version)
+        if have != FLAGS.drafter:
             raise app.UsageError(
-                f"--init_from {FLAGS.init_from} holds a {have[0]}{have[1] or ''} drafter, not --drafter "
-                f"{FLAGS.drafter}: pass its family or another checkpoint"
+                f"--init_from {FLAGS.init_from} holds a {have} drafter, not --drafter {FLAGS.drafter}: pass "
+                "its family or another checkpoint"
             )
     name = f"features-{pathlib.Path(str(FLAGS.target)).stem}-{FLAGS.num_conversations}-{FLAGS.max_len}"
     if FLAGS.regenerated:
@@ -251,14 +277,8 @@ def main(argv):
     tc = trainer.TrainConfig(
         family=FLAGS.drafter, steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.max_len,
         lr=FLAGS.lr, warmup=FLAGS.warmup, weight_decay=FLAGS.weight_decay, clip=FLAGS.clip, seed=FLAGS.seed,
-        heads=FLAGS.heads, own_heads=FLAGS.own_heads, ttt_steps=FLAGS.ttt_steps, noise=FLAGS.noise,
-        align_steps=FLAGS.align_steps,
-        loss=FLAGS.loss, falcon_k=FLAGS.falcon_k, dflash_layers=FLAGS.dflash_layers,
-        block_size=FLAGS.block_size,
-        num_anchors=FLAGS.num_anchors, dflash_weighting=FLAGS.dflash_weighting,
-        dflash_gamma=FLAGS.dflash_gamma, dflash_init=FLAGS.dflash_init,
-        draft_vocab=FLAGS.draft_vocab or None, heldout=FLAGS.heldout, eval_every=FLAGS.eval_every,
-        save_every=FLAGS.save_every, init_from=FLAGS.init_from,
+        loss=FLAGS.loss, draft_vocab=FLAGS.draft_vocab or None, heldout=FLAGS.heldout,
+        eval_every=FLAGS.eval_every, save_every=FLAGS.save_every, init_from=FLAGS.init_from, options=options,
     )  # fmt: skip
     command = "specdec-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     summary = trainer.train(tc, params, model.cfg, model.source, fs, out, progress=FLAGS.progress,

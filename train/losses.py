@@ -35,6 +35,9 @@ masked (as EAGLE-3 does).
   `dpace` (D-PACE: q̃_j = (1-α) q_j + α with q_j the draft's probability of label j, weight_k =
   Σ_{m>=k} Π_{j<=m} q̃_j, α = 0.5, detached: positions the draft can still reach count more).
 
+A new family's loss can build on the generic pieces: `heads_loss` (parallel heads over [B, T, K, Vd]
+logits), `divergence`, `soft_targets`, `acceptance` (docs/drafters.md, "Adding a trained family").
+
 Each returns (loss, metrics) with per-head/per-step top-1 accuracy among counted positions
 (`acc{k}`: a greedy chain's acceptance at T = 0) and, for EAGLE-1/3, the expected acceptance at
 T = 1 (`alpha{k}` = Σ min(p, q), both over the draft vocabulary).
@@ -63,8 +66,9 @@ class Batch:
     taps: dict  # tap index (as str) -> Float[B, T, D]
 
 
-def _soft_targets(params, batch: Batch, tap_final: str) -> Float[Array, "B T Vd"]:
-    """The target's next-token distribution at every position, restricted to the draft vocab."""
+def soft_targets(params, batch: Batch, tap_final: str) -> Float[Array, "B T Vd"]:
+    """The target's next-token distribution at every position, restricted to the draft vocab (from its
+    final normed state, tap `tap_final`, and the frozen "target_head" the trainer passes)."""
     f = batch.taps[tap_final].astype(jnp.float32)
     return jax.nn.softmax(jnp.dot(f, params["target_head"], preferred_element_type=jnp.float32), axis=-1)
 
@@ -129,7 +133,7 @@ def heads_loss(logits: Float[Array, "B T K Vd"], batch: Batch, t2d, soft, loss: 
 def medusa_loss(params, cfg: medusa.MedusaConfig, batch: Batch, t2d, key=None, loss: str = "ce"):
     del key
     f = batch.taps[str(cfg.tap)]
-    soft = None if loss == "ce" else _soft_targets(params, batch, str(cfg.tap))
+    soft = None if loss == "ce" else soft_targets(params, batch, str(cfg.tap))
     return heads_loss(medusa.head_logits(params, cfg, f), batch, t2d, soft, loss)
 
 
@@ -141,7 +145,7 @@ def amphista_loss(params, cfg: amphista.AmphistaConfig, batch: Batch, t2d, key=N
     nxt = jnp.concatenate([batch.tokens[:, 1:], jnp.zeros_like(batch.tokens[:, :1])], axis=1)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     a, _ = amphista.adapt(params, cfg, f, nxt, pos, None, causal_mask(b, t))
-    soft = None if loss == "ce" else _soft_targets(params, batch, str(cfg.tap))
+    soft = None if loss == "ce" else soft_targets(params, batch, str(cfg.tap))
     return heads_loss(amphista.head_logits(params, cfg, a), batch, t2d, soft, loss)
 
 
@@ -177,7 +181,7 @@ def eagle1_loss(params, cfg: eagle.EagleConfig, batch: Batch, t2d, key, noise: f
         padded = jnp.pad(feat, ((0, 0), (0, 1), (0, 0)))
         outs = eagle3_outputs(params, cfg, batch.tokens, (padded,), align_steps)
     lab, ok = _labels(t2d, batch.top1[:, 1:])
-    soft = _soft_targets(params, batch, tap)[:, 1:]
+    soft = soft_targets(params, batch, tap)[:, 1:]
     j = jnp.arange(tmask.shape[1])
     total, metrics = 0.0, {}
     for k, out in enumerate(outs):
@@ -250,7 +254,7 @@ def eagle3_loss(params, cfg: eagle.EagleConfig, batch: Batch, t2d, key=None, ttt
     _, _, tmask = _pairs(batch)
     outs = eagle3_outputs(params, cfg, batch.tokens, tuple(batch.taps[str(t)] for t in cfg.taps), ttt_steps)
     lab, ok = _labels(t2d, batch.top1[:, 1:])
-    soft = _soft_targets(params, batch, str(tap_final))[:, 1:]
+    soft = soft_targets(params, batch, str(tap_final))[:, 1:]
     j = jnp.arange(tmask.shape[1])
     total, metrics = 0.0, {}
     for k, out in enumerate(outs):
@@ -294,7 +298,7 @@ def dflash_loss(params, cfg: dflash.DFlashConfig, batch: Batch, t2d, key, num_an
     if loss == "ce":
         d = -jnp.take_along_axis(logp, jnp.maximum(lab, 0)[..., None], axis=-1)[..., 0]
     else:  # the target's distribution at p + k - 1 (soft targets from its final state)
-        soft = _soft_targets(params, batch, str(tap_final))
+        soft = soft_targets(params, batch, str(tap_final))
         soft = jnp.take_along_axis(soft, jnp.maximum(tgt_c - 1, 0)[..., None], axis=1).reshape(
             tgt.shape + (-1,)
         )
@@ -335,7 +339,7 @@ def falcon_loss(params, cfg: falcon.FalconConfig, batch: Batch, t2d, key, noise:
     tgt = pad(f, 0.0)[:, k : k + n]
     lab, ok = _labels(t2d, pad(batch.top1, -1)[:, k : k + n])
     m = ok & pad(batch.loss_mask, False)[:, k + 1 : k + 1 + n]
-    soft = pad(_soft_targets(params, batch, tap), 0.0)[:, k : k + n]
+    soft = pad(soft_targets(params, batch, tap), 0.0)[:, k : k + n]
 
     def objective(out):
         logp = jax.nn.log_softmax(eagle.draft_logits(params, cfg, out), -1)

@@ -18,10 +18,10 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from specdec.drafters import amphista, dflash, eagle, falcon, medusa
 from specdec.drafters import checkpoint as ckpt
+from specdec.drafters import family as families
+from specdec.drafters.family import Family
 from specdec.models.config import ModelConfig
 from specdec.train import losses
 from specdec.train.features import FeatureSet
@@ -41,7 +42,14 @@ from specdec.train.features import FeatureSet
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    family: str  # "medusa" | "amphista" | "eagle" (EAGLE-1/2) | "eagle3" | "falcon" | "dflash"
+    """A training run's general settings, and its family's own options (`options`).
+
+    `family` is a registry name (`specdec.drafters.family.FAMILIES`: "medusa", "amphista", "eagle"
+    (EAGLE-1/2), "eagle3", "falcon", "dflash", or a registered plugin); `options` is that family's
+    options dataclass (`Family.options`), a mapping of some of its fields (the rest default), or None
+    (all defaults). An option of another family is refused (ValueError)."""
+
+    family: str
     steps: int = 1000
     batch_size: int = 4
     seq_len: int = 512
@@ -50,24 +58,30 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip: float = 0.5
     seed: int = 0
-    heads: int = 4  # Medusa, Amphista
-    own_heads: bool = False  # Medusa: per-head LM heads instead of the target's shared head
-    ttt_steps: int = 3  # EAGLE-3
-    noise: float = 0.1  # EAGLE-1 feature noise
-    align_steps: int = 1  # EAGLE-1: HASS context-alignment steps (1 = teacher-forced only)
     loss: str = "ce"  # divergence to the target distribution: ce | tv | lk (losses.py)
-    dflash_layers: int = 3  # DFlash draft layers
-    block_size: int = 16  # DFlash block: anchor + block_size - 1 drafted positions
-    num_anchors: int = 32  # DFlash anchors per sequence
-    falcon_k: int = 2  # Falcon: tokens per semi-autoregressive pass
-    dflash_weighting: str = "decay"  # decay (exp(-(k-1)/gamma)) | dpace
-    dflash_gamma: float = 7.0
-    dflash_init: str = "random"  # random | target (the target's last layers, dflash.init_from_target)
     draft_vocab: int | None = 8192
     heldout: int = 32  # sequences held out (the last ones of the feature set)
     eval_every: int = 200
     save_every: int = 100
     init_from: str | None = None  # a drafter checkpoint folder to start from (fine-tuning; its d2t kept)
+    options: Any = None  # the family's options (see above)
+
+    def __post_init__(self):
+        fam = families.lookup(self.family)
+        opts = self.options
+        if opts is None or isinstance(opts, Mapping):
+            opts = fam.make_options(opts)
+        elif type(opts) is not fam.options:
+            raise ValueError(
+                f"options {type(opts).__name__} are not those of {self.family} ({fam.options.__name__})"
+            )
+        object.__setattr__(self, "options", opts)
+
+    def record(self) -> dict:
+        """The settings as one flat dict (general fields and the family's options): `drafter.json`'s
+        training.train_config."""
+        general = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        return {**general, **dataclasses.asdict(self.options)}
 
 
 def draft_vocab(counts: np.ndarray, size: int | None) -> np.ndarray | None:
@@ -122,65 +136,39 @@ class Batches:
 
 
 def build(tc: TrainConfig, target_cfg: ModelConfig, target_params, d2t, key):
-    """(family, drafter config, trainable params, frozen params, loss fn(params, batch, t2d, key))."""
-    vd = None if d2t is None else len(d2t)
+    """(family, drafter config, trainable params, frozen params, loss fn(params, batch, t2d, key)).
+
+    The family's `build` gives the config, params and loss; the frozen arrays are the target's head
+    at `d2t` ("target_head", for soft targets), the arrays the family shares with the target
+    (`Family.shares`: "embed", "head" = the head rows at `d2t`, as `checkpoint.bind` adds them at
+    load time) and any the build adds."""
+    family = families.lookup(tc.family)
     head = ckpt.target_head(target_params)
     head_d = head if d2t is None else jnp.take(head, jnp.asarray(d2t), axis=1)
+    target = families.TrainTarget(cfg=target_cfg, params=target_params, d2t=d2t, head=head_d)
+    built = family.build(tc.options, tc, target, key)
+    if not isinstance(built.config, family.config) or not family.claims(built.config):
+        raise TypeError(
+            f"family {family.name}: its build gave a {type(built.config).__name__} that its entry does not "
+            f"claim (config {family.config.__name__}, variant {dict(family.variant)})"
+        )
+    shares = family.shared(built.config)
     frozen = {"target_head": head_d}
-    if tc.family == "medusa":
-        cfg = medusa.MedusaConfig.for_target(target_cfg, tc.heads, vd, tc.own_heads)
-        params = medusa.init_params(cfg, key, head_d if tc.own_heads else None)
-        if not tc.own_heads:
-            frozen["head"] = head_d
-        return "medusa", cfg, params, frozen, functools.partial(losses.medusa_loss, cfg=cfg, loss=tc.loss)
-    if tc.family == "amphista":
-        cfg = amphista.AmphistaConfig.for_target(target_cfg, tc.heads, vd, tc.own_heads)
-        params = amphista.init_params(cfg, key, head_d if tc.own_heads else None)
+    if "embed" in shares:
         frozen["embed"] = target_params["embed"]
-        if not tc.own_heads:
-            frozen["head"] = head_d
-        return "amphista", cfg, params, frozen, functools.partial(losses.amphista_loss, cfg=cfg, loss=tc.loss)
-    if tc.family == "falcon":
-        cfg = falcon.FalconConfig.for_target(target_cfg, 1, vd, k=tc.falcon_k)
-        params = eagle.init_params(cfg, key)
-        frozen.update(embed=target_params["embed"], head=head_d)
-        fn = functools.partial(
-            losses.falcon_loss, cfg=cfg, noise=tc.noise, loss=tc.loss, total_steps=tc.steps
-        )
-        return "falcon", cfg, params, frozen, fn
-    if tc.family == "dflash":
-        cfg = dflash.DFlashConfig.for_target(target_cfg, tc.dflash_layers, tc.block_size, vd)
-        if tc.dflash_init == "target":
-            params = dflash.init_from_target(cfg, key, target_params)
-        else:
-            params = dflash.init_params(cfg, key)
-        frozen.update(embed=target_params["embed"], head=head_d)
-        fn = functools.partial(losses.dflash_loss, cfg=cfg, num_anchors=tc.num_anchors, gamma=tc.dflash_gamma,
-                               weighting=tc.dflash_weighting, loss=tc.loss,
-                               tap_final=target_cfg.num_layers)  # fmt: skip
-        return "dflash", cfg, params, frozen, fn
-    version = 1 if tc.family == "eagle" else 3
-    cfg = eagle.EagleConfig.for_target(target_cfg, version, vd)
-    params = eagle.init_params(cfg, key, head_d if version == 3 else None)
-    frozen["embed"] = target_params["embed"]
-    if version == 1:
+    if "head" in shares:
         frozen["head"] = head_d
-        fn = functools.partial(losses.eagle1_loss, cfg=cfg, noise=tc.noise, loss=tc.loss,
-                               align_steps=tc.align_steps)  # fmt: skip
-    else:
-        fn = functools.partial(
-            losses.eagle3_loss, cfg=cfg, ttt_steps=tc.ttt_steps, tap_final=target_cfg.num_layers, loss=tc.loss
-        )
-    return "eagle", cfg, params, frozen, fn
+    frozen.update(built.frozen)
+    return family, built.config, built.params, frozen, built.loss
 
 
-def warm_start(path, meta: dict, loaded: dict, family: str, dcfg, params: dict) -> dict:
+def warm_start(path, meta: dict, loaded: dict, family: Family, dcfg, params: dict) -> dict:
     """`params` replaced by a checkpoint's (`ckpt.read(path)`: same family and config, else a
     one-line error)."""
     loaded = {k: v for k, v in loaded.items() if k != "d2t"}
     have = ckpt.make_config(meta)
     fix = "pass the flags it was trained with (its drafter.json has the command) or drop --init_from"
-    if meta["family"] != family or type(have) is not type(dcfg):
+    if meta["family"] != family.stored or type(have) is not type(dcfg):
         raise ckpt.DrafterCheckpointError(
             f"--init_from {path} is a {type(have).__name__}, this run trains a {type(dcfg).__name__}: {fix}"
         )
@@ -279,7 +267,7 @@ def train(
     @jax.jit
     def step_fn(state, frozen, batch, key):
         def f(p):
-            extra = {"step": state["step"]} if family == "falcon" else {}  # CSGD's glancing schedule
+            extra = {"step": state["step"]} if family.loss_takes_step else {}  # e.g. Falcon's CSGD schedule
             return loss_fn(_runtime(p, frozen), batch=batch, t2d=t2d, key=key, **extra)
 
         (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(state["params"])
@@ -288,9 +276,9 @@ def train(
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss, metrics
 
     @jax.jit
-    def eval_fn(params, frozen, batch):
-        return loss_fn(_runtime(params, frozen), batch=batch, t2d=t2d, key=jax.random.PRNGKey(0), **(
-            {"noise": 0.0} if family in ("eagle", "falcon") and dcfg.version == 1 else {}))  # fmt: skip
+    def eval_fn(params, frozen, batch):  # e.g. EAGLE-1's and Falcon's features without noise
+        return loss_fn(_runtime(params, frozen), batch=batch, t2d=t2d, key=jax.random.PRNGKey(0),
+                       **family.eval_kwargs)  # fmt: skip
 
     batches = Batches(fs, train_idx, tc.batch_size, tc.seq_len, tc.seed)
     held = Batches(fs, held_idx, tc.batch_size, tc.seq_len, tc.seed)
@@ -340,13 +328,13 @@ def train(
         ev = next((h["heldout"] for h in reversed(history) if "heldout" in h), None) or evaluate(
             state["params"]
         )
-        training = {"command": command, "train_config": dataclasses.asdict(tc), "steps": final,
+        training = {"command": command, "train_config": tc.record(), "steps": final,
                     "tokens_seen": final * tc.batch_size * tc.seq_len, "heldout": ev,
                     "features": fs.manifest.get("num_examples")}  # fmt: skip
         params_host = jax.device_get(state["params"])
         ckpt.save(
             out / "drafter",
-            family,
+            family.stored,
             dcfg,
             params_host,
             ckpt.target_info(target_params, target_cfg, target_source),
