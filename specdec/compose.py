@@ -8,6 +8,7 @@ problem and the fix, instead of compiling into a decode that degrades without a 
   * a tree deeper than the drafter drafts (Medusa's heads, DFlash's block, n-gram's proposal);
   * a verifier that cannot take the tree's sibling mode (SpecInfer and SpecTr need i.i.d. siblings);
   * the greedy verifier at temperature > 0 (it emits the target's argmax: not the target's sampling);
+  * a chain-only verifier (block verification) with a tree that has siblings;
   * params grouped for another mesh.
 
 Cache sizing for the attention kind (flash needs a tiling size) is the host driver's
@@ -90,7 +91,12 @@ def _say(note: str) -> None:
 def _check_verifier(sampling: SamplingConfig, builder, verifier) -> None:
     from specdec.verifiers import requirements
 
-    modes, greedy_only = requirements(verifier)
+    modes, greedy_only, chain_only = requirements(verifier)
+    if chain_only and builder.num_nodes != builder.max_depth + 1:  # N = depth + 1 nodes: a chain
+        raise CompositionError(
+            f"the verifier {_name(verifier)} verifies one drafted chain, but the tree {_name(builder)} "
+            f"has {builder.num_nodes} nodes over {builder.max_depth} depths; use chain:K or chain:K,sample"
+        )
     if greedy_only and not sampling.greedy:
         raise CompositionError(
             f"the verifier {_name(verifier)} is the temperature-0 verifier (it emits the target's argmax); "

@@ -59,6 +59,9 @@ def test_refuses_a_verifier_that_cannot_take_the_trees_siblings(model):
     ):
         make_spec(CFG, T1, d, parse_tree("rsd:2,2"), get_verifier("spectr"))
     make_spec(CFG, T1, d, parse_tree("rsd:2,2"), get_verifier("rrs"))  # fits
+    with pytest.raises(CompositionError, match="block_verify verifies one drafted chain.*use chain:K"):
+        make_spec(CFG, T1, d, parse_tree("rsd:2,2"), get_verifier("block"))
+    make_spec(CFG, T1, d, parse_tree("chain:3,sample"), get_verifier("block"))
     with pytest.raises(CompositionError, match="temperature-0 verifier"):
         make_spec(CFG, T1, d, parse_tree("chain:3"), get_verifier("greedy"))
     make_spec(CFG, T0, d, parse_tree("chain:3"), get_verifier("greedy"))

@@ -205,6 +205,7 @@ def emitted(world, tree, verifier, sampling, seed=0):
 
 CASES = [  # (tree, verifier, sampling): every tree kind, every lossless verifier, three sampling settings
     ("chain:2,sample", "speculative", T1),
+    ("chain:2,sample", "block", T1),  # block verification: the longest passing prefix
     # deterministic siblings (auto: target-only), pruned node by node by a batch budget: the 3000
     # depth-1 drafts and the 1500 most confident depth-2 ones are verified
     ("chain:2+budget:4500", "auto", T12P),

@@ -8,8 +8,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
+from specdec.verifiers import block, rrs, spectr, walk
 from specdec.verifiers import get_verifier as get
-from specdec.verifiers import rrs, spectr, walk
 from tests.verifier_toy import FAIL_P, IID, T07K, T1, T13P, WOR, Drafting, bfs_layout, check
 
 
@@ -72,6 +72,14 @@ def topk_drafts_as_sampled(mp):
 def iid_rrs_without_duplicate_skip(mp):
     """i.i.d. drafts through RRS without skipping repeated tokens."""
     return check(rrs_no_skip, (4,), IID, T07K)
+
+
+@control
+def block_first_failure(mp):
+    """Block verification's thresholds with token verification's stopping rule (the prefix before
+    the first failing coin instead of the longest passing prefix): a biased half-conversion."""
+    mp.setattr(block, "longest_passing", lambda passed: jnp.sum(jnp.cumprod(passed, axis=1), axis=1))
+    return check(fresh(get("block")), (1, 1, 1), WOR, T1)
 
 
 @control

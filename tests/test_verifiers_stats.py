@@ -28,6 +28,9 @@ LOSSLESS_CASES = [
     ("spectr", (4,), IID, T1),
     ("spectr", (3, 2), IID, T07K),
     ("spectr", (2, 2, 2), IID, T13P),
+    ("block", (1, 1, 1), WOR, T1),  # block verification: chains of sampled drafts
+    ("block", (1, 1), IID, T07K),
+    ("block", (1, 1, 1), DET, T13P),  # rank-chosen drafts: q a point mass
 ]
 
 

@@ -39,7 +39,9 @@ flags.DEFINE_string(
     "tree", "chain:4", "Tree builder: chain:K, static:medusa63, dynamic:depth=5,topk=8,n=32, ..."
 )
 flags.DEFINE_string(
-    "verifier", "auto", "auto (lossless, fits the tree), greedy, rrs, specinfer, target_only, ..."
+    "verifier",
+    "auto",
+    "auto (lossless, fits the tree), greedy, rrs, block (chains), specinfer, target_only, ...",
 )
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. data=2,model=4 (default: one device; docs/sharding.md).")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of the text.")

@@ -8,8 +8,9 @@ target's sampling distribution exactly (all but "typical"). "auto" (`auto_verify
 loop's default) picks a lossless verifier for any tree. See docs/verifiers.md.
 """
 
-from specdec.verifiers import auto, greedy, rrs, specinfer, spectr, speculative, target_only, typical
+from specdec.verifiers import auto, block, greedy, rrs, specinfer, spectr, speculative, target_only, typical
 from specdec.verifiers.auto import auto_verify
+from specdec.verifiers.block import block_verify
 from specdec.verifiers.greedy import greedy_verify
 from specdec.verifiers.protocol import Verdict, Verifier
 from specdec.verifiers.rrs import rrs_verify
@@ -28,6 +29,7 @@ VERIFIERS: dict[str, Verifier] = {
     "target_only": target_only_verify,
     "typical": typical_verify,
     "spectr": spectr_verify,
+    "block": block_verify,
 }
 _MODULES = {
     "auto": auto,
@@ -38,20 +40,21 @@ _MODULES = {
     "target_only": target_only,
     "typical": typical,
     "spectr": spectr,
+    "block": block,
 }
 LOSSLESS: dict[str, bool] = {name: m.LOSSLESS for name, m in _MODULES.items()}
 SIBLING_MODES: dict[str, tuple[str, ...]] = {name: m.SIBLING_MODES for name, m in _MODULES.items()}
 
 
-def requirements(verifier) -> tuple[tuple[str, ...] | None, bool]:
+def requirements(verifier) -> tuple[tuple[str, ...] | None, bool, bool]:
     """(sibling modes the verifier accepts, or None if it does not say; whether it is the
-    temperature-0 verifier). Registered verifiers declare them in their module (`SIBLING_MODES`,
-    `GREEDY_ONLY`); a user's verifier may carry the same names as attributes."""
+    temperature-0 verifier; whether it verifies chains only). Registered verifiers declare them in
+    their module (`SIBLING_MODES`, `GREEDY_ONLY`, `CHAIN_ONLY`); a user's verifier may carry the
+    same names as attributes."""
     name = next((n for n, v in VERIFIERS.items() if v is verifier), None)
-    if name is not None:
-        module = _MODULES[name]
-        return module.SIBLING_MODES, getattr(module, "GREEDY_ONLY", False)
-    return getattr(verifier, "SIBLING_MODES", None), getattr(verifier, "GREEDY_ONLY", False)
+    source = _MODULES[name] if name is not None else verifier
+    return (getattr(source, "SIBLING_MODES", None), getattr(source, "GREEDY_ONLY", False),
+            getattr(source, "CHAIN_ONLY", False))  # fmt: skip
 
 
 def get_verifier(name: str) -> Verifier:
@@ -64,6 +67,7 @@ def get_verifier(name: str) -> Verifier:
 
 __all__ = [
     "auto_verify",
+    "block_verify",
     "LOSSLESS",
     "SIBLING_MODES",
     "VERIFIERS",
