@@ -77,8 +77,9 @@ def make_spec(
             f"most {limit} depths; use a tree of depth <= {limit} (e.g. chain:{limit})"
         )
     _check_verifier(sampling, builder, verifier)
-    if drafter_contract.option(drafter, "fallback"):
-        _say(drafter_contract.option(drafter, "fallback"))
+    fallback = drafter_contract.option(drafter, "fallback")
+    if fallback:
+        _say(fallback)
     return Spec(cfg, sampling, drafter, builder, verifier, mesh, check=check, trace=trace)
 
 

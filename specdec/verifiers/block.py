@@ -31,7 +31,7 @@ from specdec.tree import Tree
 from specdec.verifiers import walk as tree_walk
 from specdec.verifiers.greedy import greedy_verify
 from specdec.verifiers.protocol import Verdict
-from specdec.verifiers.walk import emit, require_modes, safe_norm
+from specdec.verifiers.walk import chain_drafts, chain_verdict, require_modes, safe_norm
 
 LOSSLESS = True
 SIBLING_MODES = ("deterministic", "without_replacement", "iid")  # one child per node: a draw from q
@@ -55,15 +55,8 @@ def block_verify(
     b, n, v = target_logits.shape
     coins, emit_u = tree_walk.uniforms(key, b, n)
     p = probabilities(target_logits, sampling)  # [B, N, V]: p[:, i] is the target law after node i
-    x = tree.tokens[:, 1:]  # x[:, i] = X_{i+1}, drafted at node i
-    links = tree.valid[:, 1:] & (tree.parents[:, 1:] == jnp.arange(n - 1)) & (x >= 0)
-    links = jnp.cumprod(links, axis=1).astype(bool)  # the chain ends at its first broken link
+    x, links, q = chain_drafts(tree, v)  # x[:, i] = X_{i+1}, drafted at node i from q[:, i] = q_{i+1}
     count = jnp.sum(links, axis=1)  # n per row (drafts that exist)
-    x = jnp.where(links, x, 0)
-    if tree.sibling_mode == "deterministic":
-        q = jax.nn.one_hot(x, v, dtype=jnp.float32)  # rank-chosen drafts: q is a point mass
-    else:
-        q = tree.draft_probs[:, :-1].astype(jnp.float32)  # q[:, i] = q_{i+1}
     take = lambda a: jnp.take_along_axis(a, x[..., None], axis=-1)[..., 0]  # noqa: E731
     log_r = jnp.where(links, jnp.log(take(p[:, :-1])) - jnp.log(take(q)), 0.0)  # [B, n-1]
     s = jnp.concatenate([jnp.zeros((b, 1)), jnp.cumsum(log_r, axis=1)], axis=1)  # S_0..S_{n-1}
@@ -88,7 +81,4 @@ def block_verify(
         dist = jnp.where((tau < count)[:, None], corrected, bonus)
     else:  # a lone root: only the bonus token
         dist = bonus
-    next_token = jax.vmap(lambda u, d: emit(u, d, sampling))(emit_u, dist)
-    d = jnp.arange(tree.max_depth + 1)
-    path = jnp.where(d[None, :] <= tau[:, None], d[None, :], 0).astype(jnp.int32)
-    return Verdict(path=path, n_accepted=tau, next_token=next_token)
+    return chain_verdict(tau, dist, emit_u, sampling, tree.max_depth)

@@ -25,7 +25,7 @@ from specdec.sampling import SamplingConfig, probabilities
 from specdec.tree import Tree
 from specdec.verifiers import walk as tree_walk
 from specdec.verifiers.protocol import Verdict
-from specdec.verifiers.walk import emit, require_modes, safe_norm
+from specdec.verifiers.walk import chain_drafts, chain_verdict, require_modes, safe_norm
 
 LOSSLESS = True
 SIBLING_MODES = ("deterministic", "without_replacement", "iid")
@@ -39,15 +39,7 @@ def speculative_verify(
     b, n, v = target_logits.shape
     coins, emit_u = tree_walk.uniforms(key, b, n)  # the same coins the tree verifiers use
     p = probabilities(target_logits, sampling)  # [B, N, V]
-    x = tree.tokens[:, 1:]  # x[:, i] was drawn at node i
-    links = tree.valid[:, 1:] & (tree.parents[:, 1:] == jnp.arange(n - 1)) & (x >= 0)
-    links = links & (jnp.arange(1, n) <= tree.max_depth)
-    links = jnp.cumprod(links, axis=1).astype(bool)  # the chain ends at its first broken link
-    x = jnp.where(links, x, 0)
-    if tree.sibling_mode == "deterministic":
-        q = jax.nn.one_hot(x, v, dtype=jnp.float32)  # q at node i, shifted onto the drafted token
-    else:
-        q = tree.draft_probs[:, :-1].astype(jnp.float32)
+    x, links, q = chain_drafts(tree, v)  # x[:, i] was drawn at node i, from q[:, i]
     take = lambda a: jnp.take_along_axis(a, x[..., None], axis=-1)[..., 0]
     p_x, q_x = take(p[:, :-1]), take(q)
     coins = coins[:, 1:]  # the coin of node i + 1
@@ -63,7 +55,4 @@ def speculative_verify(
         dist = jnp.where(rejected[:, None], residual, p_n)
     else:  # a lone root: only the bonus token
         dist = p_n
-    next_token = jax.vmap(lambda u, d: emit(u, d, sampling))(emit_u, dist)
-    d = jnp.arange(tree.max_depth + 1)
-    path = jnp.where(d[None, :] <= n_acc[:, None], d[None, :], 0).astype(jnp.int32)
-    return Verdict(path=path, n_accepted=n_acc, next_token=next_token)
+    return chain_verdict(n_acc, dist, emit_u, sampling, tree.max_depth)

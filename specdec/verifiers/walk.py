@@ -87,6 +87,32 @@ def first_true(mask: Bool[Array, " N"]) -> Int[Array, ""]:
     return jnp.where(jnp.any(mask), jnp.argmax(mask), -1).astype(jnp.int32)
 
 
+def chain_drafts(tree: Tree, vocab: int):
+    """The drafted chain of `tree` for the chain verifiers: (x [B, N-1] the drafts, node i's child
+    at x[:, i]; links [B, N-1] which exist, up to the chain's first broken link; q [B, N-1, V] the
+    law each was drawn from, a point mass for rank-chosen drafts). Absent drafts read token 0."""
+    n = tree.num_nodes
+    x = tree.tokens[:, 1:]
+    links = tree.valid[:, 1:] & (tree.parents[:, 1:] == jnp.arange(n - 1)) & (x >= 0)
+    links = links & (jnp.arange(1, n) <= tree.max_depth)
+    links = jnp.cumprod(links, axis=1).astype(bool)  # the chain ends at its first broken link
+    x = jnp.where(links, x, 0)
+    if tree.sibling_mode == "deterministic":
+        q = jax.nn.one_hot(x, vocab, dtype=jnp.float32)
+    else:
+        q = tree.draft_probs[:, :-1].astype(jnp.float32)
+    return x, links, q
+
+
+def chain_verdict(n_accepted: Int[Array, " B"], dist: Float[Array, "B V"], emit_u: Float[Array, " B"],
+                  sampling: SamplingConfig, max_depth: int) -> Verdict:  # fmt: skip
+    """The Verdict of a chain verifier: the first `n_accepted` drafts and one token from `dist`."""
+    next_token = jax.vmap(lambda u, d: emit(u, d, sampling))(emit_u, dist)
+    d = jnp.arange(max_depth + 1)
+    path = jnp.where(d[None, :] <= n_accepted[:, None], d[None, :], 0).astype(jnp.int32)
+    return Verdict(path=path, n_accepted=n_accepted, next_token=next_token)
+
+
 def require_modes(tree: Tree, name: str, modes: tuple[str, ...]) -> None:
     """Trace-time checks: the sibling mode is one `name` supports, and q is recorded if needed."""
     if tree.sibling_mode not in modes:
