@@ -51,11 +51,10 @@ def check_flags(flag_values: flags.FlagValues, *, sampling: tuple[str | None, st
             values[option] = defaults[option] if name is None else flag_values[name].value
             names[option] = option if name is None else f"--{name}"
         check_sampling(**values, names=names)
-    seen = set()
-    for flag in flag_values._flags().values():  # keyed by name and short name: once each
-        if id(flag) in seen or not isinstance(flag.parser, flags.FloatParser):
+    for name in flag_values:  # every flag once, by its name
+        flag = flag_values[name]
+        if flag.name != name or not isinstance(flag.parser, flags.FloatParser):
             continue
-        seen.add(id(flag))
         v = flag.value
         if v is not None and not math.isfinite(v):
             lo, hi = flag.parser.lower_bound, flag.parser.upper_bound
