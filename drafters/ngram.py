@@ -7,6 +7,13 @@ Training-free and model-free. For each row, the longest suffix of the committed 
 is off the proposal, they are uniform (an honest q if a builder samples from it).
 `should_draft` lets the decode loop take a plain AR step when no row has a proposal, so a miss
 costs one T = 1 forward instead of a whole verification block.
+
+Adaptive lengths (`chain:K+adaptive`, `specdec.trees.adaptive`) read `acceptance`: a training-free
+estimate of each proposed token's acceptance from the match length n and the row's history. Per
+row and per n, decayed counts of verified proposal tokens (trials) and accepted ones (hits) give
+â = (hits + 1) / (trials + 2); a step's trials are its accepted tokens plus the first rejected
+one. Only committed history enters it (past verdicts), never this step's target draws, so the
+length it picks keeps the loop lossless.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import dataclasses
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from specdec.context import Context
 from specdec.tree import Tree
@@ -28,6 +35,9 @@ _OFF = -1e9  # logit of every token but the proposed one: softmax gives an exact
 class NGramState:
     proposal: Int[Array, "B K"]
     ok: Bool[Array, "B K"]  # proposal[b, k] exists
+    match_n: Int[Array, " B"]  # length of the matched suffix (0: no match)
+    hits: Float[Array, "B M"]  # decayed accepted proposal tokens, by match length 0..max_n
+    trials: Float[Array, "B M"]  # decayed verified proposal tokens, by match length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +48,8 @@ class NGram:
     min_n: int = 1
     adaptive: bool = True  # skip drafting (AR step) when no row has a proposal
     taps: tuple[int, ...] = ()
+    decay: float = 0.9  # per-step decay of the acceptance history (adaptive lengths)
+    measured_threshold: float | None = 0.5  # h for adaptive lengths, measured on MT-Bench (docs/trees.md)
 
     @property
     def fallback(self) -> str:
@@ -52,11 +64,33 @@ class NGram:
             f"drafts nothing useful that step (uniform draft logits, verified losslessly); {skip}"
         )
 
+    def threshold(self, sampling) -> float | None:
+        """The stop threshold h measured for `acceptance` (the same at every temperature: the
+        proposal is deterministic)."""
+        return self.measured_threshold
+
+    def acceptance(self, params, state: NGramState, ctx: Context, tree: Tree, nodes, sampling):
+        """â of each node's token: the row's acceptance rate for proposals of this match length
+        (module doc); 0 for a node off the proposal (it was drafted from a uniform q)."""
+        k = self.max_depth
+        depth = jnp.take_along_axis(tree.depth, nodes, axis=1)
+        tok = jnp.take_along_axis(tree.tokens, nodes, axis=1)
+        prop = jnp.take_along_axis(state.proposal, jnp.clip(depth - 1, 0, k - 1), axis=1)
+        on = (
+            (depth >= 1)
+            & (tok == prop)
+            & jnp.take_along_axis(state.ok, jnp.clip(depth - 1, 0, k - 1), axis=1)
+        )
+        n = state.match_n[:, None]
+        rate = (jnp.take_along_axis(state.hits, n, 1) + 1) / (jnp.take_along_axis(state.trials, n, 1) + 2)
+        return jnp.where(on, rate, 0.0)
+
     def _lookup(self, ctx: Context) -> NGramState:
         b, s = ctx.tokens.shape
         k = self.max_depth
         pos = jnp.arange(s)
         best_start = jnp.full((b,), -1)
+        match_n = jnp.zeros((b,), jnp.int32)
         for n in range(self.min_n, self.max_n + 1):  # longer matches overwrite shorter ones
             suffix = jnp.take_along_axis(
                 ctx.tokens, jnp.maximum(ctx.lengths[:, None] - n + jnp.arange(n), 0), 1
@@ -69,17 +103,20 @@ class NGram:
             match &= (pos[None, :] + n < ctx.lengths[:, None]) & (ctx.lengths[:, None] >= n)
             latest = jnp.max(jnp.where(match, pos[None, :], -1), axis=1)
             best_start = jnp.where(latest >= 0, latest + n, best_start)  # proposal starts after the match
+            match_n = jnp.where(latest >= 0, n, match_n)
         idx = best_start[:, None] + jnp.arange(k)[None, :]
         ok = (best_start[:, None] >= 0) & (idx < ctx.lengths[:, None])
         proposal = jnp.take_along_axis(ctx.tokens, jnp.clip(idx, 0, s - 1), axis=1)
-        return NGramState(proposal=jnp.where(ok, proposal, 0), ok=ok)
+        return jnp.where(ok, proposal, 0), ok, match_n
 
     def _logits(self, token, ok):
         onehot = jax.nn.one_hot(token, self.vocab_size, dtype=bool)
         return jnp.where(ok[..., None], jnp.where(onehot, 0.0, _OFF), 0.0)
 
     def init(self, params, ctx: Context, prompt, prefill_taps, cache_size: int, *, window: int) -> NGramState:
-        return self._lookup(ctx)
+        proposal, ok, match_n = self._lookup(ctx)
+        zeros = jnp.zeros((ctx.lengths.shape[0], self.max_n + 1), jnp.float32)
+        return NGramState(proposal=proposal, ok=ok, match_n=match_n, hits=zeros, trials=zeros)
 
     def should_draft(self, params, state: NGramState, ctx: Context) -> Bool[Array, " B"]:
         """Rows with a proposal; when none has one the loop takes a plain AR step (T = 1)."""
@@ -103,5 +140,16 @@ class NGram:
         return self._logits(nxt, nxt_ok & on_path), state
 
     def update(self, params, state: NGramState, ctx: Context, tree: Tree, verdict, taps) -> NGramState:
+        # The verdict on this step's proposal joins the history of its match length: the accepted
+        # proposal tokens, plus the first rejected one when the proposal went further.
+        drafted = jnp.max(jnp.where(tree.valid, tree.depth, 0), axis=1)
+        drafted = jnp.minimum(drafted, jnp.sum(state.ok, axis=1))  # nodes past the proposal are not its
+        hits = jnp.minimum(verdict.n_accepted, drafted).astype(jnp.float32)
+        trials = jnp.minimum(verdict.n_accepted + 1, drafted).astype(jnp.float32)
+        at = jax.nn.one_hot(state.match_n, self.max_n + 1) * (state.match_n > 0)[:, None]
+        decay = jnp.where(at > 0, self.decay, 1.0)  # only the match length that drafted ages
+        new_hits = state.hits * decay + at * hits[:, None]
+        new_trials = state.trials * decay + at * trials[:, None]
         # One lookup per step, on the new context: `should_draft` and `begin` read it.
-        return self._lookup(ctx)
+        proposal, ok, match_n = self._lookup(ctx)
+        return NGramState(proposal=proposal, ok=ok, match_n=match_n, hits=new_hits, trials=new_trials)

@@ -44,6 +44,11 @@ class TurnRecord:
     tokens: tuple[int, ...] = ()  # the generated ids (for the lossless check)
     batch_size: int = 1
     call: int = 0  # id of the generate call (rows of one batched call share it and its wall time)
+    # The call's drafter calls, verification widths and loop steps, on its first row only (0 on the
+    # others): drafter calls per step and verified tokens per row per step, pooled.
+    draft_calls: int = 0
+    verify_width: int = 0
+    loop_steps: int = 0
 
     @property
     def key(self) -> Key:
@@ -192,3 +197,11 @@ def acceptance_per_depth(hist: Sequence[int]) -> list[float]:
 def finite_or_none(x: float | None) -> float | None:
     """JSON-safe: NaN/inf become None."""
     return None if x is None or not math.isfinite(x) else x
+
+
+def step_costs(recs: Sequence[TurnRecord]) -> tuple[float, float]:
+    """(drafter calls per loop step, verified tokens per row per loop step), pooled over calls."""
+    steps = sum(r.loop_steps for r in recs)
+    if not steps:
+        return float("nan"), float("nan")
+    return sum(r.draft_calls for r in recs) / steps, sum(r.verify_width for r in recs) / steps

@@ -298,6 +298,9 @@ def run_eval(
                             new_tokens=len(toks), wall_time=dt, steps=int(out.row_steps[j]),
                             step_tokens=max(len(toks) - 1, 0), tokens=tuple(toks),
                             batch_size=len(rows), call=call,
+                            draft_calls=out.draft_calls if j == 0 else 0,
+                            verify_width=out.verify_width if j == 0 else 0,
+                            loop_steps=out.steps if j == 0 else 0,
                         ))  # fmt: skip
                     bar.update(len(rows))
                 res.records[lab] += new_records

@@ -22,6 +22,7 @@ from specdec.eval.metrics import (
     finite_or_none,
     mean_accepted,
     mismatches,
+    step_costs,
     summarize,
     throughput,
 )
@@ -81,6 +82,13 @@ def build_metrics(res: EvalResult) -> dict:
             "accepted_hist": res.hists[lab],
             "mean_accepted": mean_accepted(res.hists[lab]),
             "acceptance_per_depth": acceptance_per_depth(res.hists[lab]),
+            **dict(
+                zip(
+                    ("draft_calls_per_step", "verify_width_per_step"),
+                    step_costs(res.records[lab]),
+                    strict=True,
+                )
+            ),
             "compile_seconds": res.compile_seconds[lab],
             "warmup_seconds": res.warmup_seconds[lab],
             "timed_compiles": res.timed_compiles[lab],
@@ -175,8 +183,9 @@ def tables(m: dict) -> str:
     """Markdown: one row per method (overall), then one row per category (speedup and τ per method)."""
     labels = list(m["methods"])
     lines = [
-        "| method | tok/s | baseline tok/s | speedup | τ | mismatching turns | compile s |",
-        "|---|---|---|---|---|---|---|",
+        "| method | tok/s | baseline tok/s | speedup | τ | drafter calls / step | verified width / step "
+        "| mismatching turns | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for lab, r in m["methods"].items():
         mism = "n/a (T>0)" if r["lossless_mismatches"] is None else str(r["lossless_mismatches"])
@@ -185,7 +194,9 @@ def tables(m: dict) -> str:
         lines.append(
             f"| {_md(lab)} | {_pm(r['method_tokens_per_s'], r['method_tokens_per_s_std'], 1)} | "
             f"{_pm(r['baseline_tokens_per_s'], r['baseline_tokens_per_s_std'], 1)} | "
-            f"{_pm(r['speedup'], r['speedup_std'], 2, '×')} | {_pm(r['tau'], None)} | {mism} | "
+            f"{_pm(r['speedup'], r['speedup_std'], 2, '×')} | {_pm(r['tau'], None)} | "
+            f"{_pm(r.get('draft_calls_per_step'), None)} | {_pm(r.get('verify_width_per_step'), None)} | "
+            f"{mism} | "
             f"{r['compile_seconds']:.1f} |"
         )
     short = ["" if len(labels) == 1 else f"m{i + 1} " for i in range(len(labels))]

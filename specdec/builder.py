@@ -25,6 +25,11 @@ Optional members (`OPTIONAL`, read through `option`): a builder that lacks one g
                                      take that mode be refused before compiling. Without it the
                                      verifier checks the traced tree.
     spec: str                        the CLI string that builds it (`specdec.trees.parse_tree`).
+    widths: tuple[int, ...] | None   verification block widths to compile, ascending, the last =
+                                     num_nodes: the loop verifies each step in the smallest width
+                                     that holds every running row's valid nodes (so the builder
+                                     keeps valid nodes in front: `specdec.tree.compact`). None = the
+                                     whole tree every step. Adaptive lengths declare them.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from specdec.sampling import SamplingConfig
 from specdec.tree import Tree
 
 REQUIRED = ("num_nodes", "max_depth", "window")
-OPTIONAL: dict[str, Any] = {"budget": None, "sibling_mode": None, "spec": None}
+OPTIONAL: dict[str, Any] = {"budget": None, "sibling_mode": None, "spec": None, "widths": None}
 
 
 class TreeBuilder(Protocol):

@@ -56,6 +56,8 @@ class DecodeState:
     row_steps: Int[Array, " B"]  # target forwards while the row was running
     accepted_hist: Int[Array, " D2"]  # row-steps by tokens emitted (index 1..max_depth+1)
     error: Int[Array, " 3"]  # (step, row, code) of the first broken invariant; code 0 = none
+    draft_calls: Int[Array, ""]  # drafter calls (begin + expands) summed over steps
+    verify_width: Int[Array, ""]  # verification block widths (tokens per row) summed over steps
     records: StepRecords | None = None  # per-step trees and verdicts (`Spec.trace`)
 
     @property
@@ -103,6 +105,13 @@ class Spec:
     def budget(self) -> int | None:
         return None if self.drafter is None else builder_contract.option(self.builder, "budget")
 
+    @property
+    def widths(self) -> tuple[int, ...] | None:
+        """Compiled verification widths (`TreeBuilder.widths`); None = always the whole tree."""
+        if self.drafter is None or self.budget:
+            return None
+        return builder_contract.option(self.builder, "widths")
+
 
 def emit(state: DecodeState, new: Int[Array, "B K"], count: Int[Array, " B"], eos_ids, max_new):
     """Append `new[b, :count[b]]` to each running row, stopping after EOS or at max_new."""
@@ -143,6 +152,8 @@ def _prefill(params, dparams, prompt, prompt_lens, key, eos_ids, max_new, *, spe
         row_steps=jnp.zeros((b,), jnp.int32),
         accepted_hist=jnp.zeros((spec.max_depth + 2,), jnp.int32),
         error=jnp.zeros((3,), jnp.int32),
+        draft_calls=jnp.zeros((), jnp.int32),
+        verify_width=jnp.zeros((), jnp.int32),
         records=StepRecords.empty(trace_steps, b, spec.num_nodes, spec.max_depth) if spec.trace else None,
     )
     state = constrain_state(state, spec.mesh)
@@ -197,10 +208,16 @@ def _advance(params, dparams, state: DecodeState, tree: Tree, k_verify, eos_ids,
         # flattened ragged block). Padding entries repeat node (0, 0), which is harmless.
         size = min(tokens.shape[0] + spec.budget, tokens.size)
         (compact,) = jnp.nonzero(tree.valid.reshape(-1), size=size, fill_value=0)
-    logits, taps, cache = forward(
-        params, spec.cfg, tokens, positions(tree, state.cache.lengths), state.cache, ancestor_mask(tree),
-        taps=spec.taps, compact=compact,
-    )  # fmt: skip
+    if speculative and spec.widths:
+        logits, taps, cache, width = _bucketed_forward(params, state, tree, tokens, running, spec)
+    else:
+        logits, taps, cache = forward(
+            params, spec.cfg, tokens, positions(tree, state.cache.lengths), state.cache, ancestor_mask(tree),
+            taps=spec.taps, compact=compact,
+        )  # fmt: skip
+        width = tokens.shape[1]
+    calls = 0 if not speculative else (tree.draft_calls if tree.draft_calls is not None else spec.max_depth)
+    state = state.replace(draft_calls=state.draft_calls + calls, verify_width=state.verify_width + width)
     if speculative:
         verdict = spec.verifier(tree, logits, k_verify, spec.sampling)
         cache = cache.commit(verdict.path, jnp.where(running, verdict.n_accepted + 1, 0))
@@ -225,6 +242,31 @@ def _advance(params, dparams, state: DecodeState, tree: Tree, k_verify, eos_ids,
                          before.cache.lengths, state.cache.lengths)  # fmt: skip
         state = state.replace(records=records)
     return constrain_state(state, spec.mesh)
+
+
+def _bucketed_forward(params, state: DecodeState, tree: Tree, tokens, running, spec: Spec):
+    """The verification forward over the first w slots of the tree, w the smallest of `spec.widths`
+    that holds every running row's valid nodes (builders with widths keep valid nodes in front).
+    Every width is compiled into the one program (`lax.switch`): no recompiles while decoding.
+    Logits and taps past w are zeros (invalid nodes, which no verifier reads)."""
+    n = tokens.shape[1]
+    last = jnp.max(jnp.where(tree.valid, jnp.arange(n)[None, :], 0), axis=1) + 1
+    need = jnp.max(jnp.where(running, last, 1))
+    widths = jnp.asarray(spec.widths, jnp.int32)
+    branch = jnp.minimum(jnp.searchsorted(widths, need), len(spec.widths) - 1)
+    pos, mask = positions(tree, state.cache.lengths), ancestor_mask(tree)
+
+    def width(w: int):
+        def run(cache):
+            logits, taps, cache = forward(params, spec.cfg, tokens[:, :w], pos[:, :w], cache, mask[:, :w, :w],
+                                          taps=spec.taps)  # fmt: skip
+            pad = lambda x: jnp.pad(x, ((0, 0), (0, n - w), (0, 0)))
+            return pad(logits), tuple(pad(t) for t in taps), cache
+
+        return run
+
+    logits, taps, cache = jax.lax.switch(branch, [width(w) for w in spec.widths], state.cache)
+    return logits, taps, cache, widths[branch]
 
 
 def _check(before: DecodeState, after: DecodeState, tree: Tree, max_new, spec: Spec) -> DecodeState:

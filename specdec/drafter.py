@@ -38,6 +38,20 @@ Optional members (`OPTIONAL`, read through `option`): a drafter that lacks one g
                                    a plain AR step (a T = 1 forward) instead of a tree block.
     fallback: str | None = None    a sentence naming what the drafter drafts when it has nothing to
                                    propose (n-gram lookup without a match); the loop logs it once.
+    acceptance = None              a callable `acceptance(params, state, ctx, tree, nodes, sampling)
+                                   -> Float[B, F]`: the predicted probability that each node's token
+                                   is accepted given that its parent was (SpecDec++'s acceptance
+                                   head for this sampling temperature, or a training-free estimate),
+                                   from draft-side information only. Called right after
+                                   `expand(..., frontier=nodes)`, so it may read what that call
+                                   stored per node (the one-token lag: a node's estimate exists once
+                                   the node itself has been consumed). Adaptive-length trees
+                                   (`specdec.trees.adaptive`) stop on it; without it they use the
+                                   draft's own confidence q(token).
+    threshold = None               a callable `threshold(sampling) -> float | None`: the stop
+                                   threshold h measured for this drafter's acceptance estimate at
+                                   that temperature (stop once 1 - prod(a) > h); None = the
+                                   builder's default.
 
 The four families fit as: parallel heads (Medusa, Amphista: `expand` returns head d's logits
 for frontier nodes at depth d, from features stored by `update`), feature-level autoregressive
@@ -60,7 +74,9 @@ DraftState = Any
 Taps = tuple[Float[Array, "B N D"], ...]
 
 REQUIRED = ("taps", "vocab_size", "init", "begin", "expand", "update")
-OPTIONAL: dict[str, Any] = {"max_depth": None, "adaptive": False, "fallback": None}
+OPTIONAL: dict[str, Any] = {
+    "max_depth": None, "adaptive": False, "fallback": None, "acceptance": None, "threshold": None,
+}  # fmt: skip
 
 
 class Drafter(Protocol):

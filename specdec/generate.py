@@ -45,6 +45,8 @@ class GenerateOutput:
     steps: int  # decode-loop target forwards (prefill excluded)
     row_steps: list[int]  # target forwards while each row was running
     accepted_hist: list[int]  # row-steps by tokens emitted in the step: index k = k tokens
+    draft_calls: int = 0  # drafter calls (begin + expands) over all steps
+    verify_width: int = 0  # verification block widths (tokens per row) summed over steps
 
     @property
     def tau(self) -> float:
@@ -218,4 +220,6 @@ def _run(params, dparams, spec: Spec, prompts, max_new_tokens, limit, eos_ids, s
         steps=steps,
         row_steps=sharding.fetch(state.row_steps)[:n_rows].tolist(),
         accepted_hist=sharding.fetch(state.accepted_hist).tolist(),
+        draft_calls=int(sharding.fetch(state.draft_calls)),
+        verify_width=int(sharding.fetch(state.verify_width)),
     )

@@ -39,6 +39,9 @@ class Tree:
     # Cumulative draft log-prob of each node's path (root 0; `trees.topk.draft_logprobs`, so raw
     # log-softmax at T = 0): how confident the drafter is. Optional; a batch budget ranks by it.
     score: Float[Array, "B N"] | None = None
+    # Drafter calls (begin + expands) that built this tree, when the builder counts them (adaptive
+    # lengths stop early); the decode loop sums them per step.
+    draft_calls: Int[Array, ""] | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -93,6 +96,26 @@ def ancestor_closed(
     for _ in range(max_depth):
         keep = keep & (is_root | jnp.take_along_axis(keep, par, axis=1))
     return keep
+
+
+def compact(tree: Tree) -> Tree:
+    """The same tree with its valid nodes moved to the front, in their order (parents still precede
+    children, siblings keep their drafting order) and parents reindexed; invalid slots follow. A
+    verification block of the first `max(valid count)` slots then holds every row's tree."""
+    n = tree.num_nodes
+    order = jnp.argsort(jnp.where(tree.valid, 0, n) + jnp.arange(n), axis=1)  # new slot i <- old order[i]
+    new_of = jnp.argsort(order, axis=1)  # old slot j -> new slot
+    take = lambda x: (
+        None
+        if x is None
+        else jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+    )
+    parents = take(tree.parents)
+    parents = jnp.where(parents >= 0, jnp.take_along_axis(new_of, jnp.maximum(parents, 0), axis=1), -1)
+    return tree.replace(
+        tokens=take(tree.tokens), parents=parents, depth=take(tree.depth), valid=take(tree.valid),
+        draft_probs=take(tree.draft_probs), score=take(tree.score),
+    )  # fmt: skip
 
 
 def positions(tree: Tree, lengths: Int[Array, " B"]) -> Int[Array, "B N"]:

@@ -24,7 +24,9 @@ on 61 degrees of freedom, p below float range; with 500 rows still p ~ 1e-150 an
 case compiles its own loop, ~4 s; running the rows costs ~1 s.)
 
 Pairings: every tree kind (chain, chain with ",sample", static, dynamic, dyspec, rsd, rsd-beam, a
-batch budget over deterministic and over sampled siblings, and an i.i.d. tree, `IIDTree` below:
+batch budget over deterministic and over sampled siblings, adaptive lengths on sampled chains and
+dynamic trees, stopping on the draft's confidence or on an acceptance estimate (`Accepting`
+below), and an i.i.d. tree, `IIDTree` below:
 no shipped builder draws i.i.d. siblings, which SpecInfer and SpecTr require) with every lossless
 verifier that accepts its sibling mode (speculative: chains; specinfer, spectr: i.i.d.; rrs,
 target_only, auto: any), at T = 1, T = 0.8 with top-k 5 and T = 1.2 with top-p 0.9. greedy is
@@ -43,12 +45,12 @@ import pytest
 from scipy import stats
 
 from specdec.cache import causal_mask
-from specdec.drafters import layer_skip
+from specdec.drafters import DraftModel, layer_skip
 from specdec.generate import generate
 from specdec.loading import load_hf_folder
 from specdec.models import forward, to_device
 from specdec.sampling import SamplingConfig, probabilities
-from specdec.tree import Tree
+from specdec.tree import PAD, Tree, ancestor_closed
 from specdec.trees import parse_tree
 from specdec.verifiers import get_verifier, rrs, walk
 from tests.conftest import write_tiny
@@ -121,6 +123,43 @@ class IIDTree:
         return tree.replace(draft_probs=probs), state
 
 
+# ------------------------------------------------------------------------- adaptive-length drafts
+@dataclasses.dataclass(frozen=True)
+class Accepting(DraftModel):
+    """The layer-skip drafter with an acceptance estimate (as a trained head would give): a node's
+    token below V / 2 is "likely accepted" (0.9), others not (0.3). It reads the node's own token,
+    which the lag allows: the estimate only decides whether the node's children are drafted."""
+
+    @property
+    def acceptance(self):
+        return lambda params, state, ctx, tree, nodes, sampling: jnp.where(
+            jnp.take_along_axis(tree.tokens, nodes, axis=1) < V // 2, 0.9, 0.3
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepLikelyDrafts:
+    """BROKEN stop rule: drops every sampled draft whose own draft probability q(token) is below
+    `floor` (with its subtree). Selecting a sampled token by its own q leaves the kept drafts no
+    longer distributed as q, which the verifier assumes (`trees/adaptive.py` uses E_q[q] instead)."""
+
+    inner: object
+    floor: float = 0.5
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, drafter, params, state, ctx, key, sampling):
+        tree, state = self.inner(drafter, params, state, ctx, key, sampling)
+        par = jnp.maximum(tree.parents, 0)
+        q_par = jnp.take_along_axis(tree.draft_probs, par[..., None], axis=1)  # [B, N, V]: q at the parent
+        q_own = jnp.take_along_axis(q_par, jnp.maximum(tree.tokens, 0)[..., None], axis=2)[..., 0]
+        keep = ancestor_closed(tree.valid & (q_own >= self.floor), tree.parents, tree.max_depth)
+        cut = dict(tokens=jnp.where(keep, tree.tokens, PAD), parents=jnp.where(keep, tree.parents, -1),
+                   depth=jnp.where(keep, tree.depth, 0))  # fmt: skip
+        return tree.replace(valid=keep, **cut), state
+
+
 # -------------------------------------------------------------------------------- broken verifiers
 def accept_any_draft(tree, target_logits, key, sampling):
     """BROKEN: descends into the first candidate child whose draft probability is > 0 (every sampled
@@ -190,8 +229,11 @@ def chi_square(tokens: list[list[int]], law: np.ndarray) -> tuple[float, int]:
 
 
 def emitted(world, tree, verifier, sampling, seed=0):
-    """generate() on ROWS copies of PROMPT: its GenerateOutput."""
+    """generate() on ROWS copies of PROMPT: its GenerateOutput. A tree "accepting:SPEC" drafts with
+    `Accepting` (the layer-skip drafter with an acceptance estimate)."""
     params, cfg, drafter, dparams, _ = world
+    if isinstance(tree, str) and tree.startswith("accepting:"):
+        tree, drafter = tree.removeprefix("accepting:"), Accepting(drafter.cfg)
     builder = parse_tree(tree) if isinstance(tree, str) else tree
     verify = get_verifier(verifier) if isinstance(verifier, str) else verifier
     spec = dict(drafter=drafter, draft_params=dparams, builder=builder, verifier=verify)
@@ -214,6 +256,12 @@ CASES = [  # (tree, verifier, sampling): every tree kind, every lossless verifie
     ("dyspec:n=5,topk=2", "auto", T1),
     ("rsd:2,2+budget:6000", "rrs", T12P),  # sampled siblings: a budget keeps whole rows (~half)
     ("rsd-beam:depth=2,beam=2", "auto", T08K),
+    # adaptive lengths: sampled chains stop on E_q[q] (confidence) or on an acceptance estimate;
+    # a dynamic tree (deterministic siblings) stops on its path's draft probability
+    ("chain:2,sample+adaptive:h=0.5", "speculative", T1),
+    ("chain:3,sample+adaptive:h=0.5", "block", T12P),
+    ("accepting:chain:2,sample+adaptive:h=0.5", "speculative", T1),
+    ("dynamic:depth=3,topk=2,n=6+adaptive:h=0.5", "auto", T08K),
     (IIDTree((2, 2)), "specinfer", T1),
     (IIDTree((3, 1)), "spectr", T08K),
 ]
@@ -240,13 +288,19 @@ def test_emitted_tokens_follow_the_target_law(world, tree, verifier, sampling):
 CONTROLS = [  # (broken verifier, tree, sampling)
     (accept_any_draft, "chain:2,sample", T1),
     (resample_from_p_on_rejection, "rsd:2,2", T1),
+    ("speculative", KeepLikelyDrafts(parse_tree("chain:2,sample")), T1),  # a stop rule that peeks
 ]
 
 
-@pytest.mark.parametrize("verifier,tree,sampling", CONTROLS, ids=[c[0].__name__ for c in CONTROLS])
+def _control_id(c) -> str:
+    return c[0].__name__ if callable(c[0]) else type(c[1]).__name__
+
+
+@pytest.mark.parametrize("verifier,tree,sampling", CONTROLS, ids=map(_control_id, CONTROLS))
 def test_negative_control_is_rejected(world, verifier, tree, sampling):
-    """The same harness must reject each broken verifier: otherwise a pass above means nothing."""
+    """The same harness must reject each broken verifier or stop rule: otherwise a pass above means
+    nothing."""
     out = emitted(world, tree, verifier, sampling)
     pval, impossible = chi_square(out.tokens, world[4](sampling))
-    print(f"{verifier.__name__}: p = {pval:.3g}, impossible {impossible}")
+    print(f"{_control_id((verifier, tree))}: p = {pval:.3g}, impossible {impossible}")
     assert pval < FAIL_P, pval

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 
+from specdec.trees.adaptive import AdaptiveTree
 from specdec.trees.budget import BatchBudget
 from specdec.trees.dynamic import DynamicTree, DySpecTree
 from specdec.trees.protocol import TreeBuilder
@@ -20,6 +21,9 @@ TREE_FORMS = """valid tree specs:
   dyspec:n=16[,topk=8][,per_call=1][,rounds=R]   DySpec greedy expansion
   rsd:2,2,1                      RSD-C: branching factor per depth, sampled without replacement
   rsd-beam:depth=4,beam=3        RSD-S: stochastic beam search
+  TREE+adaptive[:h=0.3,min=1]    chain:K or dynamic:...: stop drafting a row once 1 - prod(acceptance)
+                                 > h (SpecDec++; trees/adaptive.py), e.g. chain:8+adaptive; h defaults
+                                 to the drafter's measured threshold, min = depths always drafted
   TREE+budget:M                  any tree per row, at most M drafts verified over the whole batch
                                  (the most confident; trees/budget.py), e.g. chain:4+budget:8"""
 
@@ -46,17 +50,37 @@ def _kwargs(spec: str, body: str, names: dict[str, str]) -> dict[str, int]:
     return out
 
 
+def _modify(spec: str, builder: TreeBuilder, mod: str) -> TreeBuilder:
+    """Apply one `+MOD` (adaptive[:opts] or budget:M) to `builder`."""
+    kind, colon, body = mod.partition(":")
+    kind = kind.strip().lower()
+    try:
+        if kind == "adaptive":
+            opts: dict[str, float | int] = {}
+            for item in filter(None, body.split(",")):
+                k, eq, v = (x.strip() for x in item.partition("="))
+                if not eq or k not in ("h", "min"):
+                    raise _fail(spec, f"unknown or malformed adaptive option {item!r} (expected h=, min=)")
+                try:
+                    opts["threshold" if k == "h" else "min_length"] = float(v) if k == "h" else int(v)
+                except ValueError:
+                    raise _fail(spec, f"{item!r}: not a number") from None
+            return AdaptiveTree(builder, **opts)
+        if kind == "budget" and colon:
+            return BatchBudget(builder, _int(spec, body.strip()))
+    except ValueError as e:
+        raise e if str(e).startswith("bad tree spec") else _fail(spec, str(e)) from None
+    raise _fail(spec, f"expected +adaptive[:h=H,min=M] or +budget:M after '+', got {mod!r}")
+
+
 def parse_tree(spec: str) -> TreeBuilder:
     """Build the tree builder a CLI string names (forms in `TREE_FORMS`); ValueError otherwise."""
-    inner, plus, budget = spec.partition("+")
-    if plus:
-        kind, colon, body = budget.strip().partition(":")
-        if kind.strip().lower() != "budget" or not colon:
-            raise _fail(spec, f"expected TREE+budget:M after '+', got {budget!r}")
-        try:
-            return BatchBudget(parse_tree(inner), _int(spec, body.strip()))
-        except ValueError as e:
-            raise e if str(e).startswith("bad tree spec") else _fail(spec, str(e)) from None
+    base, *mods = spec.split("+")
+    if mods:
+        builder = parse_tree(base)
+        for mod in mods:
+            builder = _modify(spec, builder, mod.strip())
+        return builder
     kind, colon, body = spec.strip().partition(":")
     kind, body = kind.strip().lower(), body.strip()
     if not colon or not body:
