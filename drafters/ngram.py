@@ -9,11 +9,12 @@ is off the proposal, they are uniform (an honest q if a builder samples from it)
 costs one T = 1 forward instead of a whole verification block.
 
 Adaptive lengths (`chain:K+adaptive`, `specdec.trees.adaptive`) read `acceptance`: a training-free
-estimate of each proposed token's acceptance from the match length n and the row's history. Per
-row and per n, decayed counts of verified proposal tokens (trials) and accepted ones (hits) give
-â = (hits + 1) / (trials + 2); a step's trials are its accepted tokens plus the first rejected
-one. Only committed history enters it (past verdicts), never this step's target draws, so the
-length it picks keeps the loop lossless.
+estimate of each proposed token's acceptance from the match length n, its depth d in the proposal
+and the row's history. Per row, n and d, decayed counts of proposal tokens verified at depth d
+(trials: the first d - 1 were accepted) and of those accepted (hits) give â(n, d) = (hits + 1) /
+(trials + 2): the conditional acceptance, so a copy that keeps going (a run accepted to depth d is
+likely accepted further) earns longer proposals. Only committed history enters it (past verdicts),
+never this step's target draws, so the length it picks keeps the loop lossless.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ class NGramState:
     proposal: Int[Array, "B K"]
     ok: Bool[Array, "B K"]  # proposal[b, k] exists
     match_n: Int[Array, " B"]  # length of the matched suffix (0: no match)
-    hits: Float[Array, "B M"]  # decayed accepted proposal tokens, by match length 0..max_n
-    trials: Float[Array, "B M"]  # decayed verified proposal tokens, by match length
+    hits: Float[Array, "B M K"]  # decayed accepted proposal tokens, by match length 0..max_n and depth
+    trials: Float[Array, "B M K"]  # decayed verified proposal tokens, by match length and depth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +82,10 @@ class NGram:
             & (tok == prop)
             & jnp.take_along_axis(state.ok, jnp.clip(depth - 1, 0, k - 1), axis=1)
         )
-        n = state.match_n[:, None]
-        rate = (jnp.take_along_axis(state.hits, n, 1) + 1) / (jnp.take_along_axis(state.trials, n, 1) + 2)
-        return jnp.where(on, rate, 0.0)
+        at = lambda x: jnp.take_along_axis(
+            x[jnp.arange(x.shape[0]), state.match_n], jnp.clip(depth - 1, 0, k - 1), 1
+        )
+        return jnp.where(on, (at(state.hits) + 1) / (at(state.trials) + 2), 0.0)
 
     def _lookup(self, ctx: Context) -> NGramState:
         b, s = ctx.tokens.shape
@@ -115,7 +117,7 @@ class NGram:
 
     def init(self, params, ctx: Context, prompt, prefill_taps, cache_size: int, *, window: int) -> NGramState:
         proposal, ok, match_n = self._lookup(ctx)
-        zeros = jnp.zeros((ctx.lengths.shape[0], self.max_n + 1), jnp.float32)
+        zeros = jnp.zeros((ctx.lengths.shape[0], self.max_n + 1, self.max_depth), jnp.float32)
         return NGramState(proposal=proposal, ok=ok, match_n=match_n, hits=zeros, trials=zeros)
 
     def should_draft(self, params, state: NGramState, ctx: Context) -> Bool[Array, " B"]:
@@ -140,16 +142,17 @@ class NGram:
         return self._logits(nxt, nxt_ok & on_path), state
 
     def update(self, params, state: NGramState, ctx: Context, tree: Tree, verdict, taps) -> NGramState:
-        # The verdict on this step's proposal joins the history of its match length: the accepted
-        # proposal tokens, plus the first rejected one when the proposal went further.
+        # The verdict on this step's proposal joins the history of its match length: depth d was
+        # a trial when the proposal reached it and depths < d were accepted, a hit when accepted.
         drafted = jnp.max(jnp.where(tree.valid, tree.depth, 0), axis=1)
         drafted = jnp.minimum(drafted, jnp.sum(state.ok, axis=1))  # nodes past the proposal are not its
-        hits = jnp.minimum(verdict.n_accepted, drafted).astype(jnp.float32)
-        trials = jnp.minimum(verdict.n_accepted + 1, drafted).astype(jnp.float32)
-        at = jax.nn.one_hot(state.match_n, self.max_n + 1) * (state.match_n > 0)[:, None]
-        decay = jnp.where(at > 0, self.decay, 1.0)  # only the match length that drafted ages
-        new_hits = state.hits * decay + at * hits[:, None]
-        new_trials = state.trials * decay + at * trials[:, None]
+        d = jnp.arange(1, self.max_depth + 1)[None, :]
+        trials = (d <= drafted[:, None]) & (d <= verdict.n_accepted[:, None] + 1)
+        hits = (d <= drafted[:, None]) & (d <= verdict.n_accepted[:, None])
+        at = (jax.nn.one_hot(state.match_n, self.max_n + 1) * (state.match_n > 0)[:, None])[:, :, None]
+        decay = jnp.where(at * trials[:, None, :] > 0, self.decay, 1.0)  # only what was verified ages
+        new_hits = state.hits * decay + at * hits[:, None, :]
+        new_trials = state.trials * decay + at * trials[:, None, :]
         # One lookup per step, on the new context: `should_draft` and `begin` read it.
         proposal, ok, match_n = self._lookup(ctx)
         return NGramState(proposal=proposal, ok=ok, match_n=match_n, hits=new_hits, trials=new_trials)

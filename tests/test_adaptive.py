@@ -211,12 +211,15 @@ def test_ngram_acceptance_history_sets_the_length():
     run = lambda st: jax.jit(lambda s: builder(ng, None, s, ctx, jax.random.key(0), T0)[0])(st)
     # no history: a = 1/2, so node 2 survives (0.5 >= 0.5) and node 3 does not
     assert chain_lengths(run(state)).tolist() == [2]
-    # a history of 9 accepted tokens in 10 verified for 2-token matches: a = 10/12, 0.83^3 = 0.58 -> 4
+    # a history of 9 accepted in 10 verified at every depth for 2-token matches: a = 10/12 each,
+    # 0.83^3 = 0.58 >= 0.5 > 0.83^4 -> length 4
     hist = state.replace(hits=state.hits.at[0, 2].set(9.0), trials=state.trials.at[0, 2].set(10.0))
-    assert chain_lengths(run(hist)).tolist() == [4]
-    # ... recorded by update: a step that drafted 4 and accepted 2 adds 2 hits in 3 trials (decayed)
-    tree = run(state.replace(hits=state.hits.at[0, 2].set(9.0), trials=state.trials.at[0, 2].set(10.0)))
+    tree = run(hist)
+    assert chain_lengths(tree).tolist() == [4]
+    # ... recorded by update: a step that drafted 4 and accepted 2 verified depths 1..3 (the third
+    # rejected): hits at depths 1, 2; trials at 1..3; depth 4 untouched (no decay either)
     verdict = type("V", (), {"n_accepted": jnp.asarray([2])})()
     new = ng.update(None, hist, ctx, tree, verdict, ())
-    np.testing.assert_allclose(new.hits[0, 2], 9 * 0.9 + 2)
-    np.testing.assert_allclose(new.trials[0, 2], 10 * 0.9 + 3)
+    np.testing.assert_allclose(new.hits[0, 2, :4], [9 * 0.9 + 1, 9 * 0.9 + 1, 9 * 0.9, 9])
+    np.testing.assert_allclose(new.trials[0, 2, :4], [10 * 0.9 + 1] * 3 + [10])
+    assert float(new.trials[0, 1].sum()) == 0  # other match lengths keep their history
