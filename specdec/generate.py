@@ -133,13 +133,16 @@ def generate(
     check: bool = False,
     trace: str | None = None,
     speculator=None,
+    gamma: int | None = None,
+    roles: tuple | None = None,
 ) -> GenerateOutput:
     """Generate for a batch of prompts of different lengths; speculative when a drafter is given.
 
     `params` are device params (`specdec.models.to_device`); `drafter`/`draft_params`/`builder`
     follow `specdec.drafters` and `specdec.trees`. `verifier` defaults to `specdec.verifiers.auto`
     (picks the lossless verifier that fits the tree's sibling mode). `eos_ids` defaults to the
-    model's. `loop`: "device" (one `lax.while_loop`) or "python" (host loop, same jitted step).
+    model's. `loop`: "device" (one `lax.while_loop`), "python" (host loop, same jitted step) or
+    "pearl" (below).
     `mesh` (`specdec.sharding`): `params` and `cfg` from `sharding.shard_params` on that mesh; rows
     are split over its `data` axis (padded to a multiple of it with finished rows), drafter params
     replicated. Outputs equal the unsharded run's up to float rounding of the sharded reductions.
@@ -148,7 +151,20 @@ def generate(
     every step and raises `InvariantError` with the step and row of the first broken one; `trace`
     (a path) writes one JSON line per step and running row (`specdec.trace`). `speculator`
     (`specdec.speculator`) stands for `drafter`, `draft_params`, `builder` and `verifier` at once.
+
+    `loop="pearl"` decodes with PEARL (`specdec.pearl`): `drafter` a token-level draft model
+    (`layer_skip` or a small model), `gamma` draft tokens per round, no builder or verifier (it
+    drafts a chain and verifies it itself); `roles` = (draft device, target device) runs the draft
+    and the target rounds concurrently on two devices (`specdec.pearl_mesh`). Returns a
+    `specdec.pearl.PearlOutput` (a GenerateOutput with per-round records).
     """
+    if loop == "pearl" or roles is not None or gamma is not None:
+        _check_pearl(loop, gamma, roles, drafter, builder, verifier, speculator, mesh, check, trace)
+        from specdec.pearl import pearl_generate
+
+        return pearl_generate(params, cfg, prompts, drafter=drafter, draft_params=draft_params, gamma=gamma,
+                              max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, seed=seed,
+                              cache_size=cache_size, devices=roles)  # fmt: skip
     drafter, draft_params, builder, verifier = _unbundle(speculator, drafter, draft_params, builder, verifier)
     spec = make_spec(cfg, sampling, drafter, builder, verifier, mesh, check=check, trace=trace is not None)
     return _run(params, draft_params, spec, prompts, max_new_tokens, max_new_tokens, eos_ids, seed, loop,
@@ -158,11 +174,42 @@ def generate(
 def warmup(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
            sampling: SamplingConfig = SamplingConfig(), drafter=None, draft_params=None, builder=None,
            verifier=None, loop: str = "device", cache_size: int | None = None,
-           mesh=None, speculator=None, check: bool = False) -> None:  # fmt: skip
+           mesh=None, speculator=None, check: bool = False, gamma: int | None = None,
+           roles: tuple | None = None) -> None:  # fmt: skip
     """Compile everything `generate` with these arguments would, running a single step."""
+    if loop == "pearl" or roles is not None or gamma is not None:
+        _check_pearl(loop, gamma, roles, drafter, builder, verifier, speculator, mesh, check, None)
+        from specdec.pearl import pearl_generate
+
+        pearl_generate(params, cfg, prompts, drafter=drafter, draft_params=draft_params, gamma=gamma,
+                       max_new_tokens=max_new_tokens, sampling=sampling, cache_size=cache_size, devices=roles,
+                       limit=1)  # fmt: skip
+        return
     drafter, draft_params, builder, verifier = _unbundle(speculator, drafter, draft_params, builder, verifier)
     spec = make_spec(cfg, sampling, drafter, builder, verifier, mesh, check=check)
     _run(params, draft_params, spec, prompts, max_new_tokens, 1, None, 0, loop, cache_size)
+
+
+def _check_pearl(loop, gamma, roles, drafter, builder, verifier, speculator, mesh, check, trace) -> None:
+    """Refuse what `loop="pearl"` cannot take, naming the fix (CompositionError)."""
+    if loop != "pearl":
+        what = "gamma" if gamma is not None else "roles"
+        raise CompositionError(f"{what}= belongs to PEARL; pass loop='pearl' (got loop={loop!r})")
+    if drafter is None or speculator is not None:
+        raise CompositionError("loop='pearl' needs drafter= (a token-level draft model, e.g. layer_skip) "
+                               "and draft_params=, not speculator=")  # fmt: skip
+    if builder is not None or verifier is not None:
+        raise CompositionError("loop='pearl' drafts a chain of gamma tokens and verifies it itself; pass no "
+                               "builder or verifier")  # fmt: skip
+    if gamma is None:
+        raise CompositionError("loop='pearl' needs gamma= (draft tokens per round; "
+                               "specdec.pearl.profile_gamma measures one)")  # fmt: skip
+    if mesh is not None:
+        raise CompositionError("loop='pearl' runs each model whole on one device: pass roles=(draft device, "
+                               "target device) instead of mesh=")  # fmt: skip
+    if check or trace:
+        raise CompositionError("check= and trace= follow the standard loop's trees; loop='pearl' records "
+                               "its rounds in PearlOutput.round_tokens / round_modes instead")  # fmt: skip
 
 
 def _unbundle(speculator, drafter, draft_params, builder, verifier):
