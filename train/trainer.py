@@ -165,7 +165,8 @@ def build(tc: TrainConfig, target_cfg: ModelConfig, target_params, d2t, key):
 def warm_start(path, meta: dict, loaded: dict, family: Family, dcfg, params: dict) -> dict:
     """`params` replaced by a checkpoint's (`ckpt.read(path)`: same family and config, else a
     one-line error)."""
-    loaded = {k: v for k, v in loaded.items() if k != "d2t"}
+    # the draft vocabulary is the run's; acceptance heads belong to the old weights (retrain them)
+    loaded = {k: v for k, v in loaded.items() if k not in ("d2t", "accept")}
     have = ckpt.make_config(meta)
     fix = "pass the flags it was trained with (its drafter.json has the command) or drop --init_from"
     if meta["family"] != family.stored or type(have) is not type(dcfg):
