@@ -223,7 +223,7 @@ def _unbundle(speculator, drafter, draft_params, builder, verifier):
 def _run(params, dparams, spec: Spec, prompts, max_new_tokens, limit, eos_ids, seed, loop, cache_size,
          trace=None):  # fmt: skip
     if loop not in ("device", "python"):
-        raise ValueError(f"loop must be 'device' or 'python', got {loop!r}")
+        raise ValueError(f"loop must be 'device', 'python' or 'pearl', got {loop!r}")
     n_rows = len(prompts)
     pad = -n_rows % sharding.data_size(spec.mesh)  # rows split evenly over the data axis
     prompts = list(prompts) + [prompts[-1]] * pad if pad else prompts

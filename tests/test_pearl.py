@@ -206,6 +206,13 @@ def test_negative_control_is_rejected(peaked, gamma, verify, step_fn):
     assert pval < FAIL_P, pval
 
 
+def test_profile_gamma_is_the_step_time_ratio(tiny):
+    params, cfg, d, dp = tiny
+    prof = P.profile_gamma(params, cfg, d, dp, context=20, steps=3)
+    assert prof.target_step_s > 0 and prof.draft_step_s > 0
+    assert prof.gamma == max(1, round(prof.target_step_s / prof.draft_step_s))
+
+
 # ------------------------------------------------------------------------------------------ two devices
 TWO_DEVICES = textwrap.dedent(
     """
