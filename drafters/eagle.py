@@ -250,8 +250,12 @@ class Eagle:
 
     def _confidence(self, params, state: EagleState, tree: Tree, nodes, sampling) -> Float[Array, "B F"]:
         """q(token) of each node: its parent's draft distribution under `sampling` (greedy: the plain
-        softmax) at the node's token."""
+        softmax) at the node's token. From the tree's path scores when the builder records them
+        (`Tree.score`: q = exp(score[node] - score[parent])), else recomputed from the parent's feature."""
         parent = jnp.maximum(jnp.take_along_axis(tree.parents, nodes, axis=1), 0)
+        if tree.score is not None:
+            at = lambda i: jnp.take_along_axis(tree.score, i, axis=1)
+            return jnp.exp(at(nodes) - at(parent))
         lg = self._logits(params, jnp.take_along_axis(state.out, parent[:, :, None], axis=1))
         probs = jax.nn.softmax(lg if sampling.greedy else process_logits(lg, sampling), axis=-1)
         tok = jnp.take_along_axis(jnp.where(tree.valid, tree.tokens, 0), nodes, axis=1)

@@ -178,7 +178,9 @@ class AdaptiveTree:
             d, tree, probs, score, surv, alive, state = c
             frontier = jnp.full((b, 1), d, jnp.int32)
             logits, state = drafter.expand(params, state, ctx, tree, frontier)
-            a = ones if accept is None else accept(params, state, ctx, tree, frontier, sampling)[:, 0]
+            # the tree carries the path scores drafted so far: a drafter reads q(token) from them
+            a = ones if accept is None else accept(params, state, ctx, tree.replace(score=score), frontier,
+                                                   sampling)[:, 0]  # fmt: skip
             return (d + 1, *draft(d, tree, probs, score, surv, alive, logits[:, 0], a), state)
 
         d, tree, probs, score, _, _, state = jax.lax.while_loop(cond, body, (1, *carry, state))
@@ -188,7 +190,7 @@ class AdaptiveTree:
     def _dynamic(self, drafter, params, state, ctx, key, sampling, floor, accept):
         del key  # top-k children: deterministic
         inner: DynamicTree = self.inner
-        k, depth = inner.topk, inner.depth
+        k, depth, b = inner.topk, inner.depth, ctx.root.shape[0]
         logits, state = drafter.begin(params, state, ctx)
         pool = init_pool(ctx.root, logits, sampling, 1 + inner.candidates, inner.window, depth, k)
         # Survival (log) per pool entry: the draft confidence is the pool's own score; a drafter's
@@ -212,7 +214,14 @@ class AdaptiveTree:
                 child_surv = child
             else:
                 slots = jnp.broadcast_to(slot0 + jnp.arange(k, dtype=jnp.int32), entries.shape)
-                a = accept(params, state, ctx, pool.wtree, slots, sampling)  # [B, k]: â of the entries
+                rows = jnp.arange(b)[:, None]
+                wslot = jnp.where(pool.slot >= 0, pool.slot, pool.wtree.num_nodes)  # unexpanded: dropped
+                wscore = (
+                    jnp.zeros(pool.wtree.tokens.shape, jnp.float32)
+                    .at[rows, wslot]
+                    .set(pool.score, mode="drop")
+                )
+                a = accept(params, state, ctx, pool.wtree.replace(score=wscore), slots, sampling)  # [B, k]
                 par = take_rows(surv, entries) + jnp.log(a)
                 child_surv = jnp.repeat(par, k, axis=1) + jnp.where(jnp.isfinite(child), 0.0, -jnp.inf)
             keep = jnp.isfinite(child) & ((r <= self.min_length) | (child_surv >= floor))
