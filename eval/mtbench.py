@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import time
@@ -88,6 +89,7 @@ class EvalResult:
     target_source: str = ""
     tstamp: float = 0.0
     resumed_batches: int = 0  # question batches restored from the journal (not rerun)
+    cache_clears: int = 0  # compiled programs dropped near vm.max_map_count (`memory_maps`)
 
 
 def _jit_cache_size() -> int | None:
@@ -98,6 +100,23 @@ def _jit_cache_size() -> int | None:
         return prefill_jit._cache_size() + loop_jit._cache_size()
     except AttributeError:
         return None
+
+
+def memory_maps() -> tuple[int, int] | None:
+    """(this process's memory mappings, the kernel's `vm.max_map_count`), or None off Linux.
+
+    Every compiled XLA:CPU program holds mappings; a run that compiles many methods × prompt
+    lengths can reach the limit (65,530 by default), and the next compile then segfaults."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            used = sum(1 for _ in f)
+        with open("/proc/sys/vm/max_map_count") as f:
+            return used, int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+MAPS_HEADROOM = 0.6  # clear compiled programs above this fraction of vm.max_map_count
 
 
 def _load_sample(t0: float) -> list[float]:
@@ -173,6 +192,7 @@ def run_eval(
     Raises QuestionFileError for a bad question file or selection, ValueError for a bad method, a
     prompt that does not fit or a journal of another configuration.
     """
+    import jax
     from tqdm.auto import tqdm
 
     from specdec.generate import PromptTooLongError, bucket, generate, warmup
@@ -224,6 +244,19 @@ def run_eval(
         key = (lab, len(prompts), bucket(max(len(p) for p in prompts)))
         if key in compiled:
             return
+        maps = memory_maps()
+        if maps is not None and maps[0] > MAPS_HEADROOM * maps[1]:
+            # Compiled programs are dropped (and rebuilt, untimed, when next needed) rather than
+            # letting the next compile crash the process at the kernel's map limit.
+            if not res.cache_clears:
+                logging.getLogger("specdec").warning(
+                    "specdec-eval: compiled programs hold %d of vm.max_map_count=%d memory maps; clearing "
+                    "them when they near it (they recompile untimed). To keep them: sudo sysctl -w "
+                    "vm.max_map_count=262144", *maps
+                )  # fmt: skip
+            res.cache_clears += 1
+            jax.clear_caches()
+            compiled.clear()
         before, t0 = _jit_cache_size(), time.perf_counter()
         warmup(params, cfg, prompts, **gen_kw, **engine[lab])
         dt, after = time.perf_counter() - t0, _jit_cache_size()

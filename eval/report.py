@@ -129,6 +129,7 @@ def build_metrics(res: EvalResult) -> dict:
         "target_source": res.target_source,
         "wall_seconds": res.wall_seconds,
         "resumed_batches": res.resumed_batches,  # question batches restored from progress.jsonl
+        "cache_clears": res.cache_clears,  # compiled programs dropped near vm.max_map_count
         "tstamp": res.tstamp,
     }
     return _clean(out)

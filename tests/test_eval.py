@@ -260,6 +260,27 @@ def test_compare_shared_baseline_flags_a_lossy_verifier(tiny):
     assert r"m1 = `layerskip:1\|chain:3\|auto`; m2 = `layerskip:1\|chain:3\|accept_everything`" in table
 
 
+def test_compiled_programs_are_cleared_near_the_map_limit(tiny, monkeypatch, caplog):
+    """Near vm.max_map_count the runner drops compiled programs (named once in the log) instead of
+    letting the next compile crash; they recompile untimed and the answers are unchanged."""
+    import logging
+
+    from specdec.eval import mtbench
+
+    path, model, qfile = tiny
+    method = Method("layerskip:1", "chain:3")
+    cfg = mtbench.EvalConfig(bench=str(qfile), target=str(path), methods=(method,), max_new_tokens=6,
+                             per_category=None, limit=2, raw=True, warmup_runs=0)  # fmt: skip
+    calm = mtbench.run_eval(cfg, model=model, progress=False)
+    assert calm.cache_clears == 0
+    monkeypatch.setattr(mtbench, "memory_maps", lambda: (61_000, 65_530))
+    with caplog.at_level(logging.WARNING, logger="specdec"):
+        full = mtbench.run_eval(cfg, model=model, progress=False)
+    assert full.cache_clears >= 2 and sum(full.timed_compiles.values()) == 0
+    assert len(caplog.records) == 1 and "vm.max_map_count=65530" in caplog.records[0].message
+    assert full.answers == calm.answers
+
+
 def test_runner_input_errors(tiny):
     from specdec.eval.mtbench import EvalConfig, run_eval
 
