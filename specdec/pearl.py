@@ -476,6 +476,9 @@ def output(target: TargetSide, lens: np.ndarray, eos: np.ndarray, gamma: int) ->
         steps=steps,
         row_steps=t.row_steps[:n].tolist(),
         accepted_hist=t.accepted_hist.tolist(),
+        # static shapes: every round runs γ one-token draft forwards and a γ-wide target block
+        draft_calls=gamma * steps,
+        verify_width=gamma * steps,
         gamma=gamma,
         round_tokens=[counts[modes[:, i] >= 0, i].tolist() for i in range(n)],
         round_modes=[modes[modes[:, i] >= 0, i].tolist() for i in range(n)],

@@ -76,6 +76,7 @@ def test_oracle_drafter_stays_in_post(tiny):
         assert modes == [P.PRE] + [P.POST] * (len(modes) - 1)
         assert counts == [1] + [3] * (len(counts) - 2) + [min(3, N_NEW - 2 - 3 * (len(counts) - 2))]
     assert out.accepted_hist == [0, 3, 3, 12]  # per row: 1, then 3 x 4, then the last 2 (max_new)
+    assert out.draft_calls == out.verify_width == 3 * out.steps  # γ draft forwards, a γ-wide block
 
 
 def test_always_wrong_drafter_stays_in_pre(tiny):
