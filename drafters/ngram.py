@@ -50,7 +50,8 @@ class NGram:
     adaptive: bool = True  # skip drafting (AR step) when no row has a proposal
     taps: tuple[int, ...] = ()
     decay: float = 0.9  # per-step decay of the acceptance history (adaptive lengths)
-    measured_threshold: float | None = 0.5  # h for adaptive lengths, measured on MT-Bench (docs/trees.md)
+    # h for adaptive lengths: the fastest adaptive threshold on MT-Bench (docs/results/adaptive_sweep_t0_*)
+    measured_threshold: float | None = 0.9
 
     @property
     def fallback(self) -> str:

@@ -86,8 +86,20 @@ def decode_states(params, cfg, d, dp, builder, steps: int = 4):
         yield state
 
 
+# adaptive lengths on every family: a chain or a dynamic tree each, checked every step
+ADAPTIVE = [
+    ("medusa", "chain:4+adaptive:h=0.9"),
+    ("amphista", "dynamic:depth=3,topk=3,n=10+adaptive:h=0.7"),
+    ("eagle", "dynamic:depth=3,topk=3,n=10+adaptive:h=0.7"),
+    ("eagle3", "chain:4+adaptive:h=0.9"),
+    ("falcon", "dynamic:depth=4,topk=2,n=8+adaptive:h=0.7"),
+    ("dflash", "chain:5+adaptive:h=0.9"),
+]
+
+
 @pytest.mark.parametrize(
-    "kind,tree", [(k, t) for k in KINDS for t in TREES] + [("falcon", "static:falcon"), ("dflash", "chain:5")]
+    "kind,tree",
+    [(k, t) for k in KINDS for t in TREES] + [("falcon", "static:falcon"), ("dflash", "chain:5"), *ADAPTIVE],
 )
 def test_greedy_equals_ar(target, kind, tree):
     params, cfg, ar = target
@@ -95,8 +107,12 @@ def test_greedy_equals_ar(target, kind, tree):
     reduced = kind == "eagle3" or (kind in ("dflash", "amphista") and tree == "chain:3")
     d2t = np.arange(0, cfg.vocab_size, 2) if reduced else None  # a reduced draft vocabulary
     d, dp = make(kind, params, cfg, d2t)
-    out = generate(params, cfg, PROMPTS, max_new_tokens=16, drafter=d, draft_params=dp, builder=builder)
+    adaptive = "+adaptive" in tree
+    out = generate(params, cfg, PROMPTS, max_new_tokens=16, drafter=d, draft_params=dp, builder=builder,
+                   check=adaptive)  # fmt: skip
     assert out.tokens == ar
+    if adaptive:  # the stop rule ran: fewer drafter calls than the full tree's depth every step
+        assert out.draft_calls < builder.max_depth * out.steps
 
 
 def test_dflash_shorter_inference_block_equals_ar(target):
