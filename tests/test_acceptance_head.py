@@ -22,7 +22,7 @@ from specdec.drafters import accept_head, eagle
 from specdec.drafters import checkpoint as ckpt
 from specdec.models import forward, to_device
 from specdec.sampling import SamplingConfig
-from specdec.train import acceptance, data, features, losses
+from specdec.train import accept_calibration, accept_examples, acceptance, data, features, losses
 from specdec.train.trainer import Batches
 from specdec.tree import Tree
 
@@ -141,7 +141,7 @@ def test_examples_are_the_drafters_own_chain_with_the_draft_token(tiny, version)
     params, cfg, _, exs = tiny
     c, _, dp, _ = _drafter(tiny, version)
     batch = _batch(tiny, [3])
-    res = acceptance.eagle_examples(
+    res = accept_examples.eagle_examples(
         dp,
         c,
         batch,
@@ -199,10 +199,10 @@ def test_mixing_replaces_the_token_and_drops_those_positions(tiny):
     c, _, dp, _ = _drafter(tiny)
     batch = _batch(tiny, [0, 1, 2, 3])
     kw = dict(depths=2, temperatures=(0.0,), tap_final=2)
-    mixed = acceptance.eagle_examples(
+    mixed = accept_examples.eagle_examples(
         dp, c, batch, ckpt.target_head(params), jax.random.PRNGKey(3), mixing=0.5, **kw
     )
-    plain_ = acceptance.eagle_examples(
+    plain_ = accept_examples.eagle_examples(
         dp, c, batch, ckpt.target_head(params), jax.random.PRNGKey(3), mixing=0.0, **kw
     )
     m, p = mixed["t0"], plain_["t0"]
@@ -248,7 +248,8 @@ def test_training_lowers_the_loss_and_beats_the_constant_on_held_out_rows(tmp_pa
     losses_ = [h["loss"] for h in hist if "loss" in h]
     assert np.mean(losses_[-3:]) < 0.8 * losses_[0], losses_
     pred = acceptance.predict(params, held, spec)
-    cal = acceptance.calibration(pred, acceptance.predict(params, held, spec, raw=True), held, train, spec)
+    raw = acceptance.predict(params, held, spec, raw=True)
+    cal = accept_calibration.calibration(pred, raw, held, train, spec)
     assert cal["bce_head"] < cal["bce_constant"] - 0.05, cal
     assert cal["weighted_loss_head"] < cal["weighted_loss_constant"], cal
     assert cal["ece_head"] < 0.05 and cal["ece_head"] < cal["ece_head_raw"], cal
@@ -280,7 +281,7 @@ def test_a_confidence_head_uses_the_draft_confidence(tmp_path):
         spec = accept_head.HeadSpec(temperature=1.0, layers=1, confidence=conf)
         params, _ = acceptance.train_head(train, held, spec, ac, tmp_path / str(conf), progress=False,
                                           log=lambda s: None)  # fmt: skip
-        bces[conf] = acceptance.bce(acceptance.predict(params, held, spec), held["label"])
+        bces[conf] = accept_calibration.bce(acceptance.predict(params, held, spec), held["label"])
         assert ("conf_w" in params) == conf
     assert bces[True] < bces[False] - 0.02, bces
     assert abs(float(params["conf_w"]) - 1.0) > 0.1
