@@ -43,10 +43,11 @@ from jaxtyping import Array, Bool, Float, Int
 from specdec.attention import cache_mask
 from specdec.cache import KVCache, causal_mask
 from specdec.context import Context
+from specdec.drafters import accept_head
 from specdec.drafters.eagle import to_target_vocab
 from specdec.drafters.family import Built, Family, TrainTarget
 from specdec.drafters.medusa import MedusaOptions
-from specdec.drafters.protocol import logits_by_depth
+from specdec.drafters.protocol import by_node_depth, logits_by_depth, parallel_confidence
 from specdec.matmul import PackedWeight, dense
 from specdec.models import decoder
 from specdec.models.config import ModelConfig
@@ -139,30 +140,38 @@ def auto_embedding(params, cfg: AmphistaConfig, hk: Float[Array, "N K D"]) -> Fl
     return x
 
 
-def head_logits(params, cfg: AmphistaConfig, a: Float[Array, "... D"]) -> Float[Array, "... K Vd"]:
-    """Every head's draft-vocabulary logits from adapted states `a`."""
+def head_hidden(params, cfg: AmphistaConfig, a: Float[Array, "... D"]) -> Float[Array, "... K D"]:
+    """Every head's normed state after the Auto-embedding Block, what its vocabulary projection reads."""
     lead = a.shape[:-1]
     a = a.reshape(-1, a.shape[-1])
     hk = a[:, None, :] + jax.nn.silu(jnp.einsum("nd,kde->nke", a, params["heads_w"]) + params["heads_b"])
     g = rms_norm(auto_embedding(params, cfg, hk), params["norm"], cfg.rms_norm_eps)
+    return g.reshape(lead + g.shape[1:])
+
+
+def head_logits(params, cfg: AmphistaConfig, a: Float[Array, "... D"], g=None) -> Float[Array, "... K Vd"]:
+    """Every head's draft-vocabulary logits from adapted states `a` (`g`: their `head_hidden`, if known)."""
+    g = head_hidden(params, cfg, a) if g is None else g
     if cfg.own_heads:
-        logits = jnp.einsum("nkd,kdv->nkv", g, params["heads"], preferred_element_type=jnp.float32)
-    else:
-        logits = dense(g, params["head"])
-    return logits.reshape(lead + logits.shape[1:])
+        return jnp.einsum("...kd,kdv->...kv", g, params["heads"], preferred_element_type=jnp.float32)
+    return dense(g, params["head"])
 
 
 @flax.struct.dataclass
 class AmphistaState:
     cache: KVCache  # the two stages' K/V of committed pairs; lengths = P, the root's position
     logits: Float[Array, "B K V"]  # head k's logits (depth k + 1) from the pair at P - 1
+    hidden: Float[Array, "B K D"]  # head k's state there (`head_hidden`: acceptance heads read it)
 
 
 @dataclasses.dataclass(frozen=True)
-class Amphista:
+class Amphista(accept_head.AcceptanceMembers):
     """The Amphista drafter (protocol in `drafters/protocol.py`)."""
 
     cfg: AmphistaConfig
+    # SpecDec++ acceptance heads (`accept_head`; set by the checkpoint loader, () = none): one head
+    # shared by the depths over head d's state, with a per-depth bias
+    accept_heads: tuple[accept_head.HeadSpec, ...] = ()
 
     @property
     def taps(self) -> tuple[int, ...]:
@@ -177,8 +186,15 @@ class Amphista:
         """Head d drafts depth d + 1: a tree deeper than the heads is refused (`specdec.drafter`)."""
         return self.cfg.num_draft_heads
 
-    def _logits(self, params, a: Float[Array, "B D"]) -> Float[Array, "B K V"]:
-        return to_target_vocab(head_logits(params, self.cfg, a), params.get("d2t"), self.cfg.vocab_size)
+    def _heads(self, params, a: Float[Array, "B D"]) -> tuple[Float[Array, "B K V"], Float[Array, "B K D"]]:
+        g = head_hidden(params, self.cfg, a)
+        return to_target_vocab(head_logits(params, self.cfg, a, g), params.get("d2t"), self.cfg.vocab_size), g
+
+    def _accept_input(self, params, state: AmphistaState, tree: Tree, nodes: Int[Array, "B F"]):
+        return by_node_depth(state.hidden, tree, nodes)
+
+    def _confidence(self, params, state: AmphistaState, tree: Tree, nodes, sampling) -> Float[Array, "B F"]:
+        return parallel_confidence(state.logits, tree, nodes, sampling)
 
     def init(
         self, params, ctx: Context, prompt, prefill_taps, cache_size: int, *, window: int
@@ -190,7 +206,8 @@ class Amphista:
         a, cache = adapt(params, self.cfg, prefill_taps[0], nxt, pos, cache, causal_mask(b, t))
         p = ctx.lengths - 1
         last = jnp.take_along_axis(a, (p - 1)[:, None, None], axis=1)[:, 0]
-        return AmphistaState(cache=cache.replace(lengths=p), logits=self._logits(params, last))
+        logits, hidden = self._heads(params, last)
+        return AmphistaState(cache=cache.replace(lengths=p), logits=logits, hidden=hidden)
 
     def begin(self, params, state: AmphistaState, ctx: Context):
         return state.logits[:, 0], state
@@ -208,8 +225,11 @@ class Amphista:
         feat = jnp.take_along_axis(taps[0], verdict.path[:, :block, None], axis=1)  # h at old P + i
         a, cache = adapt(params, self.cfg, feat, nxt, pos, state.cache, causal_mask(b, block))
         last = jnp.take_along_axis(a, jnp.clip(n_new - 1, 0, block - 1)[:, None, None], axis=1)[:, 0]
-        logits = jnp.where((n_new > 0)[:, None, None], self._logits(params, last), state.logits)
-        return AmphistaState(cache=cache.replace(lengths=old + n_new), logits=logits)
+        logits, hidden = self._heads(params, last)
+        new = (n_new > 0)[:, None, None]
+        return AmphistaState(cache=cache.replace(lengths=old + n_new),
+                             logits=jnp.where(new, logits, state.logits),
+                             hidden=jnp.where(new, hidden, state.hidden))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ the trained family

@@ -44,9 +44,10 @@ from jaxtyping import Array, Bool, Float, Int
 from specdec.attention import attend, attend_lse, merge_lse
 from specdec.cache import KVCache
 from specdec.context import Context
+from specdec.drafters import accept_head
 from specdec.drafters.eagle import to_target_vocab
 from specdec.drafters.family import Built, Family, InferenceOption, TrainTarget, option
-from specdec.drafters.protocol import logits_by_depth
+from specdec.drafters.protocol import by_node_depth, logits_by_depth, parallel_confidence
 from specdec.matmul import PackedWeight, dense, plain
 from specdec.models import decoder
 from specdec.models.config import ModelConfig
@@ -153,8 +154,14 @@ def block_embeddings(params, anchors: Int[Array, "..."], block_size: int) -> Flo
     return jnp.concatenate([emb, mask], axis=-2)
 
 
+def accept_input(params, cfg: DFlashConfig, h: Float[Array, "... D"]) -> Float[Array, "... D"]:
+    """What an acceptance head reads of a block position's output: the normed state the vocabulary
+    projection reads."""
+    return rms_norm(h, params["norm"], cfg.rms_norm_eps)
+
+
 def draft_logits(params, cfg: DFlashConfig, h: Float[Array, "... D"]) -> Float[Array, "... Vd"]:
-    return dense(rms_norm(h, params["norm"], cfg.rms_norm_eps), params["head"])
+    return dense(accept_input(params, cfg, h), params["head"])
 
 
 def context_mask(anchors: Int[Array, "B A"], t: int, block_size: int) -> Bool[Array, "B AK T"]:
@@ -222,13 +229,17 @@ def train_forward(params, cfg: DFlashConfig, tokens: Int[Array, "B T"], taps, an
 class DFlashState:
     cache: KVCache  # injected context K/V per draft layer; lengths = P, the root's position
     logits: Float[Array, "B K V"]  # the block's per-position logits (position k: depth k)
+    hidden: Float[Array, "B K D"]  # the block's per-position `accept_input` (acceptance heads read it)
 
 
 @dataclasses.dataclass(frozen=True)
-class DFlash:
+class DFlash(accept_head.AcceptanceMembers):
     """The DFlash drafter (protocol in `drafters/protocol.py`)."""
 
     cfg: DFlashConfig
+    # SpecDec++ acceptance heads (`accept_head`; set by the checkpoint loader, () = none): one head
+    # shared by the block positions over position d's state, with a per-depth bias
+    accept_heads: tuple[accept_head.HeadSpec, ...] = ()
 
     @property
     def taps(self) -> tuple[int, ...]:
@@ -267,11 +278,14 @@ class DFlash:
         cache = KVCache.init(self.cfg.layer_cfg, b, cache_size + self.cfg.block_size)
         cache = self._write_context(params, cache, prefill_taps, jnp.broadcast_to(jnp.arange(t), (b, t)))
         cache = cache.replace(lengths=ctx.lengths - 1)  # context = positions < the root's
-        k = self.cfg.block_size
-        return DFlashState(cache=cache, logits=jnp.zeros((b, k, self.cfg.vocab_size), jnp.float32))
+        k, d = self.cfg.block_size, self.cfg.hidden_size
+        return DFlashState(cache=cache, logits=jnp.zeros((b, k, self.cfg.vocab_size), jnp.float32),
+                           hidden=jnp.zeros((b, k, d), jnp.float32))  # fmt: skip
 
-    def block(self, params, cache: KVCache, root: Int[Array, " B"]) -> tuple[Float[Array, "B K V"], KVCache]:
-        """Target-vocabulary logits of the block anchored at the root (position `cache.lengths`).
+    def block(self, params, cache: KVCache, root: Int[Array, " B"]
+              ) -> tuple[Float[Array, "B K V"], Float[Array, "B K D"], KVCache]:  # fmt: skip
+        """Target-vocabulary logits and `accept_input` of the block anchored at the root (position
+        `cache.lengths`).
 
         The block's own K/V are written at slots past `lengths` (so the returned cache is valid:
         keeping it avoids a copy; `update` overwrites those slots with committed context)."""
@@ -284,15 +298,22 @@ class DFlash:
         for n in range(self.cfg.num_layers):
             # the block's K/V go to slots P.. (past lengths: dropped from the next step)
             h, cache = decoder.layer(params["layers"][str(n)], lc, h, pos, mask, cache, n, kernel=kernel)
-        logits = to_target_vocab(draft_logits(params, self.cfg, h), params.get("d2t"), self.cfg.vocab_size)
-        return logits, cache
+        g = accept_input(params, self.cfg, h)
+        logits = to_target_vocab(dense(g, params["head"]), params.get("d2t"), self.cfg.vocab_size)
+        return logits, g, cache
 
     def begin(self, params, state: DFlashState, ctx: Context):
-        logits, cache = self.block(params, state.cache, ctx.root)
-        return logits[:, 1], state.replace(cache=cache, logits=logits)
+        logits, hidden, cache = self.block(params, state.cache, ctx.root)
+        return logits[:, 1], state.replace(cache=cache, logits=logits, hidden=hidden)
 
     def expand(self, params, state: DFlashState, ctx: Context, tree: Tree, frontier: Int[Array, "B F"]):
         return logits_by_depth(state.logits, tree, frontier, first=1), state
+
+    def _accept_input(self, params, state: DFlashState, tree: Tree, nodes: Int[Array, "B F"]):
+        return by_node_depth(state.hidden, tree, nodes, first=1)
+
+    def _confidence(self, params, state: DFlashState, tree: Tree, nodes, sampling) -> Float[Array, "B F"]:
+        return parallel_confidence(state.logits, tree, nodes, sampling, first=1)
 
     def update(self, params, state: DFlashState, ctx: Context, tree: Tree, verdict, taps) -> DFlashState:
         """Write the context K/V of the step's committed tokens (old root + accepted nodes)."""

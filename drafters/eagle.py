@@ -41,6 +41,7 @@ from specdec.cache import KVCache, causal_mask
 from specdec.context import Context
 from specdec.drafters import accept_head
 from specdec.drafters.family import Built, Family, InferenceOption, TrainTarget, option
+from specdec.drafters.protocol import node_confidence
 from specdec.matmul import PackedWeight, dense
 from specdec.models import decoder
 from specdec.models.config import ModelConfig
@@ -192,13 +193,14 @@ class EagleState:
 
 
 @dataclasses.dataclass(frozen=True)
-class Eagle:
+class Eagle(accept_head.AcceptanceMembers):
     """The EAGLE drafter (contract: `specdec.drafter`); per-node features sized by `init`'s window."""
 
     cfg: EagleConfig
     confidence: float = 0.0  # > 0: draft only when the root's top-1 draft probability reaches it
     # SpecDec++ acceptance heads in params["accept"][spec.key] (`specdec.drafters.accept_head`); set
     # by the checkpoint loader from drafter.json's "accept"; () = none, and no `acceptance` member
+    # (`accept_head.AcceptanceMembers`)
     accept_heads: tuple[accept_head.HeadSpec, ...] = ()
 
     @property
@@ -219,43 +221,18 @@ class Eagle:
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
-    @property
-    def acceptance(self):
-        """The contract's optional `acceptance` (`specdec.drafter`): a bound method when the drafter
-        has acceptance heads, else None (the loop then uses the draft's confidence)."""
-        return self._acceptance if self.accept_heads else None
-
-    @property
-    def threshold(self):
-        """The contract's optional `threshold`: the stop threshold recorded with the head for a
-        sampling temperature (None until measured); None without heads."""
-        return self._threshold if self.accept_heads else None
-
-    def _threshold(self, sampling) -> float | None:
-        spec = accept_head.pick(self.accept_heads, sampling)
-        return None if spec is None else spec.threshold
-
-    def _acceptance(self, params, state: EagleState, ctx: Context, tree: Tree, nodes: Int[Array, "B F"],
-                    sampling) -> Float[Array, "B F"]:  # fmt: skip
-        """â(node) in [0, 1] for `nodes` [B, F] right after `expand(..., frontier=nodes)`: the head
-        trained for `sampling`'s temperature (`accept_head.pick`) over `state.out` at the nodes, which
-        has consumed each node's token (a head with `confidence` also reads q(token)). Without a head
-        for that temperature: the draft's probability q(token) under `sampling` (`_confidence`)."""
-        spec = accept_head.pick(self.accept_heads, sampling)
-        if spec is None:
-            return self._confidence(params, state, tree, nodes, sampling)
-        x = accept_input(params, self.cfg, jnp.take_along_axis(state.out, nodes[:, :, None], axis=1))
-        conf = self._confidence(params, state, tree, nodes, sampling) if spec.confidence else None
-        return accept_head.prob(params["accept"][spec.key], x, spec, conf)
+    def _accept_input(self, params, state: EagleState, tree: Tree, nodes: Int[Array, "B F"]):
+        """What a head reads at each node (`accept_head.AcceptanceMembers`): `state.out` there, which
+        `expand(..., frontier=nodes)` computed by consuming the node's token."""
+        return accept_input(params, self.cfg, jnp.take_along_axis(state.out, nodes[:, :, None], axis=1))
 
     def _confidence(self, params, state: EagleState, tree: Tree, nodes, sampling) -> Float[Array, "B F"]:
         """q(token) of each node: its parent's draft distribution under `sampling` (greedy: the plain
         softmax) at the node's token. From the tree's path scores when the builder records them
-        (`Tree.score`: q = exp(score[node] - score[parent])), else recomputed from the parent's feature."""
-        parent = jnp.maximum(jnp.take_along_axis(tree.parents, nodes, axis=1), 0)
+        (`node_confidence`), else recomputed from the parent's feature."""
         if tree.score is not None:
-            at = lambda i: jnp.take_along_axis(tree.score, i, axis=1)
-            return jnp.exp(at(nodes) - at(parent))
+            return node_confidence(tree, nodes)
+        parent = jnp.maximum(jnp.take_along_axis(tree.parents, nodes, axis=1), 0)
         lg = self._logits(params, jnp.take_along_axis(state.out, parent[:, :, None], axis=1))
         probs = jax.nn.softmax(lg if sampling.greedy else process_logits(lg, sampling), axis=-1)
         tok = jnp.take_along_axis(jnp.where(tree.valid, tree.tokens, 0), nodes, axis=1)

@@ -27,9 +27,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from specdec.context import Context
+from specdec.drafters import accept_head
 from specdec.drafters.eagle import to_target_vocab
 from specdec.drafters.family import Built, Family, TrainTarget, option
-from specdec.drafters.protocol import logits_by_depth
+from specdec.drafters.protocol import by_node_depth, logits_by_depth, parallel_confidence
 from specdec.matmul import dense
 from specdec.tree import Tree
 
@@ -60,11 +61,16 @@ def init_params(cfg: MedusaConfig, key, head: jnp.ndarray | None = None) -> dict
     return p
 
 
-def head_logits(params, cfg: MedusaConfig, feat: Float[Array, "... D"]) -> Float[Array, "... K Vd"]:
-    """Every head's draft-vocabulary logits for features `feat`."""
+def head_hidden(params, feat: Float[Array, "... D"]) -> Float[Array, "... K D"]:
+    """Every head's state `f + SiLU(f W_k + b_k)`, what its vocabulary projection reads."""
     h = feat[..., None, :].astype(jnp.float32)  # [..., 1, D]
-    h = h + jax.nn.silu(jnp.einsum("...kd,kde->...ke", jnp.broadcast_to(h, h.shape[:-2] + params["b"].shape),
-                                   params["w"]) + params["b"])  # fmt: skip
+    hb = jnp.broadcast_to(h, h.shape[:-2] + params["b"].shape)
+    return h + jax.nn.silu(jnp.einsum("...kd,kde->...ke", hb, params["w"]) + params["b"])
+
+
+def head_logits(params, cfg: MedusaConfig, feat: Float[Array, "... D"], h=None) -> Float[Array, "... K Vd"]:
+    """Every head's draft-vocabulary logits for features `feat` (`h`: their `head_hidden`, if known)."""
+    h = head_hidden(params, feat) if h is None else h
     if cfg.own_heads:
         return jnp.einsum("...kd,kdv->...kv", h, params["heads"], preferred_element_type=jnp.float32)
     return dense(h, params["head"])
@@ -73,11 +79,15 @@ def head_logits(params, cfg: MedusaConfig, feat: Float[Array, "... D"]) -> Float
 @flax.struct.dataclass
 class MedusaState:
     logits: Float[Array, "B K V"]  # each head's logits from the feature that predicted the root
+    hidden: Float[Array, "B K D"]  # each head's state there (`head_hidden`: acceptance heads read it)
 
 
 @dataclasses.dataclass(frozen=True)
-class Medusa:
+class Medusa(accept_head.AcceptanceMembers):
     cfg: MedusaConfig
+    # SpecDec++ acceptance heads (`accept_head`; set by the checkpoint loader, () = none): one head
+    # shared by the depths over head d's state, with a per-depth bias
+    accept_heads: tuple[accept_head.HeadSpec, ...] = ()
 
     @property
     def taps(self) -> tuple[int, ...]:
@@ -93,8 +103,17 @@ class Medusa:
         return self.cfg.num_heads
 
     def _state(self, params, feat: Float[Array, "B D"]) -> MedusaState:
-        logits = to_target_vocab(head_logits(params, self.cfg, feat), params.get("d2t"), self.cfg.vocab_size)
-        return MedusaState(logits=logits)
+        h = head_hidden(params, feat)
+        logits = to_target_vocab(
+            head_logits(params, self.cfg, feat, h), params.get("d2t"), self.cfg.vocab_size
+        )
+        return MedusaState(logits=logits, hidden=h)
+
+    def _accept_input(self, params, state: MedusaState, tree: Tree, nodes: Int[Array, "B F"]):
+        return by_node_depth(state.hidden, tree, nodes)
+
+    def _confidence(self, params, state: MedusaState, tree: Tree, nodes, sampling) -> Float[Array, "B F"]:
+        return parallel_confidence(state.logits, tree, nodes, sampling)
 
     def init(
         self, params, ctx: Context, prompt, prefill_taps, cache_size: int, *, window: int

@@ -267,3 +267,34 @@ def hf_embedded(embedded):
     path = pathlib.Path(embedded.source)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return model.eval()
+
+
+ACCEPT_TAPS = (0, 1, 2)  # L = 2: EAGLE-3's (2, 1, 0) and the final normed state 2
+
+
+@pytest.fixture(scope="session")
+def accept_tiny(tmp_path_factory):
+    """(target params, cfg, feature set folder, examples): a tiny random target with peaked
+    next-token distributions and 24 motif sequences (answer = the second half)."""
+    import numpy as np
+
+    from specdec.loading import load_hf_folder
+    from specdec.models import to_device
+    from specdec.train import data, features
+
+    path = tmp_path_factory.mktemp("acc_target")
+    write_tiny("llama", path, head_std=0.6)
+    loaded = load_hf_folder(path)
+    cfg = loaded.cfg
+    params = to_device(loaded.params, cfg)
+    rng = np.random.default_rng(0)
+    motifs = [rng.integers(3, cfg.vocab_size, k) for k in (3, 4, 5)]
+    exs = []
+    for _ in range(24):
+        n = int(rng.integers(24, 40))
+        motif = motifs[int(rng.integers(3))]
+        toks = np.roll(np.resize(motif, n + len(motif)), -int(rng.integers(len(motif))))[:n].astype(np.int32)
+        exs.append(data.Example(toks, np.arange(n) >= n // 2))
+    feats = tmp_path_factory.mktemp("acc_feats")
+    features.extract(params, cfg, "tiny", exs, feats, taps=ACCEPT_TAPS, shard_size=16, progress=False)
+    return params, cfg, feats, exs

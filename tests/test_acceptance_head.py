@@ -20,39 +20,19 @@ from specdec.context import Context
 from specdec.drafter import option
 from specdec.drafters import accept_head, eagle
 from specdec.drafters import checkpoint as ckpt
-from specdec.models import forward, to_device
+from specdec.models import forward
 from specdec.sampling import SamplingConfig
-from specdec.train import accept_calibration, accept_examples, acceptance, data, features, losses
+from specdec.train import accept_calibration, accept_examples, acceptance, features, losses
 from specdec.train.trainer import Batches
 from specdec.tree import Tree
 
-from .conftest import write_tiny
-
-TAPS = (0, 1, 2)  # L = 2: EAGLE-3's (2, 1, 0) and the final normed state 2
+from .conftest import ACCEPT_TAPS as TAPS
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(target params, cfg, feature set folder, examples): a tiny random target with peaked
-    next-token distributions and 24 motif sequences (answer = the second half)."""
-    from specdec.loading import load_hf_folder
-
-    path = tmp_path_factory.mktemp("acc_target")
-    write_tiny("llama", path, head_std=0.6)
-    loaded = load_hf_folder(path)
-    cfg = loaded.cfg
-    params = to_device(loaded.params, cfg)
-    rng = np.random.default_rng(0)
-    motifs = [rng.integers(3, cfg.vocab_size, k) for k in (3, 4, 5)]
-    exs = []
-    for _ in range(24):
-        n = int(rng.integers(24, 40))
-        motif = motifs[int(rng.integers(3))]
-        toks = np.roll(np.resize(motif, n + len(motif)), -int(rng.integers(len(motif))))[:n].astype(np.int32)
-        exs.append(data.Example(toks, np.arange(n) >= n // 2))
-    feats = tmp_path_factory.mktemp("acc_feats")
-    features.extract(params, cfg, "tiny", exs, feats, taps=TAPS, shard_size=16, progress=False)
-    return params, cfg, feats, exs
+def tiny(accept_tiny):
+    """(target params, cfg, feature set folder, examples): conftest's `accept_tiny`."""
+    return accept_tiny
 
 
 def _drafter(tiny, version=1, vocab=48, seed=1):

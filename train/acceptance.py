@@ -20,6 +20,10 @@ train. `run` does, resumably:
    draft feature after consuming the node's token (`eagle.accept_input`). Positions count where the
    chain's tokens p-d+1..p are all answer tokens and the target's argmax is known. Each row also
    keeps the draft's confidence q_T(y), a baseline and the extra input of a `confidence` head.
+   Parallel drafters (Medusa, Amphista, DFlash; `accept_examples.parallel_examples`) draft depth d
+   from head (block position) d over what they computed for the root alone: the row is that head's
+   state and its top-1 / sample, there is no token to mix, and the head gets a learned bias per
+   depth (`accept_head.HeadSpec.depths`).
 2. **Heads** (`train_head`): the official weighted BCE (`losses.accept_loss`, weight_mismatch w),
    AdamW with warmup + cosine, orbax checkpoints under `out/heads/<key>` (a rerun resumes). Held
    out: the feature set's last `heldout` sequences, the first `valid` of them for validation (the
@@ -52,7 +56,7 @@ from specdec.drafters import accept_head
 from specdec.drafters import checkpoint as ckpt
 from specdec.train import losses
 from specdec.train.accept_calibration import bce, calibration, plot, report
-from specdec.train.accept_examples import build_examples, load_examples
+from specdec.train.accept_examples import build_examples, head_depths, load_examples
 from specdec.train.features import FeatureSet
 
 
@@ -116,20 +120,29 @@ def _conf(rows: dict, spec: accept_head.HeadSpec, sl=slice(None)):
     return jnp.asarray(rows["conf"][sl]) if spec.confidence else None
 
 
+def _depth(rows: dict, spec: accept_head.HeadSpec, sl=slice(None)):
+    return jnp.asarray(rows["depth"][sl], jnp.int32) if spec.depths else None
+
+
 def predict(params, rows: dict[str, np.ndarray], spec: accept_head.HeadSpec, *, raw: bool = False,
             chunk: int = 65536) -> np.ndarray:  # fmt: skip
     """The head's de-biased (or `raw`) acceptance predictions for `rows` ("x" [N, D]; "conf" [N]
-    for a head with `confidence`), in chunks."""
+    for a head with `confidence`, "depth" [N] for one with `depths`), in chunks."""
 
-    def f(p, x, conf):
-        return accept_head.raw_prob(p, x, spec.layers, conf) if raw else accept_head.prob(p, x, spec, conf)
+    def f(p, x, conf, depth):
+        if raw:
+            return accept_head.raw_prob(p, x, spec.layers, conf, depth)
+        return accept_head.prob(p, x, spec, conf, depth)
 
     f = jax.jit(f)
     n = len(rows["x"])
-    return np.concatenate(
-        [np.asarray(f(params, jnp.asarray(rows["x"][i : i + chunk]), _conf(rows, spec, slice(i, i + chunk))))
-         for i in range(0, n, chunk)]
-    )  # fmt: skip
+    out = []
+    for i in range(0, n, chunk):
+        sl = slice(i, i + chunk)
+        out.append(
+            np.asarray(f(params, jnp.asarray(rows["x"][sl]), _conf(rows, spec, sl), _depth(rows, spec, sl)))
+        )
+    return np.concatenate(out)
 
 
 def train_head(
@@ -142,15 +155,15 @@ def train_head(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[dict, list]:
-    """Train one head on rows `data` ("x", "label"; "conf" for a head with `confidence`) with the
-    official objective; resumable (orbax in `out_dir`, the best params so far included). Every
-    `eval_every` steps the weighted loss and the BCE of the de-biased prediction on `valid`; returns
-    (the params of the lowest validation BCE: early stopping, history)."""
+    """Train one head on rows `data` ("x", "label"; "conf" for a head with `confidence`, "depth" for
+    one with `depths`) with the official objective; resumable (orbax in `out_dir`, the best params
+    so far included). Every `eval_every` steps the weighted loss and the BCE of the de-biased
+    prediction on `valid`; returns (the params of the lowest validation BCE: early stopping, history)."""
     out = pathlib.Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     hidden = data["x"].shape[1]
     key = jax.random.fold_in(jax.random.PRNGKey(ac.seed), int(round(spec.temperature * 1000)))
-    params = accept_head.init_params(key, hidden, confidence=spec.confidence)
+    params = accept_head.init_params(key, hidden, confidence=spec.confidence, depths=spec.depths)
     opt = _optimizer(ac)
     state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32),
              "best": params, "best_bce": jnp.asarray(jnp.inf, jnp.float32)}  # fmt: skip
@@ -167,9 +180,9 @@ def train_head(
     per_epoch = max(n // rows, 1)
 
     @jax.jit
-    def step_fn(state, x, y, conf):
+    def step_fn(state, x, y, conf, depth):
         def f(p):
-            lg = accept_head.logits(p, x, spec.layers, conf)
+            lg = accept_head.logits(p, x, spec.layers, conf, depth)
             return losses.accept_loss(lg, y, jnp.ones(y.shape, bool), spec.weight_mismatch)
 
         loss, grads = jax.value_and_grad(f)(state["params"])
@@ -195,7 +208,7 @@ def train_head(
         epoch, i = divmod(s, per_epoch)
         idx = np.sort(np.random.default_rng([ac.seed, epoch]).permutation(n)[i * rows : (i + 1) * rows])
         state, loss = step_fn(state, jnp.asarray(data["x"][idx]), jnp.asarray(data["label"][idx]),
-                              _conf(data, spec, idx))  # fmt: skip
+                              _conf(data, spec, idx), _depth(data, spec, idx))  # fmt: skip
         done = s + 1
         if s % 20 == 0 or done == ac.steps:
             bar.set_postfix(loss=f"{float(loss):.4f}")
@@ -253,12 +266,13 @@ def run(
     ex_dir = pathlib.Path(examples or out / "examples")
     build_examples(drafter, dparams, head_full, fs, ex_dir, ac, progress=progress, log=log,
                    drafter_id=ckpt.digest(drafter_path))  # fmt: skip
+    depths = head_depths(drafter, ac.depths)  # per-depth biases of a parallel drafter's heads
     held_from = len(fs) - ac.heldout
     test_from = held_from + ac.valid
     cal, entries, hist = {}, {}, {}
     for t in ac.temperatures:
         spec = accept_head.HeadSpec(temperature=t, layers=ac.layers, weight_mismatch=ac.weight_mismatch,
-                                    confidence=ac.confidence)  # fmt: skip
+                                    confidence=ac.confidence, depths=depths)  # fmt: skip
         ex = load_examples(ex_dir, spec.key)
         train = {k: v[ex["seq"] < held_from] for k, v in ex.items()}
         is_valid = (ex["seq"] >= held_from) & (ex["seq"] < test_from)
@@ -281,8 +295,8 @@ def run(
             "rows_per_step": ac.rows,
             "lr": ac.lr,
             "warmup": ac.warmup,
-            "depths": ac.depths,
-            "mixing": ac.mixing,
+            "depths": depths or ac.depths,
+            "mixing": 0.0 if depths else ac.mixing,  # a parallel drafter's nodes read no token
             "seed": ac.seed,
             "train_rows": int(len(train["label"])),
             "sequences": len(fs),
@@ -298,6 +312,7 @@ def run(
                 "layers": ac.layers,
                 "weight_mismatch": ac.weight_mismatch,
                 "confidence": ac.confidence,
+                "depths": depths,
                 "threshold": None,
                 "training": training,
                 "calibration": summary,
@@ -312,8 +327,8 @@ def run(
         "train_sequences": held_from,
         "valid_sequences": ac.valid,
         "test_sequences": ac.heldout - ac.valid,
-        "depths": ac.depths,
-        "mixing": ac.mixing,
+        "depths": depths or ac.depths,
+        "mixing": 0.0 if depths else ac.mixing,
         "weight_mismatch": ac.weight_mismatch,
         "layers": ac.layers,
         "confidence": ac.confidence,

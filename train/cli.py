@@ -136,7 +136,12 @@ flags.DEFINE_list(
     flag_values=FLAGS,
 )  # fmt: skip
 _int("accept_depths", 6, "With --accept_head: draft depths 1..K of the training examples.", lower_bound=1)
-_float("accept_mixing", 0.15, "With --accept_head: token mixing ratio (positions not counted).")
+_float(
+    "accept_mixing",
+    0.15,
+    "With --accept_head: token mixing ratio of EAGLE examples (positions not "
+    "counted; Medusa / Amphista / DFlash nodes read no token).",
+)
 _float("accept_weight_mismatch", 6.0, "With --accept_head: the objective's weight of mismatches.")
 _int("accept_layers", 3, "With --accept_head: repeats of the head's weight-tied ResBlock.", lower_bound=0)
 _int("accept_rows", 1024, "With --accept_head: examples per optimizer step.", lower_bound=1)
