@@ -181,7 +181,8 @@ def _step(params, dparams, state: DecodeState, eos_ids, max_new, *, spec: Spec) 
         return root_only(state)
 
     def speculate(st):
-        tree, draft = spec.builder(spec.drafter, dparams, st.draft, st.ctx, k_draft, spec.sampling)
+        ctx = st.ctx.replace(running=~st.done)  # finished rows: a builder may skip their drafting
+        tree, draft = spec.builder(spec.drafter, dparams, st.draft, ctx, k_draft, spec.sampling)
         if spec.budget:  # a batch budget: the laggards' best drafts only
             prio = lag_priority(st.length - st.prompt_lens, max_new, st.done)
             tree = prune(tree, spec.budget, prio)

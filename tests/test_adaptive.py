@@ -71,9 +71,10 @@ class Scripted:
         return estimate
 
 
-def _build(builder, drafter):
+def _build(builder, drafter, running=None):
     b = len(drafter.conf)
-    ctx = Context(tokens=jnp.zeros((b, 8), jnp.int32), lengths=jnp.full((b,), 3, jnp.int32))
+    ctx = Context(tokens=jnp.zeros((b, 8), jnp.int32), lengths=jnp.full((b,), 3, jnp.int32),
+                  running=None if running is None else jnp.asarray(running))  # fmt: skip
     tree, _ = jax.jit(lambda: builder(drafter, None, None, ctx, jax.random.key(0), T0))()
     check_tree(tree, V)
     return tree
@@ -105,6 +106,20 @@ def test_stop_rule_with_draft_confidence_counts_the_node_itself():
     tree = _build(AdaptiveTree(chain(4), threshold=0.3), Scripted(conf=conf))
     # 1 - h = 0.7: row 0: 0.9, 0.81, 0.405 -> 2; row 1: 0.6 < 0.7 but min = 1 keeps node 1; row 2: 4
     assert chain_lengths(tree).tolist() == [2, 1, 4]
+
+
+@pytest.mark.parametrize("spec", ["chain:5+adaptive:h=0.5", "dynamic:depth=5,topk=2,n=8+adaptive:h=0.5"])
+def test_finished_rows_draft_nothing_and_do_not_hold_the_loop(spec):
+    """A row the loop marks finished (`Context.running`) gets no drafts past depth 1 (a dynamic tree's
+    first round is drafted by `begin` for every row), so a finished row whose drafts would go on
+    never keeps the while loop running for the others."""
+    builder = parse_tree(spec)
+    drafter = Scripted(conf=((0.99,) * 6,) * 2, accept=((0.3,) * 5, (1.0,) * 5))  # row 0 stops at 1
+    both = _build(builder, drafter)
+    depth = lambda t: jnp.where(t.valid, t.depth, 0).max(axis=1).tolist()  # noqa: E731
+    assert depth(both)[1] == 5 and int(both.draft_calls) == 5
+    only0 = _build(builder, drafter, running=[True, False])
+    assert depth(only0)[0] == 1 and depth(only0)[1] <= 1 and int(only0.draft_calls) <= 2
 
 
 def test_dynamic_tree_stops_at_the_depth_no_path_survives():

@@ -168,7 +168,8 @@ class AdaptiveTree:
             return tree, probs, score, surv, keep
 
         ones = jnp.ones((b,), jnp.float32)
-        carry = draft(0, tree, probs, score, jnp.zeros((b,), jnp.float32), ones > 0, logits, ones)
+        running = jnp.ones((b,), bool) if ctx.running is None else ctx.running  # finished rows draft nothing
+        carry = draft(0, tree, probs, score, jnp.zeros((b,), jnp.float32), running, logits, ones)
 
         def cond(c):
             d, _, _, _, _, alive, _ = c
@@ -196,6 +197,7 @@ class AdaptiveTree:
         # Survival (log) per pool entry: the draft confidence is the pool's own score; a drafter's
         # acceptance estimates accumulate apart (a node's own estimate lags: it joins its children).
         surv = pool.score if accept is None else jnp.where(jnp.isfinite(pool.score), 0.0, -jnp.inf)
+        running = jnp.ones((b,), bool) if ctx.running is None else ctx.running  # finished rows: depth 1 only
 
         def cond(c):
             r, _, _, _, alive = c
@@ -224,7 +226,7 @@ class AdaptiveTree:
                 a = accept(params, state, ctx, pool.wtree.replace(score=wscore), slots, sampling)  # [B, k]
                 par = take_rows(surv, entries) + jnp.log(a)
                 child_surv = jnp.repeat(par, k, axis=1) + jnp.where(jnp.isfinite(child), 0.0, -jnp.inf)
-            keep = jnp.isfinite(child) & ((r <= self.min_length) | (child_surv >= floor))
+            keep = jnp.isfinite(child) & ((r <= self.min_length) | (child_surv >= floor)) & running[:, None]
             child = jnp.where(keep, child, -jnp.inf)
             pool = pool.replace(score=jax.lax.dynamic_update_slice_in_dim(pool.score, child, base, axis=1))
             surv = jax.lax.dynamic_update_slice_in_dim(
