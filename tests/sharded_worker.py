@@ -58,6 +58,7 @@ def random_params(cfg: ModelConfig, seed: int) -> dict:
 
 
 MULTIHOST_CASES = ("ar", "dynamic", "chain_t1")
+DATA_ONLY_CASES = ("ar", "budget", "chain_t1")  # a data-only mesh replicates the weights: rows and pooling
 FLASH_CASES = ("ar", "dynamic", "chain_t1")  # Pallas's interpreter is slow on CPU: a few cases
 FLASH_CACHE = 64  # a cache size the decode kernel tiles (4 splits of 16), so the kernel runs
 
@@ -91,7 +92,7 @@ def main(meshes: list[str]) -> None:
             continue
         mesh = sharding.parse_mesh(spec)
         params, cfg = sharding.shard_params(host, CFG, mesh)
-        result[spec] = run_all(params, cfg, mesh)
+        result[spec] = run_all(params, cfg, mesh, DATA_ONLY_CASES if cfg.tp_groups == 1 else tuple(CASES))
         w = params["layers"][0]["wqkv"]
         result[spec]["layout"] = {"wqkv_shard": list(w.addressable_shards[0].data.shape),
                                   "kv_heads": cfg.num_kv_heads, "tp_groups": cfg.tp_groups}  # fmt: skip

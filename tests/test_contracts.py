@@ -222,17 +222,15 @@ def test_committed_cache_equals_a_fresh_prefill(model, tree):
 # ------------------------------------------------------------------ traces
 
 
+# One per builder family (chains, static, dynamic, recursive, budgets, a token-level adaptive
+# drafter); greedy = AR for every builder is tests/test_spec.py's.
 TREE_KINDS = [
-    ("chain:3", T0),
     ("chain:3,sample", T1),
     ("static:[(0,),(1,),(0,0),(0,1),(1,0),(0,0,0)]", T0),
     ("dynamic:depth=3,topk=3,n=10", T1),
-    ("dyspec:n=8,topk=3", T0),
-    ("rsd:2,2,1", T1),
     ("rsd-beam:depth=3,beam=2", T1),
     ("dynamic:depth=3,topk=3,n=10+budget:5", T0),
     ("ngram|chain:4", T0),  # token-level lookup (adaptive: AR steps where no row has a match)
-    ("ngram|dynamic:depth=3,topk=2,n=6", T1),
 ]
 
 
