@@ -19,5 +19,10 @@ class Context:
     running: Bool[Array, " B"] | None = None
 
     @property
+    def running_rows(self) -> Bool[Array, " B"]:
+        """`running`, or every row when the loop did not say."""
+        return jnp.ones(self.lengths.shape, bool) if self.running is None else self.running
+
+    @property
     def root(self) -> Int[Array, " B"]:
         return jnp.take_along_axis(self.tokens, (self.lengths - 1)[:, None], axis=1)[:, 0]

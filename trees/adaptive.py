@@ -168,8 +168,8 @@ class AdaptiveTree:
             return tree, probs, score, surv, keep
 
         ones = jnp.ones((b,), jnp.float32)
-        running = jnp.ones((b,), bool) if ctx.running is None else ctx.running  # finished rows draft nothing
-        carry = draft(0, tree, probs, score, jnp.zeros((b,), jnp.float32), running, logits, ones)
+        # finished rows draft nothing
+        carry = draft(0, tree, probs, score, jnp.zeros((b,), jnp.float32), ctx.running_rows, logits, ones)
 
         def cond(c):
             d, _, _, _, _, alive, _ = c
@@ -197,7 +197,7 @@ class AdaptiveTree:
         # Survival (log) per pool entry: the draft confidence is the pool's own score; a drafter's
         # acceptance estimates accumulate apart (a node's own estimate lags: it joins its children).
         surv = pool.score if accept is None else jnp.where(jnp.isfinite(pool.score), 0.0, -jnp.inf)
-        running = jnp.ones((b,), bool) if ctx.running is None else ctx.running  # finished rows: depth 1 only
+        running = ctx.running_rows  # finished rows: depth 1 only
 
         def cond(c):
             r, _, _, _, alive = c
