@@ -174,6 +174,20 @@ def to_target_vocab(logits: Float[Array, "... Vd"], d2t: Int[Array, " Vd"] | Non
     return full.at[..., d2t].set(logits)
 
 
+def parent_confidence(logits_of, out: Float[Array, "B W D"], tree: Tree, nodes: Int[Array, "B F"], sampling
+                      ) -> Float[Array, "B F"]:  # fmt: skip
+    """q(token) of each node: its parent's draft distribution under `sampling` (greedy: the plain
+    softmax) at the node's token. From the tree's path scores when the builder records them
+    (`node_confidence`), else `logits_of` the parent's feature in `out` (the per-node features)."""
+    if tree.score is not None:
+        return node_confidence(tree, nodes)
+    parent = jnp.maximum(jnp.take_along_axis(tree.parents, nodes, axis=1), 0)
+    lg = logits_of(jnp.take_along_axis(out, parent[:, :, None], axis=1))
+    probs = jax.nn.softmax(lg if sampling.greedy else process_logits(lg, sampling), axis=-1)
+    tok = jnp.take_along_axis(jnp.where(tree.valid, tree.tokens, 0), nodes, axis=1)
+    return jnp.take_along_axis(probs, tok[:, :, None], axis=-1)[..., 0]
+
+
 def run_layer(params, cfg: EagleConfig, tokens, feat, positions, cache: KVCache | None,
               block_mask: Bool[Array, "B T W"], slots=None):  # fmt: skip
     """Draft layer (`decoder.layer`) over a block of pairs with the draft KV cache (None: the block
@@ -227,16 +241,7 @@ class Eagle(accept_head.AcceptanceMembers):
         return accept_input(params, self.cfg, jnp.take_along_axis(state.out, nodes[:, :, None], axis=1))
 
     def _confidence(self, params, state: EagleState, tree: Tree, nodes, sampling) -> Float[Array, "B F"]:
-        """q(token) of each node: its parent's draft distribution under `sampling` (greedy: the plain
-        softmax) at the node's token. From the tree's path scores when the builder records them
-        (`node_confidence`), else recomputed from the parent's feature."""
-        if tree.score is not None:
-            return node_confidence(tree, nodes)
-        parent = jnp.maximum(jnp.take_along_axis(tree.parents, nodes, axis=1), 0)
-        lg = self._logits(params, jnp.take_along_axis(state.out, parent[:, :, None], axis=1))
-        probs = jax.nn.softmax(lg if sampling.greedy else process_logits(lg, sampling), axis=-1)
-        tok = jnp.take_along_axis(jnp.where(tree.valid, tree.tokens, 0), nodes, axis=1)
-        return jnp.take_along_axis(probs, tok[:, :, None], axis=-1)[..., 0]
+        return parent_confidence(lambda o: self._logits(params, o), state.out, tree, nodes, sampling)
 
     def _logits(self, params, out):
         return to_target_vocab(draft_logits(params, self.cfg, out), params.get("d2t"), self.cfg.vocab_size)

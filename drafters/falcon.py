@@ -48,7 +48,7 @@ from jaxtyping import Array, Bool, Float, Int
 from specdec.attention import attend_cache
 from specdec.cache import KVCache
 from specdec.context import Context
-from specdec.drafters import eagle
+from specdec.drafters import accept_head, eagle
 from specdec.drafters.family import Built, Family, TrainTarget, option
 from specdec.matmul import PackedWeight
 from specdec.models import decoder
@@ -111,10 +111,13 @@ class FalconState:
 
 
 @dataclasses.dataclass(frozen=True)
-class Falcon:
+class Falcon(accept_head.AcceptanceMembers):
     """The Falcon drafter (contract: `specdec.drafter`); per-node features sized by `init`'s window."""
 
     cfg: FalconConfig
+    # SpecDec++ acceptance heads (`specdec.drafters.accept_head`), read at a node's `out` as EAGLE-1's;
+    # set by the checkpoint loader; () = none, and no `acceptance` member
+    accept_heads: tuple[accept_head.HeadSpec, ...] = ()
 
     @property
     def taps(self) -> tuple[int, ...]:
@@ -123,6 +126,14 @@ class Falcon:
     @property
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
+
+    def _accept_input(self, params, state: FalconState, tree: Tree, nodes: Int[Array, "B F"]):
+        """`state.out` at the nodes: a node's own pass output at depths ≡ 0 (mod k), the feature it
+        inherited from its anchor's pass at the others (`accept_head.AcceptanceMembers`)."""
+        return eagle.accept_input(params, self.cfg, jnp.take_along_axis(state.out, nodes[:, :, None], axis=1))
+
+    def _confidence(self, params, state: FalconState, tree: Tree, nodes, sampling) -> Float[Array, "B F"]:
+        return eagle.parent_confidence(lambda o: self._logits(params, o), state.out, tree, nodes, sampling)
 
     def _logits(self, params, out):
         return eagle.to_target_vocab(eagle.draft_logits(params, self.cfg, out), params.get("d2t"),

@@ -20,7 +20,7 @@ from specdec.drafters.protocol import by_node_depth
 from specdec.generate import generate
 from specdec.models import forward
 from specdec.sampling import SamplingConfig
-from specdec.train import accept_examples, acceptance, features
+from specdec.train import accept_cache, acceptance, features
 from specdec.train.trainer import Batches
 from specdec.tree import Tree
 from specdec.trees import parse_tree
@@ -67,7 +67,7 @@ def test_examples_are_the_drafting_heads_in_the_loop(accept_tiny, tmp_path, kind
     d, dp = ckpt.load(_save(kind, accept_tiny, tmp_path / "d"), params, cfg)
     batch = Batches(features.FeatureSet.open(feats), np.arange(1), 1, 40, 0).make(np.asarray([3]))
     fn = functools.partial(
-        accept_examples.EXAMPLES[type(d)],
+        accept_cache.EXAMPLES[type(d)],
         cfg=d.cfg,
         depths=6,
         temperatures=(0.0, 1.0),

@@ -7,7 +7,7 @@
 The drafter is frozen; only the heads (`specdec.drafters.accept_head`, one per sampling temperature)
 train. `run` does, resumably:
 
-1. **Examples** (`accept_examples.build_examples`, cached in `out/examples/part_*.npz`). For every
+1. **Examples** (`accept_cache.build_examples`, cached in `out/examples/part_*.npz`). For every
    sequence of the feature set and every draft depth d = 1..K, the draft's own chain along the target's tokens
    (HASS-style: the depth-d node at position p has the root at p - d, ancestors = the target's tokens
    p-d+1..p-1 with the draft's own features, exactly what `Eagle.expand` computes for such a chain;
@@ -20,10 +20,12 @@ train. `run` does, resumably:
    draft feature after consuming the node's token (`eagle.accept_input`). Positions count where the
    chain's tokens p-d+1..p are all answer tokens and the target's argmax is known. Each row also
    keeps the draft's confidence q_T(y), a baseline and the extra input of a `confidence` head.
-   Parallel drafters (Medusa, Amphista, DFlash; `accept_examples.parallel_examples`) draft depth d
+   Falcon (`accept_examples.falcon_examples`): the same chain with Falcon's k-token passes; the
+   node's token is read (and mixed) only at depths ≡ 0 (mod k), where its own pass runs, and the
+   head gets a learned bias per depth (`accept_head.HeadSpec.depths`).
+   Parallel drafters (Medusa, Amphista, DFlash; `accept_parallel.parallel_examples`) draft depth d
    from head (block position) d over what they computed for the root alone: the row is that head's
-   state and its top-1 / sample, there is no token to mix, and the head gets a learned bias per
-   depth (`accept_head.HeadSpec.depths`).
+   state and its top-1 / sample, there is no token to mix, and the head gets a bias per depth.
 2. **Heads** (`train_head`): the official weighted BCE (`losses.accept_loss`, weight_mismatch w),
    AdamW with warmup + cosine, orbax checkpoints under `out/heads/<key>` (a rerun resumes). Held
    out: the feature set's last `heldout` sequences, the first `valid` of them for validation (the
@@ -56,7 +58,7 @@ from specdec.drafters import accept_head
 from specdec.drafters import checkpoint as ckpt
 from specdec.train import losses
 from specdec.train.accept_calibration import bce, calibration, plot, report
-from specdec.train.accept_examples import build_examples, head_depths, load_examples
+from specdec.train.accept_cache import build_examples, head_depths, load_examples, token_mixing
 from specdec.train.features import FeatureSet
 
 
@@ -266,7 +268,8 @@ def run(
     ex_dir = pathlib.Path(examples or out / "examples")
     build_examples(drafter, dparams, head_full, fs, ex_dir, ac, progress=progress, log=log,
                    drafter_id=ckpt.digest(drafter_path))  # fmt: skip
-    depths = head_depths(drafter, ac.depths)  # per-depth biases of a parallel drafter's heads
+    depths = head_depths(drafter, ac.depths)  # per-depth biases (parallel drafters, Falcon)
+    mixing = token_mixing(drafter, ac.mixing)
     held_from = len(fs) - ac.heldout
     test_from = held_from + ac.valid
     cal, entries, hist = {}, {}, {}
@@ -296,7 +299,7 @@ def run(
             "lr": ac.lr,
             "warmup": ac.warmup,
             "depths": depths or ac.depths,
-            "mixing": 0.0 if depths else ac.mixing,  # a parallel drafter's nodes read no token
+            "mixing": mixing,
             "seed": ac.seed,
             "train_rows": int(len(train["label"])),
             "sequences": len(fs),
@@ -328,7 +331,7 @@ def run(
         "valid_sequences": ac.valid,
         "test_sequences": ac.heldout - ac.valid,
         "depths": depths or ac.depths,
-        "mixing": 0.0 if depths else ac.mixing,
+        "mixing": mixing,
         "weight_mismatch": ac.weight_mismatch,
         "layers": ac.layers,
         "confidence": ac.confidence,
