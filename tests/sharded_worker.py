@@ -58,7 +58,11 @@ def random_params(cfg: ModelConfig, seed: int) -> dict:
 
 
 MULTIHOST_CASES = ("ar", "dynamic", "chain_t1")
-DATA_ONLY_CASES = ("ar", "budget", "chain_t1")  # a data-only mesh replicates the weights: rows and pooling
+# the cases each mesh runs: every case on the pure model mesh (the most sharded weights); a mesh
+# of both axes adds row sharding (AR, a tree, pooling, sampling); a data-only mesh replicates the
+# weights (rows and pooling)
+MESH_CASES = {"model=8": tuple(CASES), "data=2,model=4": ("ar", "dynamic", "budget", "chain_t1"),
+              "data=8": ("ar", "budget", "chain_t1")}  # fmt: skip
 FLASH_CASES = ("ar", "dynamic", "chain_t1")  # Pallas's interpreter is slow on CPU: a few cases
 FLASH_CACHE = 64  # a cache size the decode kernel tiles (4 splits of 16), so the kernel runs
 
@@ -92,7 +96,7 @@ def main(meshes: list[str]) -> None:
             continue
         mesh = sharding.parse_mesh(spec)
         params, cfg = sharding.shard_params(host, CFG, mesh)
-        result[spec] = run_all(params, cfg, mesh, DATA_ONLY_CASES if cfg.tp_groups == 1 else tuple(CASES))
+        result[spec] = run_all(params, cfg, mesh, MESH_CASES.get(spec, tuple(CASES)))
         w = params["layers"][0]["wqkv"]
         result[spec]["layout"] = {"wqkv_shard": list(w.addressable_shards[0].data.shape),
                                   "kv_heads": cfg.num_kv_heads, "tp_groups": cfg.tp_groups}  # fmt: skip

@@ -18,11 +18,11 @@ from specdec import sharding
 from specdec.cache import causal_mask
 from specdec.generate import generate
 from specdec.models import forward, to_device
-from tests.sharded_worker import CFG, FLASH_CASES, MULTIHOST_CASES, random_params
+from tests.sharded_worker import CFG, FLASH_CASES, MESH_CASES, MULTIHOST_CASES, random_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESHES = ["model=8", "data=2,model=4", "data=8"]  # 1×8 (KV heads repeated), 2×4 (KV heads split), 8×1
-FLASH_MESHES = ["model=8", "data=2,model=4"]  # the Pallas prefix kernel per shard (attention="flash")
+FLASH_MESHES = ["data=2,model=4"]  # the Pallas prefix kernel per shard (attention="flash"), both axes
 
 
 def _env(devices: int) -> dict:
@@ -40,7 +40,7 @@ def sharded_runs():
     suite's critical path under pytest-xdist too.
     """
     env = _env(8)
-    groups = [["unsharded", MESHES[0], f"flash:{FLASH_MESHES[0]}"], [*MESHES[1:], f"flash:{FLASH_MESHES[1]}"]]
+    groups = [["unsharded", MESHES[0]], [*MESHES[1:], *(f"flash:{m}" for m in FLASH_MESHES)]]
     cmd = lambda g: [sys.executable, "-m", "tests.sharded_worker", *g]  # noqa: E731
     procs = [subprocess.Popen(cmd(g), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for g in groups]  # fmt: skip
@@ -56,8 +56,8 @@ def sharded_runs():
 def test_sharded_decode_equals_unsharded(sharded_runs, mesh):
     assert sharded_runs["devices"] == 8
     base, got = sharded_runs["unsharded"], sharded_runs[mesh]
-    cases = [c for c in got if c != "layout"]  # every case (a data-only mesh: `DATA_ONLY_CASES`)
-    assert len(cases) >= 3
+    cases = [c for c in got if c != "layout"]
+    assert cases == list(MESH_CASES[mesh])
     for case in cases:  # tokens, per-row forwards and the accepted-length histogram
         assert got[case] == base[case], (mesh, case)
     # the speculative cases accept some drafts but not all (a test that exercises the commit)
