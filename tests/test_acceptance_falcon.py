@@ -24,7 +24,7 @@ from specdec.train.trainer import Batches
 from specdec.tree import Tree
 from specdec.trees import parse_tree
 
-from .conftest import ACCEPT_TAPS
+from .accept_checks import assert_label_and_conf, target_view
 
 VOCAB = 48  # draft vocabulary
 
@@ -61,10 +61,7 @@ def test_examples_are_the_drafters_own_chain_with_the_draft_token(accept_tiny, t
         return
     toks = jnp.asarray(exs[3].tokens)[None]
     n = toks.shape[1]
-    _, taps, _ = forward(params, cfg, toks, jnp.arange(n)[None], None, causal_mask(1, n), taps=ACCEPT_TAPS)
-    taps = tuple(t.astype(jnp.float16).astype(jnp.float32) for t in taps)  # as cached
-    logits_t = taps[2] @ ckpt.target_head(params)
-    taps = tuple(taps[t] for t in d.taps)
+    logits_t, taps = target_view(params, cfg, toks, d.taps)
     init = jax.jit(d.init, static_argnums=4, static_argnames="window")
     begin, expand = jax.jit(d.begin), jax.jit(d.expand)
     checked = 0
@@ -84,14 +81,7 @@ def test_examples_are_the_drafters_own_chain_with_the_draft_token(accept_tiny, t
                     parent_logits = lg[:, 0] if node == depth else None
                     lg, state = expand(dp, state, ctx, tree, jnp.asarray([[node]]))
                 np.testing.assert_allclose(e["x"], state.out[0, depth], atol=5e-3, rtol=2e-3)
-                q = jax.nn.softmax(parent_logits[0])
-                np.testing.assert_allclose(e["conf"], q[y], rtol=2e-3, atol=1e-6)
-                if key == "t0":
-                    assert y == int(jnp.argmax(parent_logits[0]))
-                    assert e["label"] == float(y == int(jnp.argmax(logits_t[0, r + depth - 1])))
-                else:
-                    p = jax.nn.softmax(logits_t[0, r + depth - 1])
-                    np.testing.assert_allclose(e["label"], min(1.0, float(p[y] / q[y])), rtol=5e-3, atol=1e-6)
+                assert_label_and_conf(e, key, parent_logits[0], logits_t[0, r + depth - 1])
                 checked += 1
     assert checked == 2 * 5 * 2
 

@@ -26,7 +26,7 @@ from specdec.train import accept_calibration, accept_examples, acceptance, featu
 from specdec.train.trainer import Batches
 from specdec.tree import Tree
 
-from .conftest import ACCEPT_TAPS as TAPS
+from .accept_checks import assert_label_and_conf, target_view
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +134,7 @@ def test_examples_are_the_drafters_own_chain_with_the_draft_token(tiny, version)
     )
     toks = jnp.asarray(exs[3].tokens)[None]
     n = toks.shape[1]
-    _, taps, _ = forward(params, cfg, toks, jnp.arange(n)[None], None, causal_mask(1, n), taps=TAPS)
-    taps = tuple(t.astype(jnp.float16).astype(jnp.float32) for t in taps)  # as cached
-    logits_t = taps[2] @ ckpt.target_head(params)  # the target's logits from its cached final state
-    taps = tuple(taps[t] for t in c.taps)
+    logits_t, taps = target_view(params, cfg, toks, c.taps)
     d = eagle.Eagle(c)
     init = jax.jit(d.init, static_argnums=4, static_argnames="window")
     expand = jax.jit(d.expand)
@@ -159,14 +156,7 @@ def test_examples_are_the_drafters_own_chain_with_the_draft_token(tiny, version)
                         parent_logits = lg[:, 0]
                 x = eagle.accept_input(dp, c, state.out[0, depth])
                 np.testing.assert_allclose(e["x"], x, atol=2e-2, rtol=2e-3)
-                q = jax.nn.softmax(parent_logits[0])
-                np.testing.assert_allclose(e["conf"], q[y], rtol=2e-3, atol=1e-6)
-                if key == "t0":
-                    assert y == int(jnp.argmax(parent_logits[0]))
-                    assert e["label"] == float(y == int(jnp.argmax(logits_t[0, r + depth - 1])))
-                else:
-                    p = jax.nn.softmax(logits_t[0, r + depth - 1])
-                    np.testing.assert_allclose(e["label"], min(1.0, float(p[y] / q[y])), rtol=5e-3, atol=1e-6)
+                assert_label_and_conf(e, key, parent_logits[0], logits_t[0, r + depth - 1])
                 checked += 1
     assert checked == 12
 

@@ -25,7 +25,7 @@ from specdec.train.trainer import Batches
 from specdec.tree import Tree
 from specdec.trees import parse_tree
 
-from .conftest import ACCEPT_TAPS
+from .accept_checks import assert_label_and_conf, target_view
 
 VOCAB = 48  # draft vocabulary
 FIRST = {"medusa": 0, "amphista": 0, "dflash": 1}  # logits / hidden index of depth 1
@@ -80,10 +80,7 @@ def test_examples_are_the_drafting_heads_in_the_loop(accept_tiny, tmp_path, kind
     assert not bool(jnp.any(res["t0"]["mixed"]))
     toks = jnp.asarray(exs[3].tokens)[None]
     n = toks.shape[1]
-    _, taps, _ = forward(params, cfg, toks, jnp.arange(n)[None], None, causal_mask(1, n), taps=ACCEPT_TAPS)
-    taps = tuple(t.astype(jnp.float16).astype(jnp.float32) for t in taps)  # as cached
-    logits_t = taps[2] @ ckpt.target_head(params)
-    taps = tuple(taps[t] for t in d.taps)
+    logits_t, taps = target_view(params, cfg, toks, d.taps)
     init = jax.jit(d.init, static_argnums=4, static_argnames="window")
     checked = 0
     ran = [r for r in range(n // 2, n // 2 + 8) if kind != "dflash" or (r - 1) % 4 == 0]  # DFlash: every 4th
@@ -93,19 +90,11 @@ def test_examples_are_the_drafting_heads_in_the_loop(accept_tiny, tmp_path, kind
         _, state = d.begin(dp, state, ctx)
         for depth in range(1, k + 1):
             i = FIRST[kind] + depth - 1
-            q = jax.nn.softmax(state.logits[0, i])
             for key in ("t0", "t1"):
                 e = {name: np.asarray(v[depth - 1, 0, r - 1]) for name, v in res[key].items()}
                 assert e["mask"], (key, depth, r)
-                y = int(e["token"])
                 np.testing.assert_allclose(e["x"], state.hidden[0, i], atol=2e-2, rtol=2e-3)
-                np.testing.assert_allclose(e["conf"], q[y], rtol=2e-3, atol=1e-6)
-                if key == "t0":
-                    assert y == int(jnp.argmax(state.logits[0, i]))
-                    assert e["label"] == float(y == int(jnp.argmax(logits_t[0, r + depth - 1])))
-                else:
-                    p = jax.nn.softmax(logits_t[0, r + depth - 1])
-                    np.testing.assert_allclose(e["label"], min(1.0, float(p[y] / q[y])), rtol=5e-3, atol=1e-6)
+                assert_label_and_conf(e, key, state.logits[0, i], logits_t[0, r + depth - 1])
                 checked += 1
     assert checked == 2 * 2 * k
     # no root whose depth-k node is past the sequence; DFlash's roots between its anchors are not counted

@@ -97,9 +97,15 @@ ADAPTIVE = [
 ]
 
 
+# the plain chain / dynamic tree where the family's adaptive case does not already draft that shape
+COVERED = {("medusa", "chain:3"), ("eagle3", "chain:3"), ("amphista", TREES[2]), ("eagle", TREES[2]),
+           ("falcon", TREES[2])}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "kind,tree",
-    [(k, t) for k in KINDS for t in TREES] + [("falcon", "static:falcon"), ("dflash", "chain:5"), *ADAPTIVE],
+    [(k, t) for k in KINDS for t in TREES if (k, t) not in COVERED]
+    + [("falcon", "static:falcon"), ("dflash", "chain:5"), *ADAPTIVE],
 )
 def test_greedy_equals_ar(target, kind, tree):
     """Greedy = AR for every family and builder; the static tree runs the two other lossless
@@ -384,11 +390,11 @@ def test_dflash_warm_start_copies_the_target(tiny_models):
         dflash.init_from_target(too_deep, jax.random.key(0), host)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["amphista", "eagle", "falcon", "dflash"])  # Medusa, EAGLE-3: as kin
 def test_traces_equal_across_loops(target, kind, tmp_path):
     """The fused loop and the host loop give byte-identical step traces (trees, verdicts, cache
-    lengths) for every family, at T = 1 so sampled verdicts are compared too; the invariant checks
-    pass every step; the trace's appended tokens are the output."""
+    lengths) for each kind of drafter state, at T = 1 so sampled verdicts are compared too; the
+    invariant checks pass every step; the trace's appended tokens are the output."""
     import json
 
     params, cfg, _ = target
