@@ -57,8 +57,8 @@ from tqdm import tqdm
 from specdec.drafters import accept_head
 from specdec.drafters import checkpoint as ckpt
 from specdec.train import losses
-from specdec.train.accept_calibration import bce, calibration, plot, report
 from specdec.train.accept_cache import build_examples, head_depths, load_examples, token_mixing
+from specdec.train.accept_calibration import bce, calibration, plot, report
 from specdec.train.features import FeatureSet
 
 
