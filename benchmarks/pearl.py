@@ -71,8 +71,9 @@ def main(argv):
     from specdec.generate import generate, warmup
     from specdec.loading import load_model
     from specdec.models import to_device
-    from specdec.pearl import Pearl, draft_round, prefill_draft, prefill_target, profile_gamma, receive
+    from specdec.pearl import Pearl, draft_round, prefill_draft, prefill_target, receive
     from specdec.pearl import target_forward as pearl_target_forward
+    from specdec.pearl_gamma import profile_gamma
     from specdec.pearl_mesh import parse_roles
     from specdec.trees import parse_tree
 

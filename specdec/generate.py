@@ -203,7 +203,7 @@ def _check_pearl(loop, gamma, roles, drafter, builder, verifier, speculator, mes
                                "builder or verifier")  # fmt: skip
     if gamma is None:
         raise CompositionError("loop='pearl' needs gamma= (draft tokens per round; "
-                               "specdec.pearl.profile_gamma measures one)")  # fmt: skip
+                               "specdec.pearl_gamma.profile_gamma measures one)")  # fmt: skip
     if mesh is not None:
         raise CompositionError("loop='pearl' runs each model whole on one device: pass roles=(draft device, "
                                "target device) instead of mesh=")  # fmt: skip

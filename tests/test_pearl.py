@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from specdec import pearl as P
+from specdec import pearl_gamma
 from specdec.cache import KVCache, causal_mask
 from specdec.decode import emit
 from specdec.drafters import DraftModel, layer_skip
@@ -209,7 +210,7 @@ def test_negative_control_is_rejected(peaked, gamma, verify, step_fn):
 
 def test_profile_gamma_is_the_step_time_ratio(tiny):
     params, cfg, d, dp = tiny
-    prof = P.profile_gamma(params, cfg, d, dp, context=20, steps=3)
+    prof = pearl_gamma.profile_gamma(params, cfg, d, dp, context=20, steps=3)
     assert prof.target_step_s > 0 and prof.draft_step_s > 0
     assert prof.gamma == max(1, round(prof.target_step_s / prof.draft_step_s))
 

@@ -179,7 +179,7 @@ def _pearl_main(gamma: int) -> None:
     from specdec.generate import generate, warmup
     from specdec.loading import load_model
     from specdec.models import to_device
-    from specdec.pearl import profile_gamma
+    from specdec.pearl_gamma import profile_gamma
     from specdec.pearl_mesh import parse_roles
     from specdec.sampling import SamplingConfig
 
