@@ -5,7 +5,6 @@ the draft token, read where `Falcon.expand` leaves it; the pipeline ships per-de
 from __future__ import annotations
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,7 @@ from specdec.drafters import checkpoint as ckpt
 from specdec.generate import generate
 from specdec.models import forward
 from specdec.sampling import SamplingConfig
-from specdec.train import accept_cache, acceptance, features
+from specdec.train import accept_cache, features
 from specdec.train.trainer import Batches
 from specdec.tree import Tree
 from specdec.trees import parse_tree
@@ -86,20 +85,20 @@ def test_examples_are_the_drafters_own_chain_with_the_draft_token(accept_tiny, t
     assert checked == 2 * 5 * 2
 
 
-def test_run_ships_per_depth_heads_read_at_the_nodes_and_adaptive_chains_stay_lossless(accept_tiny, tmp_path):
-    """The pipeline on a Falcon drafter: heads with one bias per depth (token mixing recorded);
-    `acceptance` after an expand = the head at `state.out` of the nodes with their depths and q;
-    an adaptive chain on the heads decodes exactly the target's greedy tokens."""
-    params, cfg, feats, exs = accept_tiny
+def test_heads_per_depth_read_at_the_nodes_and_adaptive_chains_stay_lossless(accept_tiny, tmp_path):
+    """Falcon's heads get one bias per example depth and its examples mix tokens (a parallel
+    drafter's do not); `acceptance` after an expand = the head at `state.out` of the nodes with
+    their depths and q; an adaptive chain on the heads decodes exactly the target's greedy tokens."""
+    params, cfg, _, exs = accept_tiny
     src = _save(accept_tiny, tmp_path / "src")
-    ac = acceptance.AcceptConfig(depths=4, steps=20, rows=64, warmup=2, heldout=6, valid=3, seq_batch=4,
-                                 seq_len=40, eval_every=10, save_every=10, confidence=True)  # fmt: skip
-    fs = features.FeatureSet.open(feats)
-    out = acceptance.run(src, params, cfg, fs, tmp_path / "run", ac, progress=False, log=lambda s: None)
-    meta = json.loads((tmp_path / "run" / "drafter" / "drafter.json").read_text())
-    assert meta["accept"]["t0"]["depths"] == 4 and meta["accept"]["t0"]["training"]["mixing"] == 0.15
-    d, dp = ckpt.load(out["drafter"], params, cfg)
-    assert isinstance(d, falcon.Falcon) and [h.depths for h in d.accept_heads] == [4, 4]
+    d, _ = ckpt.load(src, params, cfg)
+    assert accept_cache.head_depths(d, 6) == 6 and accept_cache.token_mixing(d, 0.15) == 0.15
+    hp = accept_head.init_params(jax.random.PRNGKey(0), cfg.hidden_size, confidence=True, depths=4)
+    hp["depth_b"] = jnp.asarray([1.0, -1.0, 0.5, -2.0])
+    entry = {"temperature": 0.0, "layers": 3, "weight_mismatch": 6.0, "threshold": 0.5, "confidence": True,
+             "depths": 4}  # fmt: skip
+    d, dp = ckpt.load(ckpt.with_accept_heads(src, tmp_path / "d", {"t0": (hp, entry)}), params, cfg)
+    assert isinstance(d, falcon.Falcon) and d.accept_heads[0].depths == 4
     # the member after expanding three chain nodes
     b, r = 2, 12
     toks = jnp.stack([jnp.asarray(exs[i].tokens[:20]) for i in range(b)])
@@ -119,9 +118,12 @@ def test_run_ships_per_depth_heads_read_at_the_nodes_and_adaptive_chains_stay_lo
     want = accept_head.prob(dp["accept"]["t0"], state.out[:, 1:4], d.accept_heads[0], jnp.stack(qs, 1),
                             jnp.asarray([1, 2, 3]))  # fmt: skip
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    no_bias = accept_head.prob({**dp["accept"]["t0"], "depth_b": jnp.zeros(4)}, state.out[:, 1:4],
+                               d.accept_heads[0], jnp.stack(qs, 1), jnp.asarray([1, 2, 3]))  # fmt: skip
+    assert bool(jnp.all((got > no_bias) == jnp.asarray([True, False, True])))
     prompts = [list(exs[i].tokens[:10]) for i in range(3)]
     c = cfg.replace(eos_token_ids=())
     ar = generate(params, c, prompts, max_new_tokens=12).tokens
     got = generate(params, c, prompts, max_new_tokens=12, drafter=d, draft_params=dp,
-                   builder=parse_tree("chain:4+adaptive:h=0.5"), check=True)  # fmt: skip
+                   builder=parse_tree("chain:4+adaptive"), check=True)  # fmt: skip
     assert got.tokens == ar
