@@ -41,12 +41,11 @@ from specdec.cache import KVCache, causal_mask
 from specdec.context import Context
 from specdec.drafters import accept_head
 from specdec.drafters.family import Built, Family, InferenceOption, TrainTarget, option
-from specdec.drafters.protocol import node_confidence
+from specdec.drafters.protocol import node_confidence, token_confidence
 from specdec.matmul import PackedWeight, dense
 from specdec.models import decoder
 from specdec.models.config import ModelConfig
 from specdec.models.decoder import rms_norm
-from specdec.sampling import process_logits
 from specdec.tree import Tree, ancestor_mask
 
 NEG = -1e30
@@ -183,9 +182,7 @@ def parent_confidence(logits_of, out: Float[Array, "B W D"], tree: Tree, nodes: 
         return node_confidence(tree, nodes)
     parent = jnp.maximum(jnp.take_along_axis(tree.parents, nodes, axis=1), 0)
     lg = logits_of(jnp.take_along_axis(out, parent[:, :, None], axis=1))
-    probs = jax.nn.softmax(lg if sampling.greedy else process_logits(lg, sampling), axis=-1)
-    tok = jnp.take_along_axis(jnp.where(tree.valid, tree.tokens, 0), nodes, axis=1)
-    return jnp.take_along_axis(probs, tok[:, :, None], axis=-1)[..., 0]
+    return token_confidence(lg, tree, nodes, sampling)
 
 
 def run_layer(params, cfg: EagleConfig, tokens, feat, positions, cache: KVCache | None,

@@ -25,6 +25,7 @@ __all__ = [
     "logits_by_depth",
     "node_confidence",
     "parallel_confidence",
+    "token_confidence",
 ]
 
 
@@ -62,7 +63,13 @@ def parallel_confidence(logits: Float[Array, "B K V"], tree: Tree, nodes: Int[Ar
     scores, else the drafting head's distribution under `sampling` at the node's token."""
     if tree.score is not None:
         return node_confidence(tree, nodes)
-    lg = by_node_depth(logits, tree, nodes, first)
-    probs = jax.nn.softmax(lg if sampling.greedy else process_logits(lg, sampling), axis=-1)
+    return token_confidence(by_node_depth(logits, tree, nodes, first), tree, nodes, sampling)
+
+
+def token_confidence(logits: Float[Array, "B F V"], tree: Tree, nodes: Int[Array, "B F"], sampling
+                     ) -> Float[Array, "B F"]:  # fmt: skip
+    """q(token) of each node from the logits that drafted it, under `sampling` (greedy: the plain
+    softmax)."""
+    probs = jax.nn.softmax(logits if sampling.greedy else process_logits(logits, sampling), axis=-1)
     tok = jnp.take_along_axis(jnp.where(tree.valid, tree.tokens, 0), nodes, axis=1)
     return jnp.take_along_axis(probs, tok[:, :, None], axis=-1)[..., 0]

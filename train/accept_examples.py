@@ -23,9 +23,7 @@ from specdec.train import losses
 
 def _shift(x, s: int):
     """x[:, j - s] at j along axis 1 (zeros where j - s is outside; s < 0 looks ahead)."""
-    if s >= 0:
-        return losses._shift(x, s)
-    return jnp.concatenate([x[:, -s:], jnp.zeros_like(x[:, :-s])], axis=1)
+    return losses._shift(x, s)
 
 
 def _attend(q, k0, v0, diag_k, diag_v, step: int, cfg: eagle.EagleConfig):

@@ -200,9 +200,11 @@ def eagle1_loss(params, cfg: eagle.EagleConfig, batch: Batch, t2d, key, noise: f
 
 
 def _shift(x, s: int):
-    """x[:, j - s] at j (zeros for j < s) along axis 1."""
+    """x[:, j - s] at j along axis 1 (zeros where j - s is outside; s < 0 looks ahead)."""
     if s == 0:
         return x
+    if s < 0:
+        return jnp.concatenate([x[:, -s:], jnp.zeros_like(x[:, :-s])], axis=1)
     return jnp.concatenate([jnp.zeros_like(x[:, :s]), x[:, :-s]], axis=1)
 
 
