@@ -4,7 +4,9 @@
   "ngram" | "ngram:n=3"      prompt lookup, matching suffixes of up to n tokens (min=2: of at least
                              2; adaptive=0: draft even without a match instead of taking a plain
                              AR step)
-  "layerskip:K"              the target's first K layers + its final norm and head (no training)
+  "layerskip:K"              the target's first K layers + its final norm and head (no training);
+                             on the embedded target, `layerskip:6` carries shipped SpecDec++
+                             acceptance heads (`specdec/data/drafters/layerskip-6`)
   "medusa" | "eagle" | "eagle3" | "amphista" | "falcon" | "dflash"
                              the trained drafters shipped for the embedded target
                              (SmolLM2-135M-Instruct; the families of `specdec.drafters.family`
@@ -77,6 +79,22 @@ def shipped_path(name: str) -> pathlib.Path:
     return pathlib.Path(str(importlib.resources.files("specdec") / "data" / "drafters" / name))
 
 
+def _layer_skip_with_heads(k: int, target_params, target_cfg):
+    """`layerskip:k` with the acceptance heads shipped for it when they were trained for this
+    target (the embedded one); else without heads."""
+    from specdec.drafters import checkpoint
+
+    path = shipped_path(f"layerskip-{k}")
+    if checkpoint.is_checkpoint(path):
+        try:
+            checkpoint.check_target(checkpoint.read(path)[0], target_params, target_cfg, path)
+        except checkpoint.DrafterCheckpointError:
+            pass  # another target: its layer-skip drafter has no heads
+        else:
+            return checkpoint.load(path, target_params, target_cfg)
+    return layer_skip(target_params, target_cfg, k)
+
+
 def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, dtype: str | None = None):
     """(drafter, draft_params) for a CLI string; `max_depth` is the tree builder's (n-gram lookup
     proposes that many tokens). Drafters size their per-node state from the builder when the loop
@@ -97,7 +115,7 @@ def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, dtype
     if kind == "layerskip":
         if not arg.isdigit():
             raise ValueError(f"--drafter {spec!r}: use layerskip:K with K the number of target layers kept")
-        return layer_skip(target_params, target_cfg, int(arg))
+        return _layer_skip_with_heads(int(arg), target_params, target_cfg)
     from specdec.drafters import checkpoint, official
     from specdec.drafters.family import FAMILIES
 

@@ -21,6 +21,11 @@ mismatch. `bind` adds the shared target arrays (embedding, head rows) by referen
 stored in a checkpoint. Both follow the family's registry entry (`specdec.drafters.family`): the
 "family" of `drafter.json` is its `Family.stored` name (EAGLE-1 and EAGLE-3 are both "eagle", told
 apart by `config.version`), and `Family.shares(config)` names the shared arrays.
+
+A drafter built from the target itself has no trained arrays of its own, only acceptance heads: its
+checkpoint is heads-only (`MODEL_FAMILIES`: "layerskip", config `{"num_layers": K}`; the params hold
+`accept.*` alone, none before heads are trained). `load` builds it from the target
+(`draft_model.layer_skip`) and adds the heads.
 """
 
 from __future__ import annotations
@@ -38,12 +43,19 @@ from safetensors.numpy import load_file, save_file
 from specdec.checkpoints.common import DrafterCheckpointError
 from specdec.drafters import accept_head
 from specdec.drafters import family as families
+from specdec.drafters.draft_model import LayerSkipConfig, layer_skip
 from specdec.drafters.family import Family
 from specdec.matmul import layout_of, pack_params, plain
 from specdec.models.config import ModelConfig
 
 FORMAT = "specdec-drafter"
 FAMILIES = families.FAMILIES  # the registry: name -> Family
+# drafters built from the target (no arrays of their own): stored family -> config class
+MODEL_FAMILIES: dict[str, type] = {"layerskip": LayerSkipConfig}
+
+
+def _config_class(stored: str) -> type:
+    return MODEL_FAMILIES.get(stored) or families.config_class(stored)
 
 
 def fingerprint(target_params, cfg: ModelConfig) -> list[float]:
@@ -136,6 +148,8 @@ def digest(path: os.PathLike) -> str:
 
     meta, _ = read(path)
     h = hashlib.sha256(json.dumps(meta["config"], sort_keys=True).encode())
+    if meta["family"] in MODEL_FAMILIES:  # its arrays are the target's
+        h.update(json.dumps([meta["family"], meta["target"]], sort_keys=True).encode())
     flat = load_file(str(pathlib.Path(path) / "params.safetensors"))
     for k in sorted(flat):
         if not k.startswith("accept."):
@@ -193,10 +207,11 @@ def read(path: os.PathLike) -> tuple[dict, dict]:
             "pass a folder written by specdec-train (RUN/drafter) or a shipped drafter's name"
         )
     family = meta.get("family")
-    if family not in families.stored_names():
+    known = families.stored_names() + list(MODEL_FAMILIES)
+    if family not in known:
         raise DrafterCheckpointError(
             f"{meta_file}: unknown drafter family {family!r} (this specdec knows "
-            f"{', '.join(families.stored_names())}); {fix}, or use the specdec version that wrote it"
+            f"{', '.join(known)}); {fix}, or use the specdec version that wrote it"
         )
     for key in ("config", "target"):
         if not isinstance(meta.get(key), dict):
@@ -205,7 +220,7 @@ def read(path: os.PathLike) -> tuple[dict, dict]:
                 f"{meta_file}: the required key {key!r} {got} (a {FORMAT} file lists format, family, "
                 f"config and target); {fix}"
             )
-    fields = {f.name: f for f in dataclasses.fields(families.config_class(family)) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(_config_class(family)) if f.init}
     required = [n for n, f in fields.items()
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # fmt: skip
     missing = [n for n in required if n not in meta["config"]]
@@ -238,7 +253,14 @@ def read(path: os.PathLike) -> tuple[dict, dict]:
         flat = load_file(str(params_file))
     except Exception as e:  # OS and safetensors' own error types
         raise DrafterCheckpointError(f"{params_file} is corrupt ({type(e).__name__}: {e}); {fix}") from None
-    if not flat:
+    if family in MODEL_FAMILIES:  # heads-only: the drafter's arrays are the target's
+        own = sorted(k for k in flat if not k.startswith("accept."))
+        if own:
+            raise DrafterCheckpointError(
+                f"{params_file} holds arrays {own[:3]} but a {family} drafter's arrays are the target's "
+                f"(only accept.* belong here); {fix}"
+            )
+    elif not flat:
         raise DrafterCheckpointError(f"{params_file} holds no arrays; {fix}")
     flat = {k: (v if k == "d2t" else np.asarray(v, np.float32)) for k, v in flat.items()}
     params = _unflatten(flat)
@@ -279,7 +301,7 @@ def _check_accept(meta: dict, params: dict, meta_file, fix: str) -> None:
 def make_config(meta: dict):
     """The config dataclass of a checkpoint's metadata (JSON lists back to tuples: configs are hashable)."""
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
-    return families.config_class(meta["family"])(**kw)
+    return _config_class(meta["family"])(**kw)
 
 
 def family_of(meta: dict, config=None) -> Family:
@@ -343,10 +365,15 @@ def load(path: os.PathLike, target_params, cfg: ModelConfig):
     meta, params = read(path)
     check_target(meta, target_params, cfg, path)
     config = make_config(meta)
+    specs = accept_head.specs_from_meta(meta.get("accept") or {})  # (checked by read)
+    if meta["family"] in MODEL_FAMILIES:
+        drafter, dp = _model_drafter(meta["family"], config, target_params, cfg, path)
+        if not specs:
+            return drafter, dp
+        return dataclasses.replace(drafter, accept_heads=specs), {**dp, "accept": _to_jnp(params["accept"])}
     family = family_of(meta, config)
     params = {k: (v if k == "d2t" else _to_jnp(v)) for k, v in params.items()}
     drafter = family.drafter(config)
-    specs = accept_head.specs_from_meta(meta.get("accept") or {})  # (checked by read)
     if specs:
         if "accept_heads" not in {f.name for f in dataclasses.fields(drafter)}:
             raise DrafterCheckpointError(
@@ -355,6 +382,22 @@ def load(path: os.PathLike, target_params, cfg: ModelConfig):
             )
         drafter = dataclasses.replace(drafter, accept_heads=specs)
     return drafter, bind(family, config, params, target_params)
+
+
+def save_layer_skip(path: os.PathLike, num_layers: int, target_params, cfg: ModelConfig, source: str
+                    ) -> pathlib.Path:  # fmt: skip
+    """Write the heads-only checkpoint of `layerskip:num_layers` for this target, without heads
+    (`with_accept_heads` adds them)."""
+    layer_skip(target_params, cfg, num_layers)  # refuses an impossible K now
+    return save(path, "layerskip", LayerSkipConfig(num_layers), {}, target_info(target_params, cfg, source))
+
+
+def _model_drafter(family: str, config, target_params, cfg: ModelConfig, path):
+    """(drafter, params) of a heads-only checkpoint's drafter, built from the target."""
+    try:
+        return layer_skip(target_params, cfg, config.num_layers)
+    except ValueError as e:
+        raise DrafterCheckpointError(f"{path}: {e}") from None
 
 
 def _to_jnp(tree):

@@ -10,6 +10,12 @@ logits are in the state. While a tree is built, node i is written at slot `lengt
 attends to the committed prefix plus its ancestors. `update` then processes the tokens committed
 by the step (at most `tree.max_depth + 1`: accepted drafts + the new root) in one block, so no
 tree slot needs to survive a step — any builder works, including ones that reindex candidates.
+
+SpecDec++ acceptance heads (`accept_heads`, `specdec.drafters.accept_head`) read the draft model's
+final normed state after it consumed the node's token (`node_hidden[b, i]`, kept only with heads).
+A layer-skip drafter's heads ship in a heads-only checkpoint (`drafter.json` family "layerskip",
+config `{"num_layers": K}`, arrays `accept.*` only; `specdec.drafters.checkpoint`): the layers are
+the target's own.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ from jaxtyping import Array, Float, Int
 
 from specdec.cache import KVCache, causal_mask
 from specdec.context import Context
+from specdec.drafters import accept_head
+from specdec.drafters.protocol import parent_confidence
 from specdec.models.config import ModelConfig
-from specdec.models.llama import Params, forward
+from specdec.models.llama import Params, forward, lm_head
 from specdec.tree import Tree, ancestor_mask
 
 
@@ -32,29 +40,60 @@ from specdec.tree import Tree, ancestor_mask
 class DraftModelState:
     cache: KVCache  # lengths[b] = the root's slot
     root_logits: Float[Array, "B V"]
+    # the final normed state at each tree node after its token (node 0 = root); None without heads
+    node_hidden: Float[Array, "B W D"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
-class DraftModel:
-    """A small Llama-family model as drafter. `cfg` describes the draft model."""
+class LayerSkipConfig:
+    """A layer-skip drafter as a checkpoint stores it: the target's first `num_layers` layers."""
+
+    num_layers: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftModel(accept_head.AcceptanceMembers):
+    """A small Llama-family model as drafter. `cfg` describes the draft model; `accept_heads` its
+    SpecDec++ heads (set by the checkpoint loader; () = none)."""
 
     cfg: ModelConfig
     taps: tuple[int, ...] = ()
+    accept_heads: tuple[accept_head.HeadSpec, ...] = ()
 
     @property
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
-    def _catch_up(self, params, cache: KVCache, ctx: Context, block: int) -> DraftModelState:
-        """Run the committed tokens from slot `cache.lengths` to the root (<= block of them)."""
+    @property
+    def _hidden_tap(self) -> tuple[int, ...]:
+        """The forward taps the drafter asks for: the final normed state when heads read it."""
+        return (self.cfg.num_layers,) if self.accept_heads else ()
+
+    def _accept_input(self, params, state: DraftModelState, tree: Tree, nodes: Int[Array, "B F"]):
+        """What a head reads at each node (`accept_head.AcceptanceMembers`): the final normed state
+        after the node's token, which `expand` stored."""
+        return jnp.take_along_axis(state.node_hidden, nodes[:, :, None], axis=1)
+
+    def _confidence(self, params, state: DraftModelState, tree: Tree, nodes, sampling) -> Float[Array, "B F"]:
+        return parent_confidence(lambda h: lm_head(params, h), state.node_hidden, tree, nodes, sampling)
+
+    def _catch_up(
+        self, params, cache: KVCache, ctx: Context, block: int, node_hidden=None
+    ) -> DraftModelState:
+        """Run the committed tokens from slot `cache.lengths` to the root (<= block of them);
+        `node_hidden` (with heads) gets the root's state at node 0."""
         b = ctx.tokens.shape[0]
         pos = cache.lengths[:, None] + jnp.arange(block)[None, :]
         toks = jnp.take_along_axis(ctx.tokens, jnp.minimum(pos, ctx.tokens.shape[1] - 1), axis=1)
         count = ctx.lengths - cache.lengths  # tokens to run, root included (0 for finished rows)
         last = jnp.clip(count - 1, 0, block - 1)[:, None]
-        logits, _, cache = forward(params, self.cfg, toks, pos, cache, causal_mask(b, block), logits_idx=last)
+        logits, hidden, cache = forward(params, self.cfg, toks, pos, cache, causal_mask(b, block),
+                                        taps=self._hidden_tap, logits_idx=last)  # fmt: skip
         cache = cache.advance(jnp.maximum(count - 1, 0))  # the root stays pending at slot lengths
-        return DraftModelState(cache=cache, root_logits=logits[:, 0])
+        if node_hidden is not None:  # the root's state: its children's q(y) come from it
+            root = jnp.take_along_axis(hidden[0], last[:, :, None], axis=1)[:, 0]
+            node_hidden = node_hidden.at[:, 0].set(root.astype(node_hidden.dtype))
+        return DraftModelState(cache=cache, root_logits=logits[:, 0], node_hidden=node_hidden)
 
     def init(
         self, params, ctx: Context, prompt: Int[Array, "B T"], prefill_taps, cache_size: int, *, window: int
@@ -64,7 +103,8 @@ class DraftModel:
         pos = jnp.broadcast_to(jnp.arange(t), (b, t))
         _, _, cache = forward(params, self.cfg, prompt, pos, cache, causal_mask(b, t))
         cache = cache.advance(ctx.lengths - 1)  # the prompt; the root is the first sampled token
-        return self._catch_up(params, cache, ctx, 1)
+        hidden = jnp.zeros((b, window, self.cfg.hidden_size), jnp.float32) if self.accept_heads else None
+        return self._catch_up(params, cache, ctx, 1, hidden)
 
     def begin(self, params, state: DraftModelState, ctx: Context):
         return state.root_logits, state
@@ -75,15 +115,18 @@ class DraftModel:
         depth = jnp.take_along_axis(tree.depth, frontier, axis=1)
         anc = jnp.take_along_axis(ancestor_mask(tree), frontier[:, :, None], axis=1)  # [B, F, N]
         slots = cache.lengths[:, None] + frontier
-        logits, _, cache = forward(
-            params, self.cfg, toks, cache.lengths[:, None] + depth, cache, anc, slots=slots
-        )
+        logits, hidden, cache = forward(params, self.cfg, toks, cache.lengths[:, None] + depth, cache, anc,
+                                        slots=slots, taps=self._hidden_tap)  # fmt: skip
+        if state.node_hidden is not None:  # frontier nodes are never the root: node 0 is kept
+            rows = jnp.arange(toks.shape[0])[:, None]
+            node_hidden = state.node_hidden.at[rows, frontier].set(hidden[0], mode="drop")
+            state = state.replace(node_hidden=node_hidden)
         return logits, state.replace(cache=cache)
 
     def update(self, params, state: DraftModelState, ctx: Context, tree: Tree, verdict, taps):
         # The old root was written at its slot during the step's tree build; keep it.
         cache = state.cache.advance(1)
-        return self._catch_up(params, cache, ctx, tree.max_depth + 1)
+        return self._catch_up(params, cache, ctx, tree.max_depth + 1, state.node_hidden)
 
 
 def layer_skip(params: Params, cfg: ModelConfig, num_layers: int) -> tuple[DraftModel, Params]:

@@ -41,7 +41,7 @@ from specdec.cache import KVCache, causal_mask
 from specdec.context import Context
 from specdec.drafters import accept_head
 from specdec.drafters.family import Built, Family, InferenceOption, TrainTarget, option
-from specdec.drafters.protocol import node_confidence, token_confidence
+from specdec.drafters.protocol import parent_confidence
 from specdec.matmul import PackedWeight, dense
 from specdec.models import decoder
 from specdec.models.config import ModelConfig
@@ -171,18 +171,6 @@ def to_target_vocab(logits: Float[Array, "... Vd"], d2t: Int[Array, " Vd"] | Non
         return logits
     full = jnp.full(logits.shape[:-1] + (vocab,), NEG, jnp.float32)
     return full.at[..., d2t].set(logits)
-
-
-def parent_confidence(logits_of, out: Float[Array, "B W D"], tree: Tree, nodes: Int[Array, "B F"], sampling
-                      ) -> Float[Array, "B F"]:  # fmt: skip
-    """q(token) of each node: its parent's draft distribution under `sampling` (greedy: the plain
-    softmax) at the node's token. From the tree's path scores when the builder records them
-    (`node_confidence`), else `logits_of` the parent's feature in `out` (the per-node features)."""
-    if tree.score is not None:
-        return node_confidence(tree, nodes)
-    parent = jnp.maximum(jnp.take_along_axis(tree.parents, nodes, axis=1), 0)
-    lg = logits_of(jnp.take_along_axis(out, parent[:, :, None], axis=1))
-    return token_confidence(lg, tree, nodes, sampling)
 
 
 def run_layer(params, cfg: EagleConfig, tokens, feat, positions, cache: KVCache | None,

@@ -50,6 +50,7 @@ from specdec.cache import KVCache
 from specdec.context import Context
 from specdec.drafters import accept_head, eagle
 from specdec.drafters.family import Built, Family, TrainTarget, option
+from specdec.drafters.protocol import parent_confidence
 from specdec.matmul import PackedWeight
 from specdec.models import decoder
 from specdec.tree import Tree, ancestor_mask
@@ -133,7 +134,7 @@ class Falcon(accept_head.AcceptanceMembers):
         return eagle.accept_input(params, self.cfg, jnp.take_along_axis(state.out, nodes[:, :, None], axis=1))
 
     def _confidence(self, params, state: FalconState, tree: Tree, nodes, sampling) -> Float[Array, "B F"]:
-        return eagle.parent_confidence(lambda o: self._logits(params, o), state.out, tree, nodes, sampling)
+        return parent_confidence(lambda o: self._logits(params, o), state.out, tree, nodes, sampling)
 
     def _logits(self, params, out):
         return eagle.to_target_vocab(eagle.draft_logits(params, self.cfg, out), params.get("d2t"),

@@ -25,6 +25,7 @@ __all__ = [
     "logits_by_depth",
     "node_confidence",
     "parallel_confidence",
+    "parent_confidence",
     "token_confidence",
 ]
 
@@ -73,3 +74,15 @@ def token_confidence(logits: Float[Array, "B F V"], tree: Tree, nodes: Int[Array
     probs = jax.nn.softmax(logits if sampling.greedy else process_logits(logits, sampling), axis=-1)
     tok = jnp.take_along_axis(jnp.where(tree.valid, tree.tokens, 0), nodes, axis=1)
     return jnp.take_along_axis(probs, tok[:, :, None], axis=-1)[..., 0]
+
+
+def parent_confidence(logits_of, out: Float[Array, "B W D"], tree: Tree, nodes: Int[Array, "B F"], sampling
+                      ) -> Float[Array, "B F"]:  # fmt: skip
+    """q(token) of each node: its parent's draft distribution under `sampling` (greedy: the plain
+    softmax) at the node's token. From the tree's path scores when the builder records them
+    (`node_confidence`), else `logits_of` the parent's feature in `out` (the per-node features)."""
+    if tree.score is not None:
+        return node_confidence(tree, nodes)
+    parent = jnp.maximum(jnp.take_along_axis(tree.parents, nodes, axis=1), 0)
+    lg = logits_of(jnp.take_along_axis(out, parent[:, :, None], axis=1))
+    return token_confidence(lg, tree, nodes, sampling)

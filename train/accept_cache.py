@@ -17,7 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from specdec.drafters import eagle, falcon
-from specdec.train.accept_examples import eagle_examples, falcon_examples
+from specdec.drafters.draft_model import DraftModel
+from specdec.train.accept_examples import draft_model_examples, eagle_examples, falcon_examples
 from specdec.train.accept_parallel import ROOTS, parallel_examples
 from specdec.train.features import FeatureSet
 from specdec.train.trainer import Batches
@@ -30,6 +31,7 @@ PARALLEL = tuple(ROOTS)  # drafters whose depth-d node comes from head (block po
 EXAMPLES: dict[type, Callable] = {
     eagle.Eagle: eagle_examples,
     falcon.Falcon: falcon_examples,
+    DraftModel: draft_model_examples,
     **{cls: functools.partial(parallel_examples, roots=roots) for cls, roots in ROOTS.items()},
 }
 
@@ -44,6 +46,12 @@ def head_depths(drafter, depths: int) -> int:
     if isinstance(drafter, falcon.Falcon):
         return depths
     return 0
+
+
+def example_depths(drafter, depths: int) -> int:
+    """The depths the examples of `drafter` hold: 1 for a draft model (its state at a chain node
+    does not depend on the depth: `draft_model_examples`), else `depths`."""
+    return 1 if isinstance(drafter, DraftModel) else depths
 
 
 def token_mixing(drafter, mixing: float) -> float:

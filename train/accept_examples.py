@@ -1,7 +1,8 @@
 """Examples for SpecDec++ acceptance heads of chain drafters (step 1 of `specdec.train.acceptance`'s
 pipeline): the draft's own chain along the target's tokens at every position and depth, with hard
 (T = 0) or soft (T > 0) acceptance labels, token mixing, and the draft's confidence q_T(y), for
-EAGLE (`eagle_examples`) and Falcon (`falcon_examples`). Parallel drafters: `accept_parallel`; the
+EAGLE (`eagle_examples`), Falcon (`falcon_examples`) and a draft model or layer-skip
+(`draft_model_examples`). Parallel drafters: `accept_parallel`; the
 on-disk cache: `accept_cache`. The module doc of `specdec.train.acceptance` states what a row is.
 """
 
@@ -14,9 +15,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from specdec.attention import NEG_INF
+from specdec.cache import causal_mask
 from specdec.drafters import accept_head, eagle, falcon
 from specdec.matmul import map_dense, plain
-from specdec.models import decoder
+from specdec.models import decoder, forward
+from specdec.models.config import ModelConfig
 from specdec.models.rope import rope_tables
 from specdec.train import losses
 
@@ -236,4 +239,61 @@ def falcon_examples(
                 mixed, x = jnp.zeros((b, n), bool), out[d]
             _append(res[accept_head.key_of(t)], eagle.accept_input(params, cfg, x), y,
                     label_of(t, y, lq_y), lq_y, counted, mixed)  # fmt: skip
+    return {k: {name: jnp.stack(v) for name, v in r.items()} for k, r in res.items()}
+
+
+def draft_model_examples(
+    params,
+    cfg: ModelConfig,
+    batch: losses.Batch,
+    target_head: Float[Array, "D V"],
+    key,
+    *,
+    depths: int,
+    temperatures: tuple[float, ...],
+    mixing: float,
+    tap_final: int,
+) -> dict[str, dict[str, Array]]:
+    """Acceptance-head examples of a draft model (`DraftModel`: an independent model or layer-skip)
+    for a batch of sequences [B, T], in `eagle_examples`' format with one depth (pure; jit with the
+    keyword arguments static).
+
+    A draft model's state at a chain node depends only on the tokens it consumed: the committed
+    prefix and the ancestors, which are the target's tokens once the parent is accepted. So the
+    depth-d node at position p reads the same state for every d, and one row per position serves
+    all depths (`depths` is not used). Index j (0..T-2) is position p = j + 1: the draft's logits
+    after token p - 1 (teacher-forced) propose y; the head reads the final normed state after y at
+    p with the target's tokens < p as context. The context stream and one such stream per
+    temperature run as one forward whose mask lets a y row see the context before it and itself.
+    Mixed rows (probability `mixing`) read the target's token instead and are not counted."""
+    params = map_dense(params, plain)
+    toks = batch.tokens
+    b, t = toks.shape
+    n = t - 1
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    logits, _, _ = forward(params, cfg, toks, pos, None, causal_mask(b, t))
+    node_logits = logits[:, :-1]  # after token p - 1: proposes token p
+    answer, top1, label_of = _targets(batch, target_head, temperatures, tap_final)
+    counted = answer & (top1 >= 0)
+    drafted = []
+    for ti, temp in enumerate(temperatures):
+        k_tok, k_mix = jax.random.split(jax.random.fold_in(key, ti))
+        y, lq_y = draft_token(node_logits, temp, k_tok, None)
+        mixed = jax.random.uniform(k_mix, (b, n)) < mixing
+        drafted.append((y, lq_y, mixed, jnp.where(mixed, toks[:, 1:], y)))
+    # [context (t) ; one alternative stream (n) per temperature]: row p of a stream sees context < p
+    m = len(temperatures)
+    sees_ctx = jnp.arange(t)[None, :] < jnp.arange(1, t)[:, None]  # [n, t]
+    mask = jnp.zeros((t + m * n, t + m * n), bool).at[:t, :t].set(jnp.tril(jnp.ones((t, t), bool)))
+    for i in range(m):
+        rows = slice(t + i * n, t + (i + 1) * n)
+        mask = mask.at[rows, :t].set(sees_ctx).at[rows, rows].set(jnp.eye(n, dtype=bool))
+    stream = jnp.concatenate([toks] + [z for *_, z in drafted], axis=1)
+    spos = jnp.concatenate([pos] + [pos[:, 1:]] * m, axis=1)
+    _, (hidden,), _ = forward(params, cfg, stream, spos, None, jnp.broadcast_to(mask, (b,) + mask.shape),
+                              taps=(cfg.num_layers,), logits_idx=jnp.zeros((b, 1), jnp.int32))  # fmt: skip
+    res = _results(temperatures)
+    for i, (temp, (y, lq_y, mixed, _)) in enumerate(zip(temperatures, drafted, strict=True)):
+        x = hidden[:, t + i * n : t + (i + 1) * n]
+        _append(res[accept_head.key_of(temp)], x, y, label_of(temp, y, lq_y), lq_y, counted, mixed)
     return {k: {name: jnp.stack(v) for name, v in r.items()} for k, r in res.items()}

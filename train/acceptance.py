@@ -23,6 +23,9 @@ train. `run` does, resumably:
    Falcon (`accept_examples.falcon_examples`): the same chain with Falcon's k-token passes; the
    node's token is read (and mixed) only at depths ≡ 0 (mod k), where its own pass runs, and the
    head gets a learned bias per depth (`accept_head.HeadSpec.depths`).
+   A draft model or layer-skip (`accept_examples.draft_model_examples`) reads the same state at a
+   node for every depth (its tokens are the target's): one row per position, the head reads the
+   final normed state after y.
    Parallel drafters (Medusa, Amphista, DFlash; `accept_parallel.parallel_examples`) draft depth d
    from head (block position) d over what they computed for the root alone: the row is that head's
    state and its top-1 / sample, there is no token to mix, and the head gets a bias per depth.
@@ -57,7 +60,13 @@ from tqdm import tqdm
 from specdec.drafters import accept_head
 from specdec.drafters import checkpoint as ckpt
 from specdec.train import losses
-from specdec.train.accept_cache import build_examples, head_depths, load_examples, token_mixing
+from specdec.train.accept_cache import (
+    build_examples,
+    example_depths,
+    head_depths,
+    load_examples,
+    token_mixing,
+)
 from specdec.train.accept_calibration import bce, calibration, plot, report
 from specdec.train.features import FeatureSet
 
@@ -298,7 +307,7 @@ def run(
             "rows_per_step": ac.rows,
             "lr": ac.lr,
             "warmup": ac.warmup,
-            "depths": depths or ac.depths,
+            "depths": depths or example_depths(drafter, ac.depths),
             "mixing": mixing,
             "seed": ac.seed,
             "train_rows": int(len(train["label"])),
@@ -330,7 +339,7 @@ def run(
         "train_sequences": held_from,
         "valid_sequences": ac.valid,
         "test_sequences": ac.heldout - ac.valid,
-        "depths": depths or ac.depths,
+        "depths": depths or example_depths(drafter, ac.depths),
         "mixing": mixing,
         "weight_mismatch": ac.weight_mismatch,
         "layers": ac.layers,

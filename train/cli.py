@@ -127,7 +127,9 @@ _bool(
     "(sequences per example forward) apply. --out/drafter is the drafter with the heads (docs/training.md).",
 )  # fmt: skip
 _string(
-    "drafter_checkpoint", None, "With --accept_head: a drafter checkpoint folder or a shipped drafter's name."
+    "drafter_checkpoint",
+    None,
+    "With --accept_head: a drafter checkpoint folder, a shipped drafter's name, or layerskip:K.",
 )
 flags.DEFINE_list(
     "accept_temperatures", ["0", "1"],
@@ -251,7 +253,7 @@ def main(argv):
     if accept is not None:  # before any extraction: a wrong checkpoint fails now
         from specdec.drafters import checkpoint as ckpt
 
-        drafter_path = _drafter_path(FLAGS.drafter_checkpoint)
+        drafter_path = _drafter_path(FLAGS.drafter_checkpoint, model, out)
         meta = ckpt.read(drafter_path)[0]
         ckpt.check_target(meta, model.params, model.cfg, drafter_path)
     if FLAGS.init_from:  # before any extraction: a wrong checkpoint fails now, not an hour later
@@ -368,7 +370,7 @@ def _accept_config():
 
     if not FLAGS.drafter_checkpoint:
         raise app.UsageError(
-            "--accept_head needs --drafter_checkpoint (a drafter folder or a shipped name: eagle)"
+            "--accept_head needs --drafter_checkpoint (a drafter folder, a shipped name: eagle, layerskip:K)"
         )
     try:
         temps = tuple(float(t) for t in FLAGS.accept_temperatures)
@@ -384,8 +386,9 @@ def _accept_config():
         raise app.UsageError(f"--accept_head: {e}") from None
 
 
-def _drafter_path(spec: str):
-    """A drafter checkpoint folder, or the folder of the shipped drafter named `spec`."""
+def _drafter_path(spec: str, model, out):
+    """A drafter checkpoint folder, the folder of the shipped drafter named `spec`, or for
+    `layerskip:K` a heads-only checkpoint written to `out/layerskip-K` for the target `model`."""
     import pathlib
 
     from specdec.drafters import checkpoint as ckpt
@@ -393,6 +396,13 @@ def _drafter_path(spec: str):
 
     if ckpt.is_checkpoint(spec):
         return pathlib.Path(spec)
+    kind, _, arg = spec.partition(":")
+    if kind == "layerskip":
+        try:
+            k = int(arg)
+            return ckpt.save_layer_skip(out / f"layerskip-{k}", k, model.params, model.cfg, FLAGS.target)
+        except ValueError as e:
+            raise app.UsageError(f"--drafter_checkpoint {spec!r}: {e}; use layerskip:K") from None
     if spec in FAMILIES and ckpt.is_checkpoint(shipped_path(spec)):
         return shipped_path(spec)
     raise app.UsageError(
