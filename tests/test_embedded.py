@@ -144,3 +144,15 @@ def test_shipped_drafters_agree_with_the_target_teacher_forced(embedded):
         got[name] = tuple(round(float(label[k][mask[k]].mean()), 3) for k in range(2))
     for name, lows in MIN_ACCEPT.items():
         assert all(a > low for a, low in zip(got[name], lows, strict=True)), (name, got[name], lows)
+
+
+def test_layerskip_6_carries_its_shipped_heads_on_the_embedded_target(embedded):
+    """`layerskip:6` on the embedded target is the target's first 6 layers with the shipped
+    acceptance heads (a heads-only checkpoint); `layerskip:5` has none."""
+    from specdec.drafters import parse_drafter
+
+    params = to_device(embedded.params, embedded.cfg)
+    d, dp = parse_drafter("layerskip:6", params, embedded.cfg, max_depth=4)
+    assert d.cfg.num_layers == 6 and [h.key for h in d.accept_heads] == ["t0", "t1"]
+    assert set(dp["accept"]) == {"t0", "t1"} and dp["embed"] is params["embed"]
+    assert parse_drafter("layerskip:5", params, embedded.cfg, max_depth=4)[0].accept_heads == ()
