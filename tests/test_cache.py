@@ -127,19 +127,18 @@ def test_split_attention_decodes_like_dense_attention():
     def decode(cfg):  # AR, then speculative with a dynamic tree
         params = to_device(host, cfg, "plain")
         d, dp = layer_skip(params, cfg, 1)
-        return [generate(params, cfg, prompts, max_new_tokens=10).tokens,
-                generate(params, cfg, prompts, max_new_tokens=10, drafter=d, draft_params=dp,
-                         builder=parse_tree("dynamic:depth=3,topk=3,n=10")).tokens]  # fmt: skip
+        return generate(params, cfg, prompts, max_new_tokens=10, drafter=d, draft_params=dp,
+                        builder=parse_tree("dynamic:depth=3,topk=3,n=10")).tokens  # fmt: skip
 
     dense, split = decode(CFG), decode(CFG.replace(attention="split"))
     assert split == dense and dense[0] == dense[1]
 
 
 def test_flash_decode_runs_the_kernel(monkeypatch):
-    """`attention="flash"` under `generate`: the cache is sized to tile the kernel, the prefix half
-    goes through Pallas's decode kernel (its calls are counted while tracing) and the tokens equal
-    dense attention's."""
-    import jax
+    """`attention="flash"` under speculative `generate`: the cache is sized to tile the kernel, the
+    prefix half goes through Pallas's decode kernel (its calls are counted while tracing: a program
+    traced before would not count them and fail here) and the tokens equal dense attention's. AR
+    decoding with the kernel: tests/test_sharding.py's flash cases."""
 
     from specdec import attention
     from specdec.drafters import layer_skip
@@ -150,16 +149,14 @@ def test_flash_decode_runs_the_kernel(monkeypatch):
     calls = []
     kernel = attention._prefix_flash_shard
     monkeypatch.setattr(attention, "_prefix_flash_shard", lambda *a: calls.append(a[1].shape) or kernel(*a))
-    jax.clear_caches()  # trace afresh, so the count sees this test's programs
     host = random_params(CFG, 0)
     prompts = [[5, 9, 3, 5, 9, 3], list(range(20, 41))]
 
     def decode(cfg):
         params = to_device(host, cfg, "plain")
         d, dp = layer_skip(params, cfg, 1)
-        return [generate(params, cfg, prompts, max_new_tokens=10).tokens,
-                generate(params, cfg, prompts, max_new_tokens=10, drafter=d, draft_params=dp,
-                         builder=parse_tree("dynamic:depth=3,topk=3,n=10")).tokens]  # fmt: skip
+        return generate(params, cfg, prompts, max_new_tokens=10, drafter=d, draft_params=dp,
+                        builder=parse_tree("dynamic:depth=3,topk=3,n=10")).tokens  # fmt: skip
 
     dense = decode(CFG)
     assert not calls

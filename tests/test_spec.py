@@ -103,7 +103,15 @@ def test_full_depth_formula():
     assert sum(k * c for k, c in enumerate(hist)) / sum(hist) == pytest.approx(3.8)
 
 
-@pytest.mark.parametrize("drafter,tree", list(itertools.product(["self", "other", "ngram"], TREES)))
+# the target drafting for itself (exact histograms) and n-gram lookup on every builder; a different
+# random model (partial acceptance of a draft model) on a chain, a dynamic tree and a budget
+OTHER = ("chain:3", "dynamic:depth=3,topk=3,n=10", "dynamic:depth=3,topk=3,n=10+budget:5")
+
+
+@pytest.mark.parametrize(
+    "drafter,tree",
+    list(itertools.product(["self", "ngram"], TREES)) + [("other", t) for t in OTHER],
+)
 def test_greedy_speculative_equals_ar_for_every_builder(setup, drafter, tree, tmp_path):
     perfect = drafter == "self"
     trace = tmp_path / "trace.jsonl" if perfect else None
