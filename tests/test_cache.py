@@ -127,8 +127,9 @@ def test_split_attention_decodes_like_dense_attention():
     def decode(cfg):  # AR, then speculative with a dynamic tree
         params = to_device(host, cfg, "plain")
         d, dp = layer_skip(params, cfg, 1)
-        return generate(params, cfg, prompts, max_new_tokens=10, drafter=d, draft_params=dp,
-                        builder=parse_tree("dynamic:depth=3,topk=3,n=10")).tokens  # fmt: skip
+        return [generate(params, cfg, prompts, max_new_tokens=10).tokens,
+                generate(params, cfg, prompts, max_new_tokens=10, drafter=d, draft_params=dp,
+                         builder=parse_tree("dynamic:depth=3,topk=3,n=10")).tokens]  # fmt: skip
 
     dense, split = decode(CFG), decode(CFG.replace(attention="split"))
     assert split == dense and dense[0] == dense[1]
