@@ -398,11 +398,13 @@ def _drafter_path(spec: str, model, out):
         return pathlib.Path(spec)
     kind, _, arg = spec.partition(":")
     if kind == "layerskip":
+        if not arg.isdigit():
+            raise app.UsageError(f"--drafter_checkpoint {spec!r}: use layerskip:K, K the layers kept")
+        k = int(arg)
         try:
-            k = int(arg)
             return ckpt.save_layer_skip(out / f"layerskip-{k}", k, model.params, model.cfg, FLAGS.target)
         except ValueError as e:
-            raise app.UsageError(f"--drafter_checkpoint {spec!r}: {e}; use layerskip:K") from None
+            raise app.UsageError(f"--drafter_checkpoint {spec!r}: {e}") from None
     if spec in FAMILIES and ckpt.is_checkpoint(shipped_path(spec)):
         return shipped_path(spec)
     raise app.UsageError(
