@@ -7,6 +7,8 @@ Training-free and model-free. For each row, the longest suffix of the committed 
 is off the proposal, they are uniform (an honest q if a builder samples from it).
 `should_draft` lets the decode loop take a plain AR step when no row has a proposal, so a miss
 costs one T = 1 forward instead of a whole verification block.
+`candidates(ctx, r)` returns up to r proposals from different occurrences (the retrieval side of
+fusing retrieval paths into a model drafter's tree); the first is the drafter's own proposal.
 
 Adaptive lengths (`chain:K+adaptive`, `specdec.trees.adaptive`) read `acceptance`: a training-free
 estimate of each proposed token's acceptance from the match length n, its depth d in the proposal
@@ -88,29 +90,65 @@ class NGram:
         )
         return jnp.where(on, (at(state.hits) + 1) / (at(state.trials) + 2), 0.0)
 
-    def _lookup(self, ctx: Context) -> NGramState:
+    def _matches(self, ctx: Context, n: int) -> Bool[Array, "B S"]:
+        """match[b, p]: the row's last n tokens occur at p..p+n-1, ending before the suffix itself."""
         b, s = ctx.tokens.shape
-        k = self.max_depth
+        pos = jnp.arange(s)
+        suffix = jnp.take_along_axis(ctx.tokens, jnp.maximum(ctx.lengths[:, None] - n + jnp.arange(n), 0), 1)
+        match = jnp.ones((b, s), bool)
+        for i in range(n):
+            match &= jnp.roll(ctx.tokens, -i, axis=1) == suffix[:, i : i + 1]
+        return match & (pos[None, :] + n < ctx.lengths[:, None]) & (ctx.lengths[:, None] >= n)
+
+    def _proposal_at(self, ctx: Context, start: Int[Array, "B ..."]):
+        """(the max_depth tokens from `start` on, which of them exist); start < 0: none."""
+        idx = start[..., None] + jnp.arange(self.max_depth)
+        ok = (start[..., None] >= 0) & (idx < ctx.lengths.reshape((-1,) + (1,) * start.ndim))
+        flat = jnp.clip(idx, 0, ctx.tokens.shape[1] - 1).reshape(idx.shape[0], -1)
+        proposal = jnp.take_along_axis(ctx.tokens, flat, axis=1).reshape(idx.shape)
+        return jnp.where(ok, proposal, 0), ok
+
+    def _lookup(self, ctx: Context):
+        b, s = ctx.tokens.shape
         pos = jnp.arange(s)
         best_start = jnp.full((b,), -1)
         match_n = jnp.zeros((b,), jnp.int32)
         for n in range(self.min_n, self.max_n + 1):  # longer matches overwrite shorter ones
-            suffix = jnp.take_along_axis(
-                ctx.tokens, jnp.maximum(ctx.lengths[:, None] - n + jnp.arange(n), 0), 1
-            )
-            # window starting at p matches the suffix, and ends before the suffix itself starts
-            match = jnp.ones((b, s), bool)
-            for i in range(n):
-                shifted = jnp.roll(ctx.tokens, -i, axis=1)
-                match &= shifted == suffix[:, i : i + 1]
-            match &= (pos[None, :] + n < ctx.lengths[:, None]) & (ctx.lengths[:, None] >= n)
-            latest = jnp.max(jnp.where(match, pos[None, :], -1), axis=1)
+            latest = jnp.max(jnp.where(self._matches(ctx, n), pos[None, :], -1), axis=1)
             best_start = jnp.where(latest >= 0, latest + n, best_start)  # proposal starts after the match
             match_n = jnp.where(latest >= 0, n, match_n)
-        idx = best_start[:, None] + jnp.arange(k)[None, :]
-        ok = (best_start[:, None] >= 0) & (idx < ctx.lengths[:, None])
-        proposal = jnp.take_along_axis(ctx.tokens, jnp.clip(idx, 0, s - 1), axis=1)
-        return jnp.where(ok, proposal, 0), ok, match_n
+        proposal, ok = self._proposal_at(ctx, best_start)
+        return proposal, ok, match_n
+
+    def candidates(self, ctx: Context, r: int):
+        """Up to `r` proposals per row from different occurrences (retrieval for tree fusion):
+        (tokens [B, r, max_depth], ok [B, r, max_depth], matched suffix length [B, r], 0 = none).
+
+        Each position c after an occurrence of one of the row's suffixes (lengths min_n..max_n) is
+        a candidate start, scored by its longest matched suffix, then by lateness; the r best
+        starts are taken and a proposal equal to a better one is dropped (the rest move up). The
+        first equals the drafter's own proposal."""
+        b, s = ctx.tokens.shape
+        best_n = jnp.zeros((b, s), jnp.int32)  # at continuation start c = p + n
+        for n in range(self.min_n, self.max_n + 1):
+            at_c = jnp.roll(self._matches(ctx, n), n, axis=1).at[:, :n].set(False)
+            best_n = jnp.where(at_c, n, best_n)
+        score = jnp.where(best_n > 0, best_n * s + jnp.arange(s)[None, :], -1)
+        top, start = jax.lax.top_k(score, min(r, s))
+        start = jnp.where(top >= 0, start, -1)
+        n = jnp.take_along_axis(best_n, jnp.maximum(start, 0), axis=1) * (start >= 0)
+        proposal, ok = self._proposal_at(ctx, start)
+        same = jnp.all((proposal[:, :, None] == proposal[:, None]) & (ok[:, :, None] == ok[:, None]), -1)
+        earlier = jnp.tril(jnp.ones((start.shape[1],) * 2, bool), -1)
+        keep = (start >= 0) & ~jnp.any(same & earlier[None] & (start >= 0)[:, None, :], axis=-1)
+        order = jnp.argsort(~keep, axis=1, stable=True)  # kept ones first, in score order
+        take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), 1)  # noqa: E731
+        keep = take(keep)
+        out = (jnp.where(keep[..., None], take(proposal), 0), take(ok) & keep[..., None], take(n) * keep)
+        if out[0].shape[1] < r:  # a context shorter than r: pad with empty candidates
+            pad = r - out[0].shape[1]
+            out = tuple(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in out)
+        return out
 
     def _logits(self, token, ok):
         onehot = jax.nn.one_hot(token, self.vocab_size, dtype=bool)
