@@ -367,10 +367,13 @@ def load(path: os.PathLike, target_params, cfg: ModelConfig):
     config = make_config(meta)
     specs = accept_head.specs_from_meta(meta.get("accept") or {})  # (checked by read)
     if meta["family"] in MODEL_FAMILIES:
-        drafter, dp = _model_drafter(meta["family"], config, target_params, cfg, path)
-        if not specs:
-            return drafter, dp
-        return dataclasses.replace(drafter, accept_heads=specs), {**dp, "accept": _to_jnp(params["accept"])}
+        drafter, dp = _model_drafter(config, target_params, cfg, path)
+        if specs:
+            drafter, dp = (
+                dataclasses.replace(drafter, accept_heads=specs),
+                {**dp, "accept": _to_jnp(params["accept"])},
+            )
+        return drafter, dp
     family = family_of(meta, config)
     params = {k: (v if k == "d2t" else _to_jnp(v)) for k, v in params.items()}
     drafter = family.drafter(config)
@@ -392,7 +395,7 @@ def save_layer_skip(path: os.PathLike, num_layers: int, target_params, cfg: Mode
     return save(path, "layerskip", LayerSkipConfig(num_layers), {}, target_info(target_params, cfg, source))
 
 
-def _model_drafter(family: str, config, target_params, cfg: ModelConfig, path):
+def _model_drafter(config, target_params, cfg: ModelConfig, path):
     """(drafter, params) of a heads-only checkpoint's drafter, built from the target."""
     try:
         return layer_skip(target_params, cfg, config.num_layers)

@@ -9,8 +9,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # The suite compiles thousands of small programs and runs each briefly, so LLVM's optimisation
 # passes are most of its time: at level 0 tests/test_spec.py took 213 s instead of 309 s (one Zen 3
 # core); skipping LLVM's expensive passes took ~10% off two compile-bound test pairs (two Xeon
-# cores; within the noise of a whole run). Speed is
-# measured in benchmarks/, never in tests. Subprocesses inherit it: add to XLA_FLAGS.
+# cores; within the noise of a whole run). Speed is measured in benchmarks/, never in tests.
+# Subprocesses inherit it: add to XLA_FLAGS.
 _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 # Many tests compile the same programs (the same tiny configs and shapes) in different files and

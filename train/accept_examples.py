@@ -24,11 +24,6 @@ from specdec.models.rope import rope_tables
 from specdec.train import losses
 
 
-def _shift(x, s: int):
-    """x[:, j - s] at j along axis 1 (zeros where j - s is outside; s < 0 looks ahead)."""
-    return losses._shift(x, s)
-
-
 def _attend(q, k0, v0, diag_k, diag_v, step: int, cfg: eagle.EagleConfig):
     """Attention of the depth-`step` chain nodes at every position j: step-0 keys at positions
     <= j - step (committed context up to the root) and one key per ancestor / the node itself
@@ -144,15 +139,15 @@ def eagle_examples(
     chain_ok = answer
     res = _results(temperatures)
     for d in range(1, depths + 1):
-        node_logits = _shift(eagle.draft_logits(params, cfg, out), 1)  # the parent's, for token p
-        pfeat = _shift(out, 1)
+        node_logits = losses.shift(eagle.draft_logits(params, cfg, out), 1)  # the parent's, for token p
+        pfeat = losses.shift(out, 1)
         q, kk, vv, resid = branch(toks, pfeat)  # the chain continues on the target's token
         keys.append(kk)
         values.append(vv)
-        diag_k = [_shift(km, d - m) for m, km in enumerate(keys, start=1)]
-        diag_v = [_shift(vm, d - m) for m, vm in enumerate(values, start=1)]
+        diag_k = [losses.shift(km, d - m) for m, km in enumerate(keys, start=1)]
+        diag_v = [losses.shift(vm, d - m) for m, vm in enumerate(values, start=1)]
         if d > 1:
-            chain_ok = chain_ok & _shift(answer, d - 1)
+            chain_ok = chain_ok & losses.shift(answer, d - 1)
         counted = chain_ok & (top1 >= 0) & (j >= d)[None, :]
         for ti, t in enumerate(temperatures):
             k_tok, k_mix = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, d), ti))
@@ -199,8 +194,8 @@ def falcon_examples(
     q0, k0, v0, r0 = branch(toks, batch.taps[str(cfg.taps[0])][:, :-1])  # the committed (true) pairs
     # the root's pass: query i sits at r - k + 1 + i and sees every pair <= r; by node position
     root_pass = [finish(r0, _attend(q0, k0, v0, [], [], i + 1 - k, cfg)) for i in range(min(k, 2))]
-    out = {0: _shift(root_pass[0], k - 1)}  # out(d): indexed by the depth-d node's position
-    inherit = {0: _shift(root_pass[-1], max(k - 2, 0))}  # at the anchors (the root, depths ≡ 0 mod k)
+    out = {0: losses.shift(root_pass[0], k - 1)}  # out(d): indexed by the depth-d node's position
+    inherit = {0: losses.shift(root_pass[-1], max(k - 2, 0))}  # at the anchors (the root, depths ≡ 0 mod k)
     answer, top1, label_of = _targets(batch, target_head, temperatures, tap_final)
     j = jnp.arange(n)
     pairs = {}  # m -> (q, k, v, residual) of the depth-m pair on the target's chain, by its position
@@ -211,22 +206,24 @@ def falcon_examples(
         """Query depth m's output in the pass anchored at depth a (`last`: the depth-a pair's
         (q, k, v, residual) instead of the target chain's), by the depth-m node's position."""
         got = {**pairs, a: last} if last is not None else pairs
-        diag_k = [_shift(got[i][1], m - i) for i in range(1, a + 1)]
-        diag_v = [_shift(got[i][2], m - i) for i in range(1, a + 1)]
+        diag_k = [losses.shift(got[i][1], m - i) for i in range(1, a + 1)]
+        diag_v = [losses.shift(got[i][2], m - i) for i in range(1, a + 1)]
         return finish(got[m][3], _attend(got[m][0], k0, v0, diag_k, diag_v, m, cfg))
 
     for d in range(1, depths + 1):
-        node_logits = _shift(eagle.draft_logits(params, cfg, out[d - 1]), 1)  # the parent's, for token p
-        pfeat = _shift(out[d - 1], 1)
+        node_logits = losses.shift(
+            eagle.draft_logits(params, cfg, out[d - 1]), 1
+        )  # the parent's, for token p
+        pfeat = losses.shift(out[d - 1], 1)
         pairs[d] = branch(toks, pfeat)  # the chain continues on the target's token
         anchored = d % k == 0
         if anchored:  # out(d): the first query (depth d - k + 1), aligned to the depth-d node
-            out[d] = _shift(pass_output(d - k + 1, d), k - 1)
-            inherit[d] = _shift(pass_output(min(d - k + 2, d), d), max(k - 2, 0))
+            out[d] = losses.shift(pass_output(d - k + 1, d), k - 1)
+            inherit[d] = losses.shift(pass_output(min(d - k + 2, d), d), max(k - 2, 0))
         else:
-            out[d] = _shift(inherit[d - d % k], d % k)
+            out[d] = losses.shift(inherit[d - d % k], d % k)
         if d > 1:
-            chain_ok = chain_ok & _shift(answer, d - 1)
+            chain_ok = chain_ok & losses.shift(answer, d - 1)
         counted = chain_ok & (top1 >= 0) & (j >= d + k - 1)[None, :]  # the root's pass has k pairs
         for ti, t in enumerate(temperatures):
             k_tok, k_mix = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, d), ti))
@@ -234,7 +231,7 @@ def falcon_examples(
             if anchored:
                 mixed = jax.random.uniform(k_mix, (b, n)) < mixing
                 alt = pass_output(d - k + 1, d, branch(jnp.where(mixed, toks, y), pfeat))
-                x = _shift(alt, k - 1)
+                x = losses.shift(alt, k - 1)
             else:
                 mixed, x = jnp.zeros((b, n), bool), out[d]
             _append(res[accept_head.key_of(t)], eagle.accept_input(params, cfg, x), y,

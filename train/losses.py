@@ -199,7 +199,7 @@ def eagle1_loss(params, cfg: eagle.EagleConfig, batch: Batch, t2d, key, noise: f
     return total, metrics
 
 
-def _shift(x, s: int):
+def shift(x, s: int):
     """x[:, j - s] at j along axis 1 (zeros where j - s is outside; s < 0 looks ahead)."""
     if s == 0:
         return x
@@ -236,8 +236,8 @@ def eagle3_outputs(params, cfg: eagle.EagleConfig, tokens: Int[Array, "B T"], ta
         s_pre = jnp.einsum("btkgd,bskd->bkgts", q, k0, preferred_element_type=jnp.float32)
         s_pre = jnp.where(prefix_ok, s_pre, NEG_INF)
         # step m's key at position p - k + m (m = 1..k; m = k is the query's own key)
-        diag_k = [_shift(km, k - m) for m, km in enumerate(keys, start=1)]
-        diag_v = [_shift(vm, k - m) for m, vm in enumerate(values, start=1)]
+        diag_k = [shift(km, k - m) for m, km in enumerate(keys, start=1)]
+        diag_v = [shift(vm, k - m) for m, vm in enumerate(values, start=1)]
         s_diag = [jnp.einsum("btkgd,btkd->bkgt", q, dk, preferred_element_type=jnp.float32)[..., None]
                   for dk in diag_k]  # fmt: skip
         probs = jax.nn.softmax(jnp.concatenate([s_pre] + s_diag, axis=-1), axis=-1)
@@ -246,7 +246,7 @@ def eagle3_outputs(params, cfg: eagle.EagleConfig, tokens: Int[Array, "B T"], ta
             attn = attn + probs[..., n + i].transpose(0, 3, 1, 2)[..., None] * dv[:, :, :, None, :]
         out = decoder.finish(lp, lc, resid, attn.reshape(b, n, -1))
         outs.append(out)
-        feat = _shift(out, 1)  # the next step's feature at p is this step's output at p - 1
+        feat = shift(out, 1)  # the next step's feature at p is this step's output at p - 1
     return outs
 
 
@@ -355,9 +355,9 @@ def falcon_loss(params, cfg: falcon.FalconConfig, batch: Batch, t2d, key, noise:
     d2t = params.get("d2t")
     guess = jnp.argmax(logp1, -1)
     guess = guess if d2t is None else d2t[guess]
-    shift = lambda x: jnp.concatenate([x[:, :k], x[:, : n - k]], axis=1)  # noqa: E731  (j >= k: x[j - k])
-    pred_tok = shift(guess.astype(toks.dtype))
-    pred_feat = shift(jax.lax.stop_gradient(out1))
+    lagged = lambda x: jnp.concatenate([x[:, :k], x[:, : n - k]], axis=1)  # noqa: E731  (j >= k: x[j - k])
+    pred_tok = lagged(guess.astype(toks.dtype))
+    pred_feat = lagged(jax.lax.stop_gradient(out1))
     valid = jnp.arange(n)[None, :] >= k
     lam = 0.35 * (1.0 - jnp.minimum(step / total_steps, 1.0)) + 0.1
     tok2, feat2, _ = falcon.glance(
