@@ -15,6 +15,12 @@
                              the root reaches 0.5, else the loop takes a plain AR step;
                              "dflash:block=4": DFlash drafts blocks of 4 positions (cheaper
                              forwards for shallow trees; trained with 16)
+  "MODEL+SOURCE[+SOURCE]"    MODEL's tree with retrieval candidates fused in (RASD; `Fused`,
+                             `specdec.trees.fused`): MODEL is any spec above, a SOURCE is
+                             "ngram[:n=3,paths=2,len=4]" (prompt lookup: up to `paths`
+                             continuations of `len` tokens, default len = max(tree depth, 4))
+                             or "rest:DATASTORE[,paths=2,len=4]" (a REST datastore built by
+                             specdec-datastore); e.g. eagle+ngram, eagle+ngram+rest:ds.npz
   PATH                       a specdec-train drafter folder (drafter.json), an official Medusa /
                              EAGLE-1 / EAGLE-3 checkpoint folder, or an independent draft model
                              (HF folder or .gguf sharing the tokenizer)
@@ -95,23 +101,61 @@ def _layer_skip_with_heads(k: int, target_params, target_cfg):
     return layer_skip(target_params, target_cfg, k)
 
 
+def _ngram(spec: str, arg: str, vocab_size: int, max_depth: int, *, source: bool = False) -> NGram:
+    """`ngram[:n=N,min=M,adaptive=0]`; as a retrieval source also `paths=R,len=L`."""
+    usage = "ngram:n=3,min=1" + (",paths=2,len=4" if source else "")
+    try:
+        kw = _kv(arg)
+    except ValueError as e:
+        raise ValueError(f"--drafter {spec!r}: {e}; use {usage}") from None
+    n, adaptive, min_n = kw.pop("n", 3), bool(kw.pop("adaptive", 1)), kw.pop("min", 1)
+    depth, paths = max(max_depth, 1), 2
+    if source:
+        depth, paths = kw.pop("len", max(max_depth, 4)), kw.pop("paths", 2)
+    if kw:
+        raise ValueError(f"--drafter {spec!r}: unknown option(s) {sorted(kw)}; use {usage}")
+    if not 1 <= min_n <= n:
+        raise ValueError(f"--drafter {spec!r}: need 1 <= min <= n; use e.g. ngram:n=3,min=2")
+    if depth < 1 or paths < 1:
+        raise ValueError(f"--drafter {spec!r}: need paths >= 1 and len >= 1; use {usage}")
+    return NGram(vocab_size, max_depth=depth, max_n=n, min_n=min_n, adaptive=adaptive, paths=paths)
+
+
+def _fused(spec: str, target_params, target_cfg, *, max_depth: int, dtype: str | None):
+    """`MODEL+SOURCE[+SOURCE...]`: a model drafter fused with retrieval sources (`Fused`)."""
+    from specdec.drafters.fused import Fused
+
+    model_spec, *source_specs = spec.split("+")
+    drafter, params = parse_drafter(model_spec, target_params, target_cfg, max_depth=max_depth, dtype=dtype)
+    sources, source_params = [], []
+    for part in source_specs:
+        kind, _, arg = part.partition(":")
+        if kind == "ngram":
+            sources.append(_ngram(spec, arg, target_cfg.vocab_size, max_depth, source=True))
+            source_params.append(None)
+        elif kind == "rest":
+            from specdec.drafters.rest import load_rest
+
+            src, p = load_rest(spec, arg, target_cfg, max_depth=max_depth)
+            sources.append(src)
+            source_params.append(p)
+        else:
+            raise ValueError(
+                f"--drafter {spec!r}: {part!r} is not a retrieval source; after MODEL+ come "
+                "ngram[:n=3,paths=2,len=4] or rest:DATASTORE[,paths=2,len=4] (e.g. eagle+ngram)"
+            )
+    return Fused(drafter, tuple(sources)), (params, tuple(source_params))
+
+
 def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, dtype: str | None = None):
     """(drafter, draft_params) for a CLI string; `max_depth` is the tree builder's (n-gram lookup
     proposes that many tokens). Drafters size their per-node state from the builder when the loop
     starts (`specdec.drafter`), so nothing else of the tree is needed here."""
+    if "+" in spec and not pathlib.Path(spec).exists():
+        return _fused(spec, target_params, target_cfg, max_depth=max_depth, dtype=dtype)
     kind, _, arg = spec.partition(":")
     if kind == "ngram":
-        try:
-            kw = _kv(arg)
-        except ValueError as e:
-            raise ValueError(f"--drafter {spec!r}: {e}; use ngram or ngram:n=3") from None
-        n, adaptive, min_n = kw.pop("n", 3), bool(kw.pop("adaptive", 1)), kw.pop("min", 1)
-        if kw:
-            raise ValueError(f"--drafter {spec!r}: unknown option(s) {sorted(kw)}; use ngram:n=3,min=1")
-        if not 1 <= min_n <= n:
-            raise ValueError(f"--drafter {spec!r}: need 1 <= min <= n; use e.g. ngram:n=3,min=2")
-        depth = max(max_depth, 1)
-        return NGram(target_cfg.vocab_size, max_depth=depth, max_n=n, min_n=min_n, adaptive=adaptive), None
+        return _ngram(spec, arg, target_cfg.vocab_size, max_depth), None
     if kind == "layerskip":
         if not arg.isdigit():
             raise ValueError(f"--drafter {spec!r}: use layerskip:K with K the number of target layers kept")

@@ -54,6 +54,7 @@ class NGram:
     decay: float = 0.9  # per-step decay of the acceptance history (adaptive lengths)
     # h for adaptive lengths: the fastest adaptive threshold on MT-Bench (docs/results/adaptive_sweep_t0_*)
     measured_threshold: float | None = 0.9
+    paths: int = 2  # candidates `retrieve` returns when fused into a model drafter's tree
 
     @property
     def fallback(self) -> str:
@@ -149,6 +150,16 @@ class NGram:
             pad = r - out[0].shape[1]
             out = tuple(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in out)
         return out
+
+    @property
+    def retrieval(self) -> tuple[int, int]:
+        """(paths, length) of `retrieve` (a retrieval source: `specdec.drafters.fused`)."""
+        return self.paths, self.max_depth
+
+    def retrieve(self, params, state, ctx: Context):
+        """`candidates(ctx, paths)` as a retrieval source: (tokens [B, R, L], ok [B, R, L])."""
+        tokens, ok, _ = self.candidates(ctx, self.paths)
+        return tokens, ok
 
     def _logits(self, token, ok):
         onehot = jax.nn.one_hot(token, self.vocab_size, dtype=bool)

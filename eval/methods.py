@@ -91,13 +91,14 @@ class Method:
         if self.drafter is None:
             return {}
         from specdec.drafters import parse_drafter
-        from specdec.trees import parse_tree
+        from specdec.trees import fit, parse_tree
         from specdec.verifiers import get_verifier
 
         try:
             builder = parse_tree(self.tree)
             verifier = get_verifier(self.verifier) if isinstance(self.verifier, str) else self.verifier
             drafter, dparams = parse_drafter(self.drafter, params, cfg, max_depth=builder.max_depth)
+            builder = fit(builder, drafter)  # a fused drafter (eagle+ngram) fuses its retrieval paths
         except ValueError as e:
             raise ValueError(f"method {self.label!r}: {e}") from None
         return dict(drafter=drafter, draft_params=dparams, builder=builder, verifier=verifier)

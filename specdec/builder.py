@@ -30,6 +30,12 @@ Optional members (`OPTIONAL`, read through `option`): a builder that lacks one g
                                      that holds every running row's valid nodes (so the builder
                                      keeps valid nodes in front: `specdec.tree.compact`). None = the
                                      whole tree every step. Adaptive lengths declare them.
+    fuses: tuple[int, int] | None    (R, L): the builder merges a fused drafter's R retrieval paths
+                                     of up to L tokens into its tree (`specdec.trees.fused`); it
+                                     drafts only with a drafter whose `fused` is the same pair.
+    model_depth: int | None          the depth the drafter itself is asked to draft when it is less
+                                     than `max_depth` (a fused tree's retrieval paths go deeper);
+                                     None = max_depth.
 """
 
 from __future__ import annotations
@@ -44,7 +50,9 @@ from specdec.sampling import SamplingConfig
 from specdec.tree import Tree
 
 REQUIRED = ("num_nodes", "max_depth", "window")
-OPTIONAL: dict[str, Any] = {"budget": None, "sibling_mode": None, "spec": None, "widths": None}
+OPTIONAL: dict[str, Any] = {
+    "budget": None, "sibling_mode": None, "spec": None, "widths": None, "fuses": None, "model_depth": None,
+}  # fmt: skip
 
 
 class TreeBuilder(Protocol):

@@ -60,7 +60,7 @@ def speculator(model: Model, drafter, tree, verifier=None, *, draft_params=None)
     """A bundle for `model`: `drafter` a CLI string ("ngram", "eagle", "layerskip:6", a checkpoint
     folder) or a drafter object with its `draft_params`; `tree` a tree spec ("chain:4") or a builder;
     `verifier` a name ("auto", "rrs", ...) or a verifier."""
-    from specdec.trees import parse_tree
+    from specdec.trees import fit, parse_tree
     from specdec.verifiers import get_verifier
 
     builder = parse_tree(tree) if isinstance(tree, str) else tree
@@ -68,6 +68,7 @@ def speculator(model: Model, drafter, tree, verifier=None, *, draft_params=None)
         from specdec.drafters import parse_drafter
 
         drafter, draft_params = parse_drafter(drafter, model.params, model.cfg, max_depth=builder.max_depth)
+    builder = fit(builder, drafter)  # a fused drafter (eagle+ngram) fuses its retrieval paths
     if isinstance(verifier, str):
         verifier = get_verifier(verifier)
     return Speculator(drafter, draft_params, builder, verifier)

@@ -6,6 +6,8 @@ problem and the fix, instead of compiling into a decode that degrades without a 
   * a drafter or builder that lacks a member of its contract (`specdec.drafter`, `specdec.builder`);
   * a drafter whose vocabulary is not the target's;
   * a tree deeper than the drafter drafts (Medusa's heads, DFlash's block, n-gram's proposal);
+  * a fused drafter (retrieval sources) with a tree that does not fuse its candidates, or the
+    other way round (`specdec.trees.fused`);
   * a verifier that cannot take the tree's sibling mode (SpecInfer and SpecTr need i.i.d. siblings);
   * the greedy verifier at temperature > 0 (it emits the target's argmax: not the target's sampling);
   * a chain-only verifier (block verification) with a tree that has siblings;
@@ -71,10 +73,18 @@ def make_spec(
             "drafter must share the target's tokenizer (or map its reduced vocabulary onto the target's)"
         )
     limit = drafter_contract.option(drafter, "max_depth")
-    if limit is not None and builder.max_depth > limit:
+    depth = builder_contract.option(builder, "model_depth") or builder.max_depth
+    if limit is not None and depth > limit:
         raise CompositionError(
-            f"the tree {_name(builder)} is {builder.max_depth} deep but {type(drafter).__name__} drafts at "
+            f"the tree {_name(builder)} is {depth} deep but {type(drafter).__name__} drafts at "
             f"most {limit} depths; use a tree of depth <= {limit} (e.g. chain:{limit})"
+        )
+    fused, fuses = drafter_contract.option(drafter, "fused"), builder_contract.option(builder, "fuses")
+    if fused != fuses:
+        raise CompositionError(
+            f"the drafter carries retrieval candidates of (paths, length) {fused} but the tree "
+            f"{_name(builder)} fuses {fuses}; build the tree with specdec.trees.fused.fit(builder, drafter) "
+            "(the CLIs do), or use a drafter without retrieval sources"
         )
     _check_verifier(sampling, builder, verifier)
     fallback = drafter_contract.option(drafter, "fallback")

@@ -52,6 +52,11 @@ Optional members (`OPTIONAL`, read through `option`): a drafter that lacks one g
                                    threshold h measured for this drafter's acceptance estimate at
                                    that temperature (stop once 1 - prod(a) > h); None = the
                                    builder's default.
+    fused: tuple[int, int] | None  (R, L): the drafter carries retrieval candidates to merge into
+                                   its tree (`specdec.drafters.fused.Fused`: a model drafter plus
+                                   retrieval sources), returned by `retrieve(params, state, ctx)`
+                                   as R paths of up to L tokens. Only a builder that declares the
+                                   same `fuses` (`specdec.trees.fused.FusedTree`) may draft with it.
 
 The four families fit as: parallel heads (Medusa, Amphista: `expand` returns head d's logits
 for frontier nodes at depth d, from features stored by `update`), feature-level autoregressive
@@ -76,6 +81,7 @@ Taps = tuple[Float[Array, "B N D"], ...]
 REQUIRED = ("taps", "vocab_size", "init", "begin", "expand", "update")
 OPTIONAL: dict[str, Any] = {
     "max_depth": None, "adaptive": False, "fallback": None, "acceptance": None, "threshold": None,
+    "fused": None,
 }  # fmt: skip
 
 

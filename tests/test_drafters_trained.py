@@ -13,12 +13,14 @@ from specdec.cache import causal_mask
 from specdec.decode import Spec, prefill_jit, step_jit
 from specdec.drafters import amphista, dflash, eagle, falcon, medusa
 from specdec.drafters import checkpoint as ckpt
+from specdec.drafters.fused import Fused
+from specdec.drafters.ngram import NGram
 from specdec.drafters.protocol import Context
 from specdec.generate import CompositionError, generate, pad_prompts
 from specdec.models import forward, to_device
 from specdec.sampling import SamplingConfig
 from specdec.tree import Tree
-from specdec.trees import parse_tree
+from specdec.trees import fit, parse_tree
 from specdec.verifiers import get_verifier
 
 pytest.importorskip("torch")
@@ -86,7 +88,8 @@ def decode_states(params, cfg, d, dp, builder, steps: int = 4):
         yield state
 
 
-# adaptive lengths on every family: a chain or a dynamic tree each, checked every step
+# adaptive lengths on every family, fused with prompt lookup's candidates (`eagle+ngram`): a chain
+# or a dynamic tree each, checked every step
 ADAPTIVE = [
     ("medusa", "chain:4+adaptive:h=0.9"),
     ("amphista", "dynamic:depth=3,topk=3,n=10+adaptive:h=0.7"),
@@ -110,7 +113,8 @@ COVERED = {("medusa", "chain:3"), ("eagle3", "chain:3"), ("amphista", TREES[2]),
 def test_greedy_equals_ar(target, kind, tree):
     """Greedy = AR for every family and builder; the static tree runs the two other lossless
     verifiers (RRS, target-only), one per family, the rest the default (Amphista with its own
-    heads there)."""
+    heads there); the adaptive trees run fused with prompt lookup (feature drafters then take the
+    target's taps at accepted retrieval nodes)."""
     params, cfg, ar = target
     builder = parse_tree(tree)
     reduced = kind == "eagle3" or (kind in ("dflash", "amphista") and tree == "chain:3")
@@ -118,6 +122,9 @@ def test_greedy_equals_ar(target, kind, tree):
     own = kind == "amphista" and tree == "static:eagle1"
     d, dp = make("amphista_own" if own else kind, params, cfg, d2t)
     adaptive = "+adaptive" in tree
+    if adaptive:  # fused: the family's adaptive tree with retrieval paths merged in
+        d, dp = Fused(d, (NGram(cfg.vocab_size, max_depth=5, paths=2),)), (dp, (None,))
+        builder = fit(builder, d)
     verifier = None
     if tree == "static:eagle1":
         verifier = get_verifier("rrs" if KINDS.index(kind) % 2 else "target_only")
@@ -125,7 +132,7 @@ def test_greedy_equals_ar(target, kind, tree):
                    check=adaptive, verifier=verifier)  # fmt: skip
     assert out.tokens == ar
     if adaptive:  # the stop rule ran: fewer drafter calls than the full tree's depth every step
-        assert out.draft_calls < builder.max_depth * out.steps
+        assert out.draft_calls < builder.model_depth * out.steps
 
 
 def test_dflash_shorter_inference_block_equals_ar(target):

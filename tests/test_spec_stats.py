@@ -26,8 +26,10 @@ case compiles its own loop, ~4 s; running the rows costs ~1 s.)
 Pairings: every tree kind (chain, chain with ",sample", static, dynamic, dyspec, rsd, rsd-beam, a
 batch budget over deterministic and over sampled siblings, adaptive lengths on sampled chains and
 dynamic trees, stopping on the draft's confidence or on an acceptance estimate (`Accepting`
-below), and an i.i.d. tree, `IIDTree` below:
-no shipped builder draws i.i.d. siblings, which SpecInfer and SpecTr require) with every lossless
+below), fused trees (prompt lookup's candidates merged into sampled and top-k model trees;
+retrieval mixed into a without-replacement sibling set is a negative control), and an i.i.d.
+tree, `IIDTree` below: no shipped builder draws i.i.d. siblings, which SpecInfer and SpecTr
+require) with every lossless
 verifier that accepts its sibling mode (speculative: chains; specinfer, spectr: i.i.d.; rrs,
 target_only, auto: any), at T = 1, T = 0.8 with top-k 5 and T = 1.2 with top-p 0.9. greedy is
 the temperature-0 verifier (test_spec.py checks that it equals AR token for token).
@@ -45,13 +47,14 @@ import pytest
 from scipy import stats
 
 from specdec.cache import causal_mask
-from specdec.drafters import DraftModel, layer_skip
+from specdec.drafters import DraftModel, NGram, layer_skip
+from specdec.drafters.fused import Fused
 from specdec.generate import generate
 from specdec.loading import load_hf_folder
 from specdec.models import forward, to_device
 from specdec.sampling import SamplingConfig, probabilities
 from specdec.tree import PAD, Tree, ancestor_closed
-from specdec.trees import parse_tree
+from specdec.trees import FusedTree, fit, parse_tree
 from specdec.verifiers import get_verifier, rrs, walk
 from tests.conftest import write_tiny
 
@@ -160,6 +163,20 @@ class KeepLikelyDrafts:
         return tree.replace(valid=keep, **cut), state
 
 
+@dataclasses.dataclass(frozen=True)
+class FusedIntoSampled(FusedTree):
+    """BROKEN fusion: retrieval nodes merged into a tree of sampled siblings that keeps the inner
+    tree's "without_replacement" label, so RRS treats a retrieval child as a draw from the
+    residual draft distribution (`trees/fused.py` declares the fused tree deterministic)."""
+
+    def sibling_mode(self, sampling):
+        return self.inner.sibling_mode(sampling)
+
+    def __call__(self, drafter, params, state, ctx, key, sampling):
+        tree, state = super().__call__(drafter, params, state, ctx, key, sampling)
+        return tree.replace(sibling_mode=self.sibling_mode(sampling)), state
+
+
 # -------------------------------------------------------------------------------- broken verifiers
 def accept_any_draft(tree, target_logits, key, sampling):
     """BROKEN: descends into the first candidate child whose draft probability is > 0 (every sampled
@@ -234,6 +251,10 @@ def emitted(world, tree, verifier, sampling, seed=0):
     params, cfg, drafter, dparams, _ = world
     if isinstance(tree, str) and tree.startswith("accepting:"):
         tree, drafter = tree.removeprefix("accepting:"), Accepting(drafter.cfg)
+    fused = (isinstance(tree, str) and tree.startswith("fused:")) or isinstance(tree, FusedTree)
+    if fused:  # the layer-skip drafter's tree with prompt lookup's candidates fused in
+        drafter, dparams = Fused(drafter, (NGram(V, max_depth=3, paths=2),)), (dparams, (None,))
+        tree = fit(parse_tree(tree.removeprefix("fused:")), drafter) if isinstance(tree, str) else tree
     builder = parse_tree(tree) if isinstance(tree, str) else tree
     verify = get_verifier(verifier) if isinstance(verifier, str) else verifier
     spec = dict(drafter=drafter, draft_params=dparams, builder=builder, verifier=verify)
@@ -262,6 +283,9 @@ CASES = [  # (tree, verifier, sampling): every tree kind, every lossless verifie
     ("chain:3,sample+adaptive:h=0.5", "block", T12P),
     ("accepting:chain:2,sample+adaptive:h=0.5", "speculative", T1),
     ("dynamic:depth=3,topk=2,n=6+adaptive:h=0.5", "auto", T08K),
+    # fusion: sampled model siblings and retrieval candidates in one deterministic-sibling tree
+    ("fused:chain:2,sample", "auto", T1),
+    ("fused:dynamic:depth=2,topk=2,n=4", "rrs", T08K),
     (IIDTree((2, 2)), "specinfer", T1),
     (IIDTree((3, 1)), "spectr", T08K),
 ]
@@ -289,6 +313,7 @@ CONTROLS = [  # (broken verifier, tree, sampling)
     (accept_any_draft, "chain:2,sample", T1),
     (resample_from_p_on_rejection, "rsd:2,2", T1),
     ("speculative", KeepLikelyDrafts(parse_tree("chain:2,sample")), T1),  # a stop rule that peeks
+    ("rrs", FusedIntoSampled(parse_tree("chain:2,sample"), 2, 3), T1),  # retrieval among sampled siblings
 ]
 
 

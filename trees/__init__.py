@@ -9,6 +9,7 @@ check_tree(tree, vocab_size)   # the structural invariants every builder keeps (
 from specdec.invariants import check_tree
 from specdec.trees.budget import BatchBudget
 from specdec.trees.dynamic import DynamicTree, DySpecTree
+from specdec.trees.fused import FusedTree, fit
 from specdec.trees.parse import TREE_FORMS, parse_tree
 from specdec.trees.protocol import TreeBuilder
 from specdec.trees.recursive import RSDBeamTree, RSDTree
@@ -22,11 +23,13 @@ __all__ = [
     "TREE_FORMS",
     "DySpecTree",
     "DynamicTree",
+    "FusedTree",
     "RSDBeamTree",
     "RSDTree",
     "StaticTree",
     "TreeBuilder",
     "chain",
     "check_tree",
+    "fit",
     "parse_tree",
 ]

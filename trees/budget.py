@@ -56,6 +56,14 @@ class BatchBudget:
     def spec(self) -> str:
         return f"{self.inner.spec}+budget:{self.tokens}"
 
+    @property
+    def fuses(self):
+        return builder_option(self.inner, "fuses")
+
+    @property
+    def model_depth(self):
+        return builder_option(self.inner, "model_depth")
+
     def sibling_mode(self, sampling: SamplingConfig) -> str | None:
         inner = builder_option(self.inner, "sibling_mode")
         return None if inner is None else inner(sampling)

@@ -7,6 +7,7 @@ import ast
 from specdec.trees.adaptive import AdaptiveTree
 from specdec.trees.budget import BatchBudget
 from specdec.trees.dynamic import DynamicTree, DySpecTree
+from specdec.trees.fused import FusedTree
 from specdec.trees.protocol import TreeBuilder
 from specdec.trees.recursive import RSDBeamTree, RSDTree
 from specdec.trees.static import NAMED_CHOICES, StaticTree, chain
@@ -25,7 +26,12 @@ TREE_FORMS = """valid tree specs:
                                  > h (SpecDec++; trees/adaptive.py), e.g. chain:8+adaptive; h defaults
                                  to the drafter's measured threshold, min = depths always drafted
   TREE+budget:M                  any tree per row, at most M drafts verified over the whole batch
-                                 (the most confident; trees/budget.py), e.g. chain:4+budget:8"""
+                                 (the most confident; trees/budget.py), e.g. chain:4+budget:8
+  TREE+fused[:paths=R,len=L,topk=K,theta=T]   TREE with a fused drafter's retrieval candidates
+                                 merged in (R paths of up to L tokens: R*L extra nodes; candidates
+                                 whose first token is outside the model's top-K at the root and
+                                 below probability T are pruned; trees/fused.py). A fused drafter
+                                 (--drafter eagle+ngram) adds it to any tree by itself"""
 
 
 def _fail(spec: str, why: str) -> ValueError:
@@ -51,7 +57,7 @@ def _kwargs(spec: str, body: str, names: dict[str, str]) -> dict[str, int]:
 
 
 def _modify(spec: str, builder: TreeBuilder, mod: str) -> TreeBuilder:
-    """Apply one `+MOD` (adaptive[:opts] or budget:M) to `builder`."""
+    """Apply one `+MOD` (adaptive[:opts], fused[:opts] or budget:M) to `builder`."""
     kind, colon, body = mod.partition(":")
     kind = kind.strip().lower()
     try:
@@ -68,9 +74,21 @@ def _modify(spec: str, builder: TreeBuilder, mod: str) -> TreeBuilder:
             return AdaptiveTree(builder, **opts)
         if kind == "budget" and colon:
             return BatchBudget(builder, _int(spec, body.strip()))
+        if kind == "fused":
+            opts = {}
+            for item in filter(None, body.split(",")):
+                k, eq, v = (x.strip() for x in item.partition("="))
+                names = {"paths": "paths", "len": "length", "topk": "topk", "theta": "theta"}
+                if not eq or k not in names:
+                    raise _fail(spec, f"unknown or malformed fused option {item!r} ({', '.join(names)})")
+                try:
+                    opts[names[k]] = float(v) if k == "theta" else int(v)
+                except ValueError:
+                    raise _fail(spec, f"{item!r}: not a number") from None
+            return FusedTree(builder, **opts)
     except ValueError as e:
         raise e if str(e).startswith("bad tree spec") else _fail(spec, str(e)) from None
-    raise _fail(spec, f"expected +adaptive[:h=H,min=M] or +budget:M after '+', got {mod!r}")
+    raise _fail(spec, f"expected +adaptive[:h=H,min=M], +fused[:...] or +budget:M after '+', got {mod!r}")
 
 
 def parse_tree(spec: str) -> TreeBuilder:

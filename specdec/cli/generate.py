@@ -91,11 +91,12 @@ def main(argv):
     kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampling=sampling, loop=FLAGS.loop, mesh=mesh)
     if FLAGS.drafter:
         from specdec.drafters import parse_drafter
-        from specdec.trees import parse_tree
+        from specdec.trees import fit, parse_tree
         from specdec.verifiers import get_verifier
 
         builder = parse_tree(FLAGS.tree)
         drafter, dparams = parse_drafter(FLAGS.drafter, params, cfg, max_depth=builder.max_depth)
+        builder = fit(builder, drafter)  # a fused drafter (eagle+ngram) fuses its retrieval paths
         kw.update(
             drafter=drafter, draft_params=dparams, builder=builder, verifier=get_verifier(FLAGS.verifier)
         )
