@@ -4,6 +4,11 @@
   "ngram" | "ngram:n=3"      prompt lookup, matching suffixes of up to n tokens (min=2: of at least
                              2; adaptive=0: draft even without a match instead of taking a plain
                              AR step)
+  "rest:DATASTORE[,len=L]"   REST: the best continuation of the longest suffix found in a
+                             datastore built by specdec-datastore (`specdec.drafters.rest`)
+  "rag:MODEL[,budget=1024,chunk=128]"   RAPID's RAG drafter: MODEL (target, layerskip:K or a
+                             draft model path) reading the long prompt's document shortened to
+                             the BM25-best chunks within `budget` tokens (`specdec.drafters.rag`)
   "layerskip:K"              the target's first K layers + its final norm and head (no training);
                              on the embedded target, `layerskip:6` carries shipped SpecDec++
                              acceptance heads (`specdec/data/drafters/layerskip-6`)
@@ -147,6 +152,29 @@ def _fused(spec: str, target_params, target_cfg, *, max_depth: int, dtype: str |
     return Fused(drafter, tuple(sources)), (params, tuple(source_params))
 
 
+def _rag(spec: str, arg: str, target_params, target_cfg, *, max_depth: int, dtype: str | None):
+    """`rag:MODEL[,budget=N,chunk=N]`: RAPID's RAG drafter over `MODEL` (target, layerskip:K or a
+    draft model's path), reading a shortened context of `budget` tokens (`specdec.drafters.rag`)."""
+    from specdec.drafters.rag import RagDraft
+
+    model, *opts = arg.split(",")
+    try:
+        kw = _kv(",".join(opts))
+    except ValueError as e:
+        raise ValueError(f"--drafter {spec!r}: {e}; use rag:layerskip:6,budget=1024,chunk=128") from None
+    if set(kw) - {"budget", "chunk"} or not all(v > 0 for v in kw.values()):
+        raise ValueError(f"--drafter {spec!r}: options are budget= and chunk= (positive token counts)")
+    if model == "target":  # self-speculation: the target's arrays, a cache of its own
+        cfg, params = target_cfg, target_params
+    else:
+        d, params = parse_drafter(model, target_params, target_cfg, max_depth=max_depth, dtype=dtype)
+        if not isinstance(d, DraftModel):
+            raise ValueError(f"--drafter {spec!r}: a RAG drafter runs a draft model (target, layerskip:K "
+                             f"or a model path), not {type(d).__name__}")  # fmt: skip
+        cfg = d.cfg
+    return RagDraft(cfg, **kw), {"model": params}
+
+
 def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, dtype: str | None = None):
     """(drafter, draft_params) for a CLI string; `max_depth` is the tree builder's (n-gram lookup
     proposes that many tokens). Drafters size their per-node state from the builder when the loop
@@ -156,6 +184,12 @@ def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, dtype
     kind, _, arg = spec.partition(":")
     if kind == "ngram":
         return _ngram(spec, arg, target_cfg.vocab_size, max_depth), None
+    if kind == "rag":
+        return _rag(spec, arg, target_params, target_cfg, max_depth=max_depth, dtype=dtype)
+    if kind == "rest":
+        from specdec.drafters.rest import load_rest
+
+        return load_rest(spec, arg, target_cfg, max_depth=max(max_depth, 1), standalone=True)
     if kind == "layerskip":
         if not arg.isdigit():
             raise ValueError(f"--drafter {spec!r}: use layerskip:K with K the number of target layers kept")

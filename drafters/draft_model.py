@@ -42,6 +42,9 @@ class DraftModelState:
     root_logits: Float[Array, "B V"]
     # the final normed state at each tree node after its token (node 0 = root); None without heads
     node_hidden: Float[Array, "B W D"] | None = None
+    # committed token i sits at draft slot i - offset: 0, unless the drafter prefilled a prompt of
+    # its own (a RAG drafter's shortened context, `specdec.drafters.rag`)
+    offset: Int[Array, " B"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,14 +81,16 @@ class DraftModel(accept_head.AcceptanceMembers):
         return parent_confidence(lambda h: lm_head(params, h), state.node_hidden, tree, nodes, sampling)
 
     def _catch_up(
-        self, params, cache: KVCache, ctx: Context, block: int, node_hidden=None
+        self, params, cache: KVCache, ctx: Context, block: int, node_hidden=None, offset=None
     ) -> DraftModelState:
         """Run the committed tokens from slot `cache.lengths` to the root (<= block of them);
         `node_hidden` (with heads) gets the root's state at node 0."""
         b = ctx.tokens.shape[0]
+        shift = jnp.zeros((b,), jnp.int32) if offset is None else offset
         pos = cache.lengths[:, None] + jnp.arange(block)[None, :]
-        toks = jnp.take_along_axis(ctx.tokens, jnp.minimum(pos, ctx.tokens.shape[1] - 1), axis=1)
-        count = ctx.lengths - cache.lengths  # tokens to run, root included (0 for finished rows)
+        at = jnp.minimum(pos + shift[:, None], ctx.tokens.shape[1] - 1)
+        toks = jnp.take_along_axis(ctx.tokens, at, axis=1)
+        count = ctx.lengths - shift - cache.lengths  # tokens to run, root included (0 for finished rows)
         last = jnp.clip(count - 1, 0, block - 1)[:, None]
         logits, hidden, cache = forward(params, self.cfg, toks, pos, cache, causal_mask(b, block),
                                         taps=self._hidden_tap, logits_idx=last)  # fmt: skip
@@ -93,7 +98,7 @@ class DraftModel(accept_head.AcceptanceMembers):
         if node_hidden is not None:  # the root's state: its children's q(y) come from it
             root = jnp.take_along_axis(hidden[0], last[:, :, None], axis=1)[:, 0]
             node_hidden = node_hidden.at[:, 0].set(root.astype(node_hidden.dtype))
-        return DraftModelState(cache=cache, root_logits=logits[:, 0], node_hidden=node_hidden)
+        return DraftModelState(cache=cache, root_logits=logits[:, 0], node_hidden=node_hidden, offset=offset)
 
     def init(
         self, params, ctx: Context, prompt: Int[Array, "B T"], prefill_taps, cache_size: int, *, window: int
@@ -126,7 +131,7 @@ class DraftModel(accept_head.AcceptanceMembers):
     def update(self, params, state: DraftModelState, ctx: Context, tree: Tree, verdict, taps):
         # The old root was written at its slot during the step's tree build; keep it.
         cache = state.cache.advance(1)
-        return self._catch_up(params, cache, ctx, tree.max_depth + 1, state.node_hidden)
+        return self._catch_up(params, cache, ctx, tree.max_depth + 1, state.node_hidden, state.offset)
 
 
 def layer_skip(params: Params, cfg: ModelConfig, num_layers: int) -> tuple[DraftModel, Params]:

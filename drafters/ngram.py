@@ -109,7 +109,9 @@ class NGram:
         proposal = jnp.take_along_axis(ctx.tokens, flat, axis=1).reshape(idx.shape)
         return jnp.where(ok, proposal, 0), ok
 
-    def _lookup(self, ctx: Context):
+    def lookup(self, params, ctx: Context):
+        """The proposal: (tokens [B, max_depth], ok [B, max_depth], matched suffix length [B], 0 =
+        none). A datastore drafter (`specdec.drafters.rest`) answers it from `params`."""
         b, s = ctx.tokens.shape
         pos = jnp.arange(s)
         best_start = jnp.full((b,), -1)
@@ -166,7 +168,7 @@ class NGram:
         return jnp.where(ok[..., None], jnp.where(onehot, 0.0, _OFF), 0.0)
 
     def init(self, params, ctx: Context, prompt, prefill_taps, cache_size: int, *, window: int) -> NGramState:
-        proposal, ok, match_n = self._lookup(ctx)
+        proposal, ok, match_n = self.lookup(params, ctx)
         zeros = jnp.zeros((ctx.lengths.shape[0], self.max_n + 1, self.max_depth), jnp.float32)
         return NGramState(proposal=proposal, ok=ok, match_n=match_n, hits=zeros, trials=zeros)
 
@@ -204,5 +206,5 @@ class NGram:
         new_hits = state.hits * decay + at * hits[:, None, :]
         new_trials = state.trials * decay + at * trials[:, None, :]
         # One lookup per step, on the new context: `should_draft` and `begin` read it.
-        proposal, ok, match_n = self._lookup(ctx)
+        proposal, ok, match_n = self.lookup(params, ctx)
         return NGramState(proposal=proposal, ok=ok, match_n=match_n, hits=new_hits, trials=new_trials)

@@ -46,7 +46,7 @@ def test_candidates_equal_a_brute_force_search():
         r = 5
         tok, ok, n = (np.asarray(x) for x in d.candidates(ctx, r))
         assert tok.shape == ok.shape == (b, r, 4) and n.shape == (b, r)
-        own, own_ok, own_n = (np.asarray(x) for x in d._lookup(ctx))
+        own, own_ok, own_n = (np.asarray(x) for x in d.lookup(None, ctx))
         for row in range(b):
             want = brute(list(toks[row, : lengths[row]]), 4, r, 1, 3)
             got = [(tuple(tok[row, i][ok[row, i]]), int(n[row, i])) for i in range(r) if n[row, i] > 0]
