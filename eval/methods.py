@@ -71,10 +71,16 @@ class Method:
         if self.drafter is None:
             return True
         if isinstance(self.verifier, str):
-            from specdec.verifiers import LOSSLESS
+            from specdec.verifiers import LOSSLESS, get_verifier
 
-            return LOSSLESS.get(self.verifier)
-        flag = getattr(self.verifier, "LOSSLESS", None)
+            if self.verifier in LOSSLESS:
+                return LOSSLESS[self.verifier]
+            try:
+                flag = getattr(get_verifier(self.verifier), "LOSSLESS", None)  # rapid:eta=5: False
+            except ValueError:
+                return None
+        else:
+            flag = getattr(self.verifier, "LOSSLESS", None)
         return None if flag is None else bool(flag)
 
     def model_id(self, target_id: str) -> str:

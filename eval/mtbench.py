@@ -240,8 +240,25 @@ def run_eval(
     gen_kw = dict(max_new_tokens=config.max_new_tokens, sampling=sampling, mesh=mesh, check=config.check)
     compiled: set[tuple] = set()
 
-    def ensure_compiled(lab: str, prompts: list[list[int]]) -> None:
-        key = (lab, len(prompts), bucket(max(len(p) for p in prompts)))
+    from specdec.drafters.rag import RagDraft, draft_params
+
+    def count_tokens(text: str) -> int:
+        return len(model.tokenizer.encode(text, add_special_tokens=False))
+
+    def engine_for(lab: str, convs: list[list[dict]]) -> dict:
+        """The method's engine arguments; a RAG drafter's draft params carry each conversation's
+        shortened prompt (`specdec.drafters.rag`)."""
+        kw = engine[lab]
+        d = kw.get("drafter")
+        if not isinstance(d, RagDraft):
+            return kw
+        short = [prompter(d.shorten_messages(c, count_tokens)) for c in convs]
+        return {**kw, "draft_params": draft_params(kw["draft_params"], short)}
+
+    def ensure_compiled(lab: str, prompts: list[list[int]], kw: dict) -> None:
+        rag = kw.get("draft_params")
+        rag = rag["prompt"].shape[1] if isinstance(rag, dict) and "prompt" in rag else 0
+        key = (lab, len(prompts), bucket(max(len(p) for p in prompts)), rag)
         if key in compiled:
             return
         maps = memory_maps()
@@ -258,17 +275,17 @@ def run_eval(
             jax.clear_caches()
             compiled.clear()
         before, t0 = _jit_cache_size(), time.perf_counter()
-        warmup(params, cfg, prompts, **gen_kw, **engine[lab])
+        warmup(params, cfg, prompts, **gen_kw, **kw)
         dt, after = time.perf_counter() - t0, _jit_cache_size()
         grew = before is None or after is None or after > before
         res.compile_seconds[lab] += dt if grew else 0.0
         res.warmup_seconds[lab] += 0.0 if grew else dt
         compiled.add(key)
 
-    def timed(lab: str, prompts: list[list[int]], seed: int):
-        ensure_compiled(lab, prompts)
+    def timed(lab: str, prompts: list[list[int]], seed: int, kw: dict):
+        ensure_compiled(lab, prompts, kw)
         before, t0 = _jit_cache_size(), time.perf_counter()
-        out = generate(params, cfg, prompts, seed=seed, **gen_kw, **engine[lab])
+        out = generate(params, cfg, prompts, seed=seed, **gen_kw, **kw)
         dt = time.perf_counter() - t0
         after = _jit_cache_size()
         if before is not None and after is not None and after > before:
@@ -276,12 +293,14 @@ def run_eval(
         return out, dt
 
     # Spec-Bench-style warm-up: full untimed generations of the first question's first turn.
-    first = [prompter([{"role": "user", "content": questions[0].turns[0]}])]
+    first_conv = [{"role": "user", "content": questions[0].turns[0]}]
+    first = [prompter(first_conv)]
     for lab in labels:
         for _ in range(config.warmup_runs):
-            ensure_compiled(lab, first)
+            kw = engine_for(lab, [first_conv])
+            ensure_compiled(lab, first, kw)
             t0 = time.perf_counter()
-            generate(params, cfg, first, seed=config.seed, **gen_kw, **engine[lab])
+            generate(params, cfg, first, seed=config.seed, **gen_kw, **kw)
             res.warmup_seconds[lab] += time.perf_counter() - t0
 
     batches = [questions[i : i + config.batch_size] for i in range(0, len(questions), config.batch_size)]
@@ -315,7 +334,8 @@ def run_eval(
                         convs[i].append({"role": "user", "content": batch[i].turns[turn]})
                     prompts = [prompter(convs[i]) for i in rows]
                     try:
-                        out, dt = timed(lab, prompts, config.seed + run)
+                        kw = engine_for(lab, [convs[i] for i in rows])  # outside the timed call
+                        out, dt = timed(lab, prompts, config.seed + run, kw)
                     except PromptTooLongError as e:
                         ids = [batch[i].question_id for i in rows]
                         raise ValueError(f"question(s) {ids}, turn {turn + 1}: {e}") from None

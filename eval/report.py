@@ -27,6 +27,7 @@ from specdec.eval.metrics import (
     throughput,
 )
 from specdec.eval.mtbench import BASELINE, EvalResult
+from specdec.eval.quality import quality
 
 TOP_LEVEL = (
     "speedup",
@@ -52,6 +53,13 @@ def _clean(obj):
     if isinstance(obj, (list, tuple)):
         return [_clean(v) for v in obj]
     return obj
+
+
+def _quality(res: EvalResult, lab: str) -> dict | None:
+    """Exact match and F1 against short references (`specdec.eval.quality`); not for MT-Bench."""
+    if res.config.bench == "mt_bench":
+        return None
+    return quality(res.answers[lab], res.questions)
 
 
 def build_metrics(res: EvalResult) -> dict:
@@ -92,6 +100,7 @@ def build_metrics(res: EvalResult) -> dict:
             "compile_seconds": res.compile_seconds[lab],
             "warmup_seconds": res.warmup_seconds[lab],
             "timed_compiles": res.timed_compiles[lab],
+            "quality": _quality(res, lab),
         }
     primary = methods[res.labels[1]]
     samples = [s[1] for s in res.load["samples"]]
@@ -108,6 +117,7 @@ def build_metrics(res: EvalResult) -> dict:
             "compile_seconds": res.compile_seconds[BASELINE],
             "warmup_seconds": res.warmup_seconds[BASELINE],
             "timed_compiles": res.timed_compiles[BASELINE],
+            "quality": _quality(res, BASELINE),
         },
         "n_questions": len(res.questions),
         "n_turns": sum(len(q.turns) for q in res.questions),
@@ -222,6 +232,11 @@ def tables(m: dict) -> str:
                 _pm(r["tau"], None),
             ]
         lines.append("| " + " | ".join(cells) + " |")
+    if m["baseline"].get("quality"):
+        lines += ["", "| method | exact match | F1 | answers |", "|---|---|---|---|"]
+        for lab, r in [("baseline (AR)", m["baseline"]), *m["methods"].items()]:
+            qa = r["quality"]
+            lines.append(f"| {_md(lab)} | {qa['exact_match']:.2f} | {qa['f1']:.2f} | {qa['n']} |")
     lines += ["", *depth_table(m)]
     if len(labels) > 1:
         lines += ["", "; ".join(f"m{i + 1} = {_md(lab)}" for i, lab in enumerate(labels))]

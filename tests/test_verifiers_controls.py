@@ -129,3 +129,14 @@ def test_typical_acceptance_is_not_lossless():
     res = check(get("typical"), (3, 2), WOR, T1)
     print(f"typical: bonferroni {res.bonferroni:.3g} combined {res.combined:.3g} impossible {res.impossible}")
     assert res.worst < FAIL_P, res
+
+
+@pytest.mark.parametrize("residual", ["official", "exact"])
+def test_rapid_is_not_lossless_above_eta_zero(residual):
+    """RAPID's retrieval-augmented target (eta > 0) is labelled lossy, and fails the harness against
+    the target with either residual (the exact one follows p_hat instead of p)."""
+    verifier = get(f"rapid:eta=5,residual={residual}")
+    assert verifier.LOSSLESS is False and get("rapid:eta=0").LOSSLESS is True
+    res = check(verifier, (1, 1), WOR, T1)
+    print(f"rapid {residual}: bonferroni {res.bonferroni:.3g} combined {res.combined:.3g}")
+    assert res.worst < FAIL_P, res

@@ -31,6 +31,8 @@ LOSSLESS_CASES = [
     ("block", (1, 1, 1), WOR, T1),  # block verification: chains of sampled drafts
     ("block", (1, 1), IID, T07K),
     ("block", (1, 1, 1), DET, T13P),  # rank-chosen drafts: q a point mass
+    ("rapid:eta=0", (1, 1, 1), WOR, T1),  # RAPID at eta = 0: speculative sampling
+    ("rapid:eta=0", (1, 1), DET, T07K),
 ]
 
 

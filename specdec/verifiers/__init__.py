@@ -13,6 +13,7 @@ from specdec.verifiers.auto import auto_verify
 from specdec.verifiers.block import block_verify
 from specdec.verifiers.greedy import greedy_verify
 from specdec.verifiers.protocol import Verdict, Verifier
+from specdec.verifiers.rapid import Rapid, parse_rapid
 from specdec.verifiers.rrs import rrs_verify
 from specdec.verifiers.specinfer import specinfer_verify
 from specdec.verifiers.spectr import spectr_verify
@@ -58,11 +59,16 @@ def requirements(verifier) -> tuple[tuple[str, ...] | None, bool, bool]:
 
 
 def get_verifier(name: str) -> Verifier:
-    """The registered verifier called `name` (see `VERIFIERS`)."""
+    """The registered verifier called `name` (see `VERIFIERS`), or RAPID's parameterised one,
+    `rapid:eta=5[,alpha=0.1,residual=official|exact]` (lossy for eta > 0: `specdec.verifiers.rapid`)."""
+    if name == "rapid" or name.startswith("rapid:"):
+        return parse_rapid(name)
     try:
         return VERIFIERS[name]
     except KeyError:
-        raise ValueError(f"unknown verifier {name!r}; valid names: {', '.join(sorted(VERIFIERS))}") from None
+        raise ValueError(
+            f"unknown verifier {name!r}; valid names: {', '.join(sorted(VERIFIERS))}, rapid:eta=E"
+        ) from None
 
 
 __all__ = [
@@ -71,6 +77,7 @@ __all__ = [
     "LOSSLESS",
     "SIBLING_MODES",
     "VERIFIERS",
+    "Rapid",
     "TypicalAcceptance",
     "Verdict",
     "Verifier",
