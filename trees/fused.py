@@ -182,6 +182,8 @@ class FusedTree:
         tree, state = self.inner(drafter, params, state, ctx, key, sampling)
         if tree.draft_calls is None:  # the loop would count this tree's depth, not the model's
             tree = tree.replace(draft_calls=jnp.asarray(self.inner.max_depth, jnp.int32))
+        if sampling.greedy:  # greedy verification reads no draft distribution: skip moving [B, N, V]
+            tree = tree.replace(draft_probs=None)
         tokens, ok = drafter.retrieve(params, state, ctx)
         ok = prune_candidates(state.root_logits, tokens, ok, sampling, self.topk, self.theta)
         tree, _ = fuse_paths(tree, tokens[:, : self.paths, : self.length], ok[:, : self.paths, : self.length],

@@ -9,6 +9,7 @@ specdec-generate --loop pearl --drafter layerskip:6 --gamma auto --mesh draft=1,
 from __future__ import annotations
 
 import json
+import pathlib
 import time
 
 from absl import flags
@@ -16,6 +17,9 @@ from absl import flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "smollm2-135m-instruct", "Registry name, HF checkpoint folder or .gguf file.")
 flags.DEFINE_string("prompt", "What is speculative decoding? Answer in two sentences.", "The prompt.")
+flags.DEFINE_string(
+    "prompt_file", None, "Read the prompt from this text file (a long document and a question)."
+)
 flags.DEFINE_bool("raw", False, "Feed the prompt as plain text instead of through the chat template.")
 flags.DEFINE_string("system", None, "Optional system message (chat mode).")
 flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate at most.", lower_bound=1)
@@ -39,7 +43,8 @@ flags.DEFINE_string(
     None,
     "None = autoregressive; ngram[:n=N], layerskip:K, a shipped drafter (medusa, eagle[:conf=P], eagle3, "
     "amphista, falcon, dflash[:block=N]), a drafter checkpoint folder, an official checkpoint or a draft "
-    "model.",
+    "model; MODEL+ngram / MODEL+rest:DS fuses retrieval candidates into MODEL's tree; rest:DS drafts from "
+    "a datastore; rag:MODEL[,budget=N] drafts from a retrieved, shortened prompt (RAPID).",
 )
 flags.DEFINE_string(
     "tree", "chain:4", "Tree builder: chain:K, static:medusa63, dynamic:depth=5,topk=8,n=32, ..."
@@ -47,7 +52,8 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "verifier",
     "auto",
-    "auto (lossless, fits the tree), greedy, rrs, block (chains), specinfer, target_only, ...",
+    "auto (lossless, fits the tree), greedy, rrs, block (chains), specinfer, target_only, ...; "
+    "rapid:eta=E (RAPID's retrieval-augmented target, lossy for E > 0).",
 )
 flags.DEFINE_string(
     "mesh",
@@ -86,17 +92,24 @@ def main(argv):
     model = load_model(FLAGS.target, dtype=FLAGS.dtype, mesh=mesh)
     params, cfg = device_params(model.params, model.cfg, mesh)
     tok = model.tokenizer
-    ids = raw_ids(tok, FLAGS.prompt) if FLAGS.raw else chat_ids(tok, FLAGS.prompt, system=FLAGS.system)
+    text = pathlib.Path(FLAGS.prompt_file).read_text() if FLAGS.prompt_file else FLAGS.prompt
+    ids = raw_ids(tok, text) if FLAGS.raw else chat_ids(tok, text, system=FLAGS.system)
     sampling = SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampling=sampling, loop=FLAGS.loop, mesh=mesh)
     if FLAGS.drafter:
         from specdec.drafters import parse_drafter
+        from specdec.drafters.rag import RagDraft, draft_params, shorten
         from specdec.trees import fit, parse_tree
         from specdec.verifiers import get_verifier
 
         builder = parse_tree(FLAGS.tree)
         drafter, dparams = parse_drafter(FLAGS.drafter, params, cfg, max_depth=builder.max_depth)
         builder = fit(builder, drafter)  # a fused drafter (eagle+ngram) fuses its retrieval paths
+        if isinstance(drafter, RagDraft):  # RAPID: the drafter reads the retrieved, shortened prompt
+            count = lambda t: len(tok.encode(t, add_special_tokens=False))  # noqa: E731
+            short = shorten(text, count, drafter.budget, drafter.chunk)
+            dparams = draft_params(dparams, [raw_ids(tok, short) if FLAGS.raw else
+                                             chat_ids(tok, short, system=FLAGS.system)])  # fmt: skip
         kw.update(
             drafter=drafter, draft_params=dparams, builder=builder, verifier=get_verifier(FLAGS.verifier)
         )
@@ -196,7 +209,8 @@ def _pearl_main(gamma: int) -> None:
         )
     if roles is not None:  # placed once: every round then runs where its params live
         params, dparams = jax.device_put(params, roles[1]), jax.device_put(dparams, roles[0])
-    ids = raw_ids(tok, FLAGS.prompt) if FLAGS.raw else chat_ids(tok, FLAGS.prompt, system=FLAGS.system)
+    text = pathlib.Path(FLAGS.prompt_file).read_text() if FLAGS.prompt_file else FLAGS.prompt
+    ids = raw_ids(tok, text) if FLAGS.raw else chat_ids(tok, text, system=FLAGS.system)
     profile = None
     if gamma == 0:
         profile = profile_gamma(params, cfg, drafter, dparams, context=len(ids), devices=roles)
