@@ -23,7 +23,9 @@ Siblings. Retrieval nodes were not drawn from any draft distribution, so the fus
 without the target's randomness. Verifiers that need sampled siblings (SpecInfer, SpecTr) are
 refused before compiling. A node that gains retrieval children without having been expanded
 by the model records the point mass on its first retrieval child as its draft distribution (as
-n-gram lookup drafts); new nodes carry a path score of their parent's plus `log(RETRIEVAL_Q)` per token (what a batch budget ranks).
+n-gram lookup drafts); new nodes carry a path score of their parent's plus `log(RETRIEVAL_Q)` per
+token (what a batch budget ranks). At temperature 0 no draft distribution is kept (greedy
+verification reads none).
 """
 
 from __future__ import annotations
