@@ -59,8 +59,13 @@ def score(source, params, seqs, r: int) -> dict:
     for prompt, answer in seqs:
         full = np.asarray(prompt + answer, np.int32)
         lengths = np.arange(len(prompt), len(full))  # context = full[:L], the next token is full[L]
-        rows = jnp.asarray(np.broadcast_to(full, (len(lengths), len(full))))
-        ctx = Context(rows, jnp.asarray(lengths))  # the same row at every length
+        # the same row at every length; padded to fixed shapes so one compile serves every answer
+        width = -(-len(full) // 256) * 256
+        padded = np.zeros(width, np.int32)
+        padded[: len(full)] = full
+        rows = 128 * -(-len(lengths) // 128)
+        lens = np.concatenate([lengths, np.full(rows - len(lengths), lengths[-1])])
+        ctx = Context(jnp.asarray(np.broadcast_to(padded, (rows, width))), jnp.asarray(lens))
         tok, ok, _ = (np.asarray(x) for x in source.candidates(ctx, r, params))
         for i, length in enumerate(lengths):
             want = full[length : length + tok.shape[2]]
