@@ -11,13 +11,15 @@ probabilities (RASD's pruning).
 A retrieval source has the members
 
     retrieval: tuple[int, int]                 (paths R, length L) of what `retrieve` returns
-    retrieve(params, state, ctx) -> (tokens [B, R, L], ok [B, R, L])
+    retrieve(params, ctx) -> (tokens [B, R, L], ok [B, R, L])
                                                candidate continuations of ctx's root, best first;
                                                ok is prefix-closed (a path is ok[r, :n])
 
-plus the drafter contract (`init`, `update`) for the state it keeps (n-gram lookup:
-`specdec.drafters.ngram.NGram`; a datastore: `specdec.drafters.rest.Rest`). Fused params are
-`(model_params, (source_params, ...))`, fused state a `FusedState`.
+and keeps no state of its own (n-gram lookup: `specdec.drafters.ngram.NGram`; a datastore:
+`specdec.drafters.rest.Rest`). The sources are asked once per step, when the context changes
+(`init`, `update`), and their candidates kept in the state: `should_draft` and the fusing
+builder read them there. Fused params are `(model_params, (source_params, ...))`, fused state a
+`FusedState`.
 
 `update` passes the verification's taps to the model, so a feature-level drafter (EAGLE, Medusa)
 reads the target's features at every accepted node, retrieval nodes included (its `update` takes
@@ -41,7 +43,8 @@ from specdec.tree import Tree
 @flax.struct.dataclass
 class FusedState:
     model: Any
-    sources: tuple
+    tokens: Int[Array, "B R L"]  # every source's candidates for the current root (`retrieve`)
+    ok: Bool[Array, "B R L"]
     root_logits: Float[Array, "B V"]  # the model's raw logits at this step's root (set by `begin`)
 
 
@@ -105,19 +108,12 @@ class Fused:
     # ------------------------------------------------------------------------------------- the hooks
     def init(self, params, ctx: Context, prompt, prefill_taps, cache_size: int, *, window: int) -> FusedState:
         model = self.model.init(params[0], ctx, prompt, prefill_taps, cache_size, window=window)
-        sources = tuple(
-            s.init(p, ctx, prompt, (), cache_size, window=window)
-            for s, p in zip(self.sources, params[1], strict=True)
-        )
         b = ctx.lengths.shape[0]
-        return FusedState(model, sources, jnp.zeros((b, self.vocab_size), jnp.float32))
+        return FusedState(model, *self._candidates(params, ctx), jnp.zeros((b, self.vocab_size), jnp.float32))
 
     def should_draft(self, params, state: FusedState, ctx: Context) -> Bool[Array, " B"]:
         """Rows the model wants to draft for, or that have a retrieval candidate."""
-        want = self.model.should_draft(params[0], state.model, ctx)
-        for s, p, st in zip(self.sources, params[1], state.sources, strict=True):
-            want = want | jnp.any(s.retrieve(p, st, ctx)[1][:, :, 0], axis=1)
-        return want
+        return self.model.should_draft(params[0], state.model, ctx) | jnp.any(state.ok[:, :, 0], axis=1)
 
     def begin(self, params, state: FusedState, ctx: Context):
         logits, model = self.model.begin(params[0], state.model, ctx)
@@ -129,19 +125,20 @@ class Fused:
 
     def update(self, params, state: FusedState, ctx: Context, tree: Tree, verdict, taps) -> FusedState:
         model = self.model.update(params[0], state.model, ctx, tree, verdict, taps)
-        sources = tuple(
-            s.update(p, st, ctx, tree, verdict, ())
-            for s, p, st in zip(self.sources, params[1], state.sources, strict=True)
-        )
-        return state.replace(model=model, sources=sources)
+        tokens, ok = self._candidates(params, ctx)  # one lookup per step, on the new context
+        return state.replace(model=model, tokens=tokens, ok=ok)
 
     def retrieve(self, params, state: FusedState, ctx: Context):
-        """Every source's candidates, concatenated (tokens [B, R, L], ok [B, R, L]); a shorter
-        source's paths are padded with not-ok positions."""
+        """This step's candidates of every source (tokens [B, R, L], ok [B, R, L])."""
+        return state.tokens, state.ok
+
+    def _candidates(self, params, ctx: Context):
+        """Every source's candidates, concatenated; a shorter source's paths are padded with
+        not-ok positions."""
         _, length = self.fused
         toks, oks = [], []
-        for s, p, st in zip(self.sources, params[1], state.sources, strict=True):
-            t, ok = s.retrieve(p, st, ctx)
+        for s, p in zip(self.sources, params[1], strict=True):
+            t, ok = s.retrieve(p, ctx)
             pad = ((0, 0), (0, 0), (0, length - t.shape[2]))
             toks.append(jnp.pad(t, pad))
             oks.append(jnp.pad(ok, pad))

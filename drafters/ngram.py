@@ -158,7 +158,7 @@ class NGram:
         """(paths, length) of `retrieve` (a retrieval source: `specdec.drafters.fused`)."""
         return self.paths, self.max_depth
 
-    def retrieve(self, params, state, ctx: Context):
+    def retrieve(self, params, ctx: Context):
         """`candidates(ctx, paths)` as a retrieval source: (tokens [B, R, L], ok [B, R, L])."""
         tokens, ok, _ = self.candidates(ctx, self.paths)
         return tokens, ok

@@ -14,7 +14,7 @@ query; the best chunks within `budget` tokens are kept in their original order (
 with BM25 in place of its BGE-M3 embeddings). A prompt already within the budget is not changed.
 
 Params: `{"model": the draft model's params, "prompt": [B, T] right-padded shortened prompts,
-"lengths": [B]}`; `draft_params(base, prompts)` fills them per request (the CLIs and
+"lengths": [B]}`; `RagDraft.params_for` fills them per request (specdec-generate and
 `specdec-eval` do). Verification: any lossless verifier, or RAPID's retrieval-augmented target
 distribution (`specdec.verifiers.rapid`, lossy for eta > 0).
 """
@@ -115,6 +115,12 @@ class RagDraft(DraftModel):
                 m, done = {**m, "content": text}, True
             out.append(m)
         return out
+
+    def params_for(self, base: dict, conversations: list[list[dict]], encode, tokenizer) -> dict:
+        """`base` ({"model": ...}) with each conversation's shortened prompt; `encode(messages) ->
+        token ids` renders a conversation as the target's prompt is rendered."""
+        count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+        return draft_params(base, [encode(self.shorten_messages(c, count)) for c in conversations])
 
     def init(self, params, ctx: Context, prompt, prefill_taps, cache_size: int, *, window: int):
         if "prompt" not in params:

@@ -231,7 +231,7 @@ class Rest(NGram):
         tokens, ok, n = self.candidates(ctx, 1, params)
         return tokens[:, 0], ok[:, 0], n[:, 0]
 
-    def retrieve(self, params, state, ctx: Context):
+    def retrieve(self, params, ctx: Context):
         tokens, ok, _ = self.candidates(ctx, self.paths, params)
         return tokens, ok
 

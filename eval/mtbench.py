@@ -195,6 +195,7 @@ def run_eval(
     import jax
     from tqdm.auto import tqdm
 
+    from specdec.drafters.rag import RagDraft
     from specdec.generate import PromptTooLongError, bucket, generate, warmup
     from specdec.loading import load_model
     from specdec.sampling import SamplingConfig
@@ -240,20 +241,12 @@ def run_eval(
     gen_kw = dict(max_new_tokens=config.max_new_tokens, sampling=sampling, mesh=mesh, check=config.check)
     compiled: set[tuple] = set()
 
-    from specdec.drafters.rag import RagDraft, draft_params
-
-    def count_tokens(text: str) -> int:
-        return len(model.tokenizer.encode(text, add_special_tokens=False))
-
     def engine_for(lab: str, convs: list[list[dict]]) -> dict:
-        """The method's engine arguments; a RAG drafter's draft params carry each conversation's
-        shortened prompt (`specdec.drafters.rag`)."""
-        kw = engine[lab]
-        d = kw.get("drafter")
+        """The method's engine arguments (a RAG drafter's with each conversation's short prompt)."""
+        d, kw = engine[lab].get("drafter"), engine[lab]
         if not isinstance(d, RagDraft):
             return kw
-        short = [prompter(d.shorten_messages(c, count_tokens)) for c in convs]
-        return {**kw, "draft_params": draft_params(kw["draft_params"], short)}
+        return {**kw, "draft_params": d.params_for(kw["draft_params"], convs, prompter, model.tokenizer)}
 
     def ensure_compiled(lab: str, prompts: list[list[int]], kw: dict) -> None:
         rag = kw.get("draft_params")

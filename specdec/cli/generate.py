@@ -98,7 +98,7 @@ def main(argv):
     kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampling=sampling, loop=FLAGS.loop, mesh=mesh)
     if FLAGS.drafter:
         from specdec.drafters import parse_drafter
-        from specdec.drafters.rag import RagDraft, draft_params, shorten
+        from specdec.drafters.rag import RagDraft
         from specdec.trees import fit, parse_tree
         from specdec.verifiers import get_verifier
 
@@ -106,10 +106,12 @@ def main(argv):
         drafter, dparams = parse_drafter(FLAGS.drafter, params, cfg, max_depth=builder.max_depth)
         builder = fit(builder, drafter)  # a fused drafter (eagle+ngram) fuses its retrieval paths
         if isinstance(drafter, RagDraft):  # RAPID: the drafter reads the retrieved, shortened prompt
-            count = lambda t: len(tok.encode(t, add_special_tokens=False))  # noqa: E731
-            short = shorten(text, count, drafter.budget, drafter.chunk)
-            dparams = draft_params(dparams, [raw_ids(tok, short) if FLAGS.raw else
-                                             chat_ids(tok, short, system=FLAGS.system)])  # fmt: skip
+
+            def encode(messages):
+                short = messages[0]["content"]
+                return raw_ids(tok, short) if FLAGS.raw else chat_ids(tok, short, system=FLAGS.system)
+
+            dparams = drafter.params_for(dparams, [[{"role": "user", "content": text}]], encode, tok)
         kw.update(
             drafter=drafter, draft_params=dparams, builder=builder, verifier=get_verifier(FLAGS.verifier)
         )
