@@ -52,6 +52,7 @@ from specdec.matmul import PackedWeight, dense
 from specdec.models import decoder
 from specdec.models.config import ModelConfig
 from specdec.models.decoder import rms_norm
+from specdec.prefill import prefill_blocks
 from specdec.tree import Tree
 
 
@@ -203,7 +204,9 @@ class Amphista(accept_head.AcceptanceMembers):
         cache = KVCache.init(self.cfg.layer_cfg, b, cache_size)
         pos = jnp.broadcast_to(jnp.arange(t), (b, t))  # pair t = (h_t, x_{t+1}); P - 1 holds the root
         nxt = jnp.take_along_axis(ctx.tokens, jnp.minimum(pos + 1, ctx.tokens.shape[1] - 1), axis=1)
-        a, cache = adapt(params, self.cfg, prefill_taps[0], nxt, pos, cache, causal_mask(b, t))
+        run = lambda x, p, c, m: adapt(params, self.cfg, *x, p, c, m)
+        kernel = isinstance(params["stages"]["0"]["wqkv"], PackedWeight)
+        a, cache = prefill_blocks(run, (prefill_taps[0], nxt), cache, kernel=kernel)
         p = ctx.lengths - 1
         last = jnp.take_along_axis(a, (p - 1)[:, None, None], axis=1)[:, 0]
         logits, hidden = self._heads(params, last)

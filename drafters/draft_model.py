@@ -32,7 +32,7 @@ from specdec.context import Context
 from specdec.drafters import accept_head
 from specdec.drafters.protocol import parent_confidence
 from specdec.models.config import ModelConfig
-from specdec.models.llama import Params, forward, lm_head
+from specdec.models.llama import Params, forward, lm_head, prefill
 from specdec.tree import Tree, ancestor_mask
 
 
@@ -104,9 +104,7 @@ class DraftModel(accept_head.AcceptanceMembers):
         self, params, ctx: Context, prompt: Int[Array, "B T"], prefill_taps, cache_size: int, *, window: int
     ):
         b, t = prompt.shape
-        cache = KVCache.init(self.cfg, b, cache_size)
-        pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-        _, _, cache = forward(params, self.cfg, prompt, pos, cache, causal_mask(b, t))
+        _, _, cache = prefill(params, self.cfg, prompt, KVCache.init(self.cfg, b, cache_size))
         cache = cache.advance(ctx.lengths - 1)  # the prompt; the root is the first sampled token
         hidden = jnp.zeros((b, window, self.cfg.hidden_size), jnp.float32) if self.accept_heads else None
         return self._catch_up(params, cache, ctx, 1, hidden)

@@ -46,6 +46,7 @@ from specdec.matmul import PackedWeight, dense
 from specdec.models import decoder
 from specdec.models.config import ModelConfig
 from specdec.models.decoder import rms_norm
+from specdec.prefill import prefill_blocks
 from specdec.tree import Tree, ancestor_mask
 
 NEG = -1e30
@@ -237,7 +238,9 @@ class Eagle(accept_head.AcceptanceMembers):
         pos = jnp.broadcast_to(jnp.arange(1, t + 1), (b, t))  # pairs for positions 1..t at slots 0..t-1
         toks = jnp.take_along_axis(ctx.tokens, jnp.minimum(pos, ctx.tokens.shape[1] - 1), axis=1)
         feat = fuse(params, self.cfg, prefill_taps)
-        out, cache = run_layer(params, self.cfg, toks, feat, pos, cache, causal_mask(b, t))
+        run = lambda x, p, c, m: run_layer(params, self.cfg, *x, p, c, m)
+        kernel = isinstance(params["layer"]["wqkv"], PackedWeight)
+        out, cache = prefill_blocks(run, (toks, feat), cache, kernel=kernel, start=1)
         root = ctx.lengths - 1  # the root's position; its pair is at slot root - 1
         out_root = jnp.take_along_axis(out, (root - 1)[:, None, None], axis=1)
         return self._state(cache.replace(lengths=root - 1), out_root[:, 0], window)

@@ -29,10 +29,10 @@ from collections import Counter
 import jax.numpy as jnp
 import numpy as np
 
-from specdec.cache import KVCache, causal_mask
+from specdec.cache import KVCache
 from specdec.context import Context
 from specdec.drafters.draft_model import DraftModel
-from specdec.models.llama import forward
+from specdec.models.llama import prefill
 
 _WORD = re.compile(r"\w+")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
@@ -130,9 +130,7 @@ class RagDraft(DraftModel):
             )
         rag, lens = params["prompt"], params["lengths"]
         b, t = rag.shape
-        cache = KVCache.init(self.cfg, b, cache_size)
-        pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-        _, _, cache = forward(params["model"], self.cfg, rag, pos, cache, causal_mask(b, t))
+        _, _, cache = prefill(params["model"], self.cfg, rag, KVCache.init(self.cfg, b, cache_size))
         cache = cache.advance(lens)
         offset = ctx.lengths - 1 - lens  # the root (target index lengths - 1) sits at draft slot lens
         return self._catch_up(params["model"], cache, ctx, 1, None, offset)

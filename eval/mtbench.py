@@ -196,7 +196,7 @@ def run_eval(
     from tqdm.auto import tqdm
 
     from specdec.drafters.rag import RagDraft
-    from specdec.generate import PromptTooLongError, bucket, generate, warmup
+    from specdec.generate import PromptTooLongError, generate, prompt_block, warmup
     from specdec.loading import load_model
     from specdec.sampling import SamplingConfig
     from specdec.sharding import device_params, parse_mesh, replicate
@@ -251,7 +251,7 @@ def run_eval(
     def ensure_compiled(lab: str, prompts: list[list[int]], kw: dict) -> None:
         rag = kw.get("draft_params")
         rag = rag["prompt"].shape[1] if isinstance(rag, dict) and "prompt" in rag else 0
-        key = (lab, len(prompts), bucket(max(len(p) for p in prompts)), rag)
+        key = (lab, len(prompts), prompt_block(max(len(p) for p in prompts)), rag)
         if key in compiled:
             return
         maps = memory_maps()
@@ -346,7 +346,7 @@ def run_eval(
                             batch_size=len(rows), call=call,
                             draft_calls=out.draft_calls if j == 0 else 0,
                             verify_width=out.verify_width if j == 0 else 0,
-                            loop_steps=out.steps if j == 0 else 0,
+                            loop_steps=out.steps if j == 0 else 0, prefill_time=out.prefill_seconds,
                         ))  # fmt: skip
                     bar.update(len(rows))
                 res.records[lab] += new_records

@@ -27,9 +27,9 @@ if TYPE_CHECKING:  # the models import attention; attention only needs the confi
 
 NEG_INF = -1e30  # finite, so a fully masked row cannot produce NaN
 # The CPU attention kernel runs blocks of up to this many tokens (every decode and verification
-# block: trees up to 128 nodes keep its row independence); longer blocks, prefills, use XLA's
-# attention, which is compute-efficient there (a prefill of 8x384 tokens on one Zen 4 core: 21.8 s
-# with the kernel, 14.2 s without).
+# block: trees up to 128 nodes keep its row independence); longer blocks use XLA's attention (one
+# 384-token block of 8 rows on one Zen 4 core: 21.8 s with the kernel, 14.2 s without). Prompts
+# longer than this are prefilled in chunks of this size through the kernel (`specdec.prefill`).
 KERNEL_MAX_BLOCK = 128
 
 

@@ -32,10 +32,10 @@ from specdec import builder as builder_contract
 from specdec import drafter as drafter_contract
 from specdec import invariants
 from specdec.budget import lag_priority, prune
-from specdec.cache import KVCache, causal_mask
+from specdec.cache import KVCache
 from specdec.context import Context
 from specdec.models.config import ModelConfig
-from specdec.models.llama import forward
+from specdec.models.llama import forward, prefill
 from specdec.sampling import SamplingConfig, sample
 from specdec.sharding import constrain_state
 from specdec.trace import StepRecords, record
@@ -132,12 +132,8 @@ def _prefill(params, dparams, prompt, prompt_lens, key, eos_ids, max_new, *, spe
              trace_steps: int = 0):  # fmt: skip
     b, t = prompt.shape
     cfg = spec.cfg
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    last = (prompt_lens - 1)[:, None]
-    logits, taps, cache = forward(
-        params, cfg, prompt, pos, KVCache.init(cfg, b, cache_size), causal_mask(b, t),
-        taps=spec.taps, logits_idx=last,
-    )  # fmt: skip
+    logits, taps, cache = prefill(params, cfg, prompt, KVCache.init(cfg, b, cache_size), taps=spec.taps,
+                                  last=(prompt_lens - 1)[:, None])  # fmt: skip
     key, sub = jax.random.split(key)
     tokens = jnp.zeros((b, cache_size), jnp.int32).at[:, :t].set(prompt)
     state = DecodeState(

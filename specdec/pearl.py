@@ -59,6 +59,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from specdec.cache import KVCache, causal_mask
 from specdec.decode import emit
 from specdec.generate import GenerateOutput, pad_prompts  # it imports this module lazily (loop="pearl")
+from specdec.models import llama
 from specdec.models.config import ModelConfig
 from specdec.models.llama import forward
 from specdec.sampling import SamplingConfig, argmax, inverse_cdf, probabilities, sample
@@ -220,11 +221,8 @@ def prefill_target(pearl: Pearl, params, prompt: Int[Array, "B T"], prompt_lens:
     `rounds` sizes the per-round records (a decode takes at most max_new - 1 rounds)."""
     b, t = prompt.shape
     g, v = pearl.gamma, pearl.cfg.vocab_size
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    logits, _, cache = forward(
-        params, pearl.cfg, prompt, pos, KVCache.init(pearl.cfg, b, cache_size), causal_mask(b, t),
-        logits_idx=(prompt_lens - 1)[:, None],
-    )  # fmt: skip
+    logits, _, cache = llama.prefill(params, pearl.cfg, prompt, KVCache.init(pearl.cfg, b, cache_size),
+                               last=(prompt_lens - 1)[:, None])  # fmt: skip
     k_first, k_verify, _ = _keys(key)
     state = TargetSide(
         cache=cache.advance(prompt_lens),
@@ -252,10 +250,7 @@ def prefill_draft(pearl: Pearl, dparams, prompt: Int[Array, "B T"], prompt_lens:
     """Draft prefill: the prompt's KV in the draft cache. The root (the target's first token) arrives
     with the prefill's `Message` (`receive`)."""
     b, t = prompt.shape
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    cache = KVCache.init(pearl.dcfg, b, cache_size)
-    _, _, cache = forward(dparams, pearl.dcfg, prompt, pos, cache, causal_mask(b, t),
-                          logits_idx=jnp.zeros((b, 1), jnp.int32))  # fmt: skip
+    _, _, cache = llama.prefill(dparams, pearl.dcfg, prompt, KVCache.init(pearl.dcfg, b, cache_size))
     _, _, k_draft = _keys(key)
     return DraftSide(cache=cache.advance(prompt_lens), root=jnp.zeros((b,), jnp.int32), key=k_draft,
                      rounds=jnp.zeros((), jnp.int32))  # fmt: skip

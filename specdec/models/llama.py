@@ -29,6 +29,7 @@ from specdec.models import decoder
 from specdec.models.config import ModelConfig
 from specdec.models.decoder import rms_norm, scatter_block, split_gate_up, split_qkv  # noqa: F401  (re-exported)
 from specdec.models.rope import rope_tables
+from specdec.prefill import prefill_blocks
 
 Params = dict[str, Any]
 
@@ -136,6 +137,33 @@ def forward(
         logits = scatter_block(logits, compact, *block_shape)
         out = tuple(scatter_block(x, compact, *block_shape) for x in out)
     return logits, out, cache
+
+
+def prefill(
+    params: Params,
+    cfg: ModelConfig,
+    prompt: Int[Array, "B T"],
+    cache: KVCache,
+    *,
+    taps: tuple[int, ...] = (),
+    last: Int[Array, "B K"] | None = None,
+    chunk: int | None | str = "auto",
+) -> tuple[Float[Array, "B K V"] | None, tuple[Float[Array, "B T D"], ...], KVCache]:
+    """`forward` over a prompt at positions `[0, T)`, in chunks for long prompts (`specdec.prefill`).
+
+    Returns (logits at block positions `last` (None without), the hidden `taps`, the cache with the
+    prompt written and `lengths` unchanged)."""
+    want = (*taps, cfg.num_layers)  # + the final normed hidden state, for the logits at `last`
+
+    def run(x, pos, c, mask):
+        first = jnp.zeros((x.shape[0], 1), jnp.int32)  # one LM-head row per block; unused, so elided
+        _, out, c = forward(params, cfg, x, pos, c, mask, taps=want, logits_idx=first)
+        return out, c
+
+    kernel = layout_of(params["layers"]) == "packed"  # forward's choice of the CPU attention kernel
+    out, cache = prefill_blocks(run, prompt, cache, kernel=kernel, chunk=chunk)
+    logits = None if last is None else lm_head(params, jnp.take_along_axis(out[-1], last[..., None], axis=1))
+    return logits, out[:-1], cache
 
 
 def lm_head(params: Params, h: Float[Array, "... D"]) -> Float[Array, "... V"]:
