@@ -7,6 +7,8 @@ Definitions (one method vs the shared baseline, per run r, per group G = a categ
     speedup(G, r)  = tok/s_method(G, r) / tok/s_baseline(G, r)       a ratio of means, not a mean of ratios
     speedup(G)     = mean ± std (ddof=1) of speedup(G, r) over runs  Spec-Bench get_mean_speedup
     τ(G)           = Σ step_tokens / Σ steps, pooled over turns and runs
+    decode speedup = speedup with decode-only speeds, Σ step_tokens / Σ (wall_time − prefill_time):
+                     what speculation changes, apart from the prefill (which dominates long prompts)
 
 `steps` are the target forwards of the decode loop while the row ran (prefill excluded) and
 `step_tokens` the tokens those forwards emitted, accepted drafts plus the bonus token, i.e.
@@ -49,6 +51,7 @@ class TurnRecord:
     draft_calls: int = 0
     verify_width: int = 0
     loop_steps: int = 0
+    prefill_time: float = 0.0  # seconds of wall_time spent in the prefill (target and drafter)
 
     @property
     def key(self) -> Key:
@@ -87,10 +90,21 @@ def question_speeds(records: Iterable[TurnRecord]) -> dict[tuple[int, int | str]
     return {k: tok[k] / sec[k] if sec[k] > 0 else float("nan") for k in tok}
 
 
-def tokens_per_s_by_run(records: Iterable[TurnRecord]) -> dict[int, float]:
-    """run -> mean over questions of the per-question speed."""
+def decode_speeds(records: Iterable[TurnRecord]) -> dict[tuple[int, int | str], float]:
+    """(run, question_id) -> Σ step tokens / Σ decode-loop seconds (wall time less prefill)."""
+    tok: dict[tuple[int, int | str], int] = {}
+    sec: dict[tuple[int, int | str], float] = {}
+    for r in records:
+        k = (r.run, r.question_id)
+        tok[k] = tok.get(k, 0) + r.step_tokens
+        sec[k] = sec.get(k, 0.0) + r.wall_time - r.prefill_time
+    return {k: tok[k] / sec[k] if sec[k] > 0 else float("nan") for k in tok}
+
+
+def tokens_per_s_by_run(records: Iterable[TurnRecord], decode: bool = False) -> dict[int, float]:
+    """run -> mean over questions of the per-question speed (`decode`: decode-loop speed)."""
     per_run: dict[int, list[float]] = {}
-    for (run, _), speed in question_speeds(records).items():
+    for (run, _), speed in (decode_speeds if decode else question_speeds)(records).items():
         per_run.setdefault(run, []).append(speed)
     return {run: statistics.fmean(v) for run, v in sorted(per_run.items())}
 
@@ -139,6 +153,9 @@ def _group(method: list[TurnRecord], baseline: list[TurnRecord], check: bool) ->
     runs = [r for r in m_runs if r in b_runs]
     m, b = mean_std(m_runs[r] for r in runs), mean_std(b_runs[r] for r in runs)
     s = mean_std(m_runs[r] / b_runs[r] for r in runs)
+    m_dec, b_dec = tokens_per_s_by_run(method, decode=True), tokens_per_s_by_run(baseline, decode=True)
+    dec = mean_std(m_dec[r] / b_dec[r] for r in runs)
+    wall = sum(r.wall_time for r in method)
     out = {
         "n_questions": len({r.question_id for r in method}),
         "speedup": s.mean,
@@ -150,6 +167,9 @@ def _group(method: list[TurnRecord], baseline: list[TurnRecord], check: bool) ->
         "baseline_tokens_per_s": b.mean,
         "baseline_tokens_per_s_std": b.std,
         "new_tokens": sum(r.new_tokens for r in method),
+        "decode_speedup": dec.mean,
+        "decode_speedup_std": dec.std,
+        "prefill_share": sum(r.prefill_time for r in method) / wall if wall > 0 else float("nan"),
     }
     if check:
         out["lossless_mismatches"] = len(mismatches(method, baseline))
@@ -162,7 +182,8 @@ def summarize(
     """Overall and per-category metrics of one method against the baseline.
 
     Returns {"overall": group, "per_category": {category: group}} where a group holds n_questions,
-    speedup (+ _std), tau, baseline_tau, method/baseline_tokens_per_s (+ _std), new_tokens and,
+    speedup (+ _std), tau, baseline_tau, method/baseline_tokens_per_s (+ _std), new_tokens,
+    decode_speedup (+ _std), prefill_share (of the method's wall time) and,
     when `lossless_check`, lossless_mismatches. Categories keep their order of first appearance.
     """
     cats = list(dict.fromkeys(r.category for r in baseline))

@@ -32,6 +32,8 @@ from specdec.eval.quality import quality
 TOP_LEVEL = (
     "speedup",
     "speedup_std",
+    "decode_speedup",
+    "prefill_share",
     "tau",
     "method_tokens_per_s",
     "method_tokens_per_s_std",
@@ -194,9 +196,9 @@ def tables(m: dict) -> str:
     """Markdown: one row per method (overall), then one row per category (speedup and τ per method)."""
     labels = list(m["methods"])
     lines = [
-        "| method | tok/s | baseline tok/s | speedup | τ | drafter calls / step | verified width / step "
-        "| mismatching turns | compile s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | tok/s | baseline tok/s | speedup | decode-only speedup | prefill share | τ "
+        "| drafter calls / step | verified width / step | mismatching turns | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lab, r in m["methods"].items():
         mism = "n/a (T>0)" if r["lossless_mismatches"] is None else str(r["lossless_mismatches"])
@@ -205,7 +207,9 @@ def tables(m: dict) -> str:
         lines.append(
             f"| {_md(lab)} | {_pm(r['method_tokens_per_s'], r['method_tokens_per_s_std'], 1)} | "
             f"{_pm(r['baseline_tokens_per_s'], r['baseline_tokens_per_s_std'], 1)} | "
-            f"{_pm(r['speedup'], r['speedup_std'], 2, '×')} | {_pm(r['tau'], None)} | "
+            f"{_pm(r['speedup'], r['speedup_std'], 2, '×')} | "
+            f"{_pm(r.get('decode_speedup'), r.get('decode_speedup_std'), 2, '×')} | "
+            f"{_pm(r.get('prefill_share'), None)} | {_pm(r['tau'], None)} | "
             f"{_pm(r.get('draft_calls_per_step'), None)} | {_pm(r.get('verify_width_per_step'), None)} | "
             f"{mism} | "
             f"{r['compile_seconds']:.1f} |"
