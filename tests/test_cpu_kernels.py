@@ -141,6 +141,38 @@ def test_cache_attention_equals_xla(tiny_targets, monkeypatch, tree, isa):
     np.testing.assert_array_equal(out[1], np.asarray(got)[1])
 
 
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+def test_cache_attention_over_long_contexts_in_pieces(tiny_targets, monkeypatch, isa):
+    """Past 512 slots the kernel attends in pieces merged by log-sum-exp: equal to XLA's attention,
+    and still row independent, also for a block that crosses a piece boundary its root does not
+    (the AR step at that length runs one piece: its bits must not change)."""
+    monkeypatch.setenv("SPECDEC_CPU_ISA", isa)
+    cfg = tiny_targets["llama"].cfg
+    rng = np.random.default_rng(7)
+    b, s, t = 2, 1800, 9
+    cache = KVCache.init(cfg, b, s)
+    kv = [jnp.asarray(_rand(rng, *cache.k.shape)) for _ in range(2)]
+    cache = cache.replace(k=kv[0], v=kv[1], lengths=jnp.array([1500, 508], jnp.int32))
+    anc = np.eye(t, dtype=bool)
+    for i in range(1, t):
+        anc[i] |= anc[rng.integers(0, i)]
+    block = jnp.broadcast_to(jnp.asarray(anc), (b, t, t))
+    mask = cache_mask(cfg, cache.lengths[:, None] + jnp.arange(t), cache, block, None)
+    q = jnp.asarray(_rand(rng, b, t, cfg.num_heads, cfg.head_dim))
+    run = jax.jit(lambda q, c, m: attend_cache(q, c, 1, m, cfg, kernel=True))
+    got = np.asarray(run(q, cache, mask))
+    ref = np.asarray(attend_cache(q, cache, 1, mask, cfg, kernel=False))
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-6)
+    for i in (0, t - 1):  # the root and the last node alone
+        one = np.asarray(run(q[:, i : i + 1], cache, mask[:, i : i + 1]))
+        np.testing.assert_array_equal(one[:, 0], got[:, i])
+    # row 1's root alone sees 509 slots: one piece, no merge — bitwise the block's (3 pieces) result
+    row = jax.tree.map(lambda x: x[:, 1:] if x.ndim == 5 else x[1:], cache)
+    root = np.asarray(run(q[1:, :1], row, mask[1:, :1]))
+    np.testing.assert_array_equal(root[0, 0], got[1, 0])
+
+
 # ---- the model with packed params ------------------------------------------------------------
 
 

@@ -12,6 +12,13 @@
 // they sit in, so a row's result does not depend on the block it is part of (greedy speculative =
 // AR). Masked slots contribute exactly nothing; a row that sees no slot gets zeros (a task of
 // such rows only is skipped).
+//
+// Long contexts: past kSplit slots the slots are cut at fixed multiples of kSplit, each piece a
+// task of its own (its max, sum of exponentials and unnormalised p @ v), merged per row by
+// log-sum-exp in piece order: a decode step at 8K slots has 16 tasks per KV head for 2 threads
+// instead of one. The cuts depend on slot indices alone, so a row's result still does not depend
+// on its block: a piece it sees nothing of weighs exactly 0, and with one visible piece the merge
+// reproduces the one-piece result bit for bit (its weight exp(0) is exactly 1).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -35,6 +42,8 @@ struct Vec {
   typedef int32_t i __attribute__((vector_size(4 * L)));
   typedef float fu __attribute__((vector_size(4 * L), aligned(4)));  // in scratch buffers: unaligned
 };
+
+constexpr int64_t kSplit = 512;  // slots per piece of a long context (see the top)
 
 struct Problem {
   const float* q;        // [B, T, Hq, D]
@@ -69,19 +78,22 @@ __attribute__((always_inline)) static inline vf vexp(vf x) {
   return p * scale;
 }
 
-// One task: KV head h of row b, block rows r0 .. r0+nr-1 (row r = t * G + g), nr <= L.
+// One task: KV head h of row b, block rows r0 .. r0+nr-1 (row r = t * G + g), nr <= L, over the
+// slots [j0, j1). `part` null: the whole visible range, normalised into `out`; else one piece's
+// partial result for `merge_rows`: part = [max (L), sum (L), p @ v (d x L)], lanes innermost.
 template <int L>
 __attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t b, int64_t h, int64_t r0,
-                                                       int64_t nr, std::vector<float>& buf) {
+                                                       int64_t nr, int64_t j0, int64_t j1, float* part,
+                                                       std::vector<float>& buf) {
   typedef typename Vec<L>::f vf;
   typedef typename Vec<L>::i vi;
   typedef typename Vec<L>::fu vf_u;
   constexpr int kLanes = L;
   const int64_t g_per = p.hq / p.hkv, d = p.d;
-  const int64_t lim = std::min<int64_t>(std::max<int32_t>(p.limit[b], 0), p.s);
-  buf.resize((d + lim) * kLanes);
+  const int64_t lim = std::min<int64_t>(std::min<int64_t>(std::max<int32_t>(p.limit[b], 0), p.s), j1);
+  buf.resize((d + std::max<int64_t>(lim - j0, 0)) * kLanes);
   vf_u* qt = reinterpret_cast<vf_u*>(buf.data());  // q transposed: qt[i][lane] = q[row lane][i] * scale
-  vf_u* sc = qt + d;                                // scores, then exponentials: sc[j][lane]
+  vf_u* sc = qt + d;                                // scores, then exponentials: sc[j - j0][lane]
   int64_t trow[kLanes];
   for (int lane = 0; lane < kLanes; ++lane) trow[lane] = lane < nr ? (r0 + lane) / g_per : -1;
   for (int64_t i = 0; i < d; ++i) {
@@ -98,9 +110,15 @@ __attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t
   const bool* mb = p.mask + b * p.t * p.s;
   // A task none of whose rows sees a slot (block tokens a flattened ragged block did not compute,
   // masked out entirely) writes zeros, as any such row would get, and skips the work.
+  const float neg_inf = -std::numeric_limits<float>::infinity();
   bool seen = false;
-  for (int64_t j = 0; j < lim && !seen; ++j)
+  for (int64_t j = j0; j < lim && !seen; ++j)
     for (int lane = 0; lane < nr && !seen; ++lane) seen = mb[trow[lane] * p.s + j];
+  if (!seen && part != nullptr) {  // max -inf, sum 0, p @ v 0: weighs exactly nothing in the merge
+    std::fill(part, part + kLanes, neg_inf);
+    std::fill(part + kLanes, part + (2 + d) * kLanes, 0.f);
+    return;
+  }
   if (!seen) {
     for (int lane = 0; lane < nr; ++lane) {
       const int64_t r = r0 + lane;
@@ -108,7 +126,6 @@ __attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t
     }
     return;
   }
-  const float neg_inf = -std::numeric_limits<float>::infinity();
   auto visible = [&](int64_t j) __attribute__((always_inline)) {
     vi vis{};
     for (int lane = 0; lane < nr; ++lane) vis[lane] = mb[trow[lane] * p.s + j] ? -1 : 0;
@@ -117,7 +134,7 @@ __attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t
   // q . k: four slots at a time (four independent FMA chains share each q load); each score is
   // still one chain over i in order.
   vf mx = vf{} + neg_inf;
-  int64_t j = 0;
+  int64_t j = j0;
   for (; j + 4 <= lim; j += 4) {
     const float *k0 = kb + j * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
     vf s0{}, s1{}, s2{}, s3{};
@@ -131,7 +148,7 @@ __attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t
     const vf s4[4] = {s0, s1, s2, s3};
     for (int u = 0; u < 4; ++u) {
       const vf sv = visible(j + u) ? s4[u] : vf{} + neg_inf;
-      sc[j + u] = sv;
+      sc[j - j0 + u] = sv;
       mx = sv > mx ? sv : mx;
     }
   }
@@ -140,20 +157,25 @@ __attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t
     vf sv{};
     for (int64_t i = 0; i < d; ++i) sv += qt[i] * kr[i];
     sv = visible(j) ? sv : vf{} + neg_inf;
-    sc[j] = sv;
+    sc[j - j0] = sv;
     mx = sv > mx ? sv : mx;
   }
   vf sum{};
   const vi none = mx == neg_inf;  // rows that see no slot
   const vf mx0 = none ? vf{} : mx;
-  for (j = 0; j < lim; ++j) {
-    const vf sv = sc[j];
+  for (j = j0; j < lim; ++j) {
+    const vf sv = sc[j - j0];
     const vf e = sv == neg_inf ? vf{} : vexp<vf, vi>(sv - mx0);
-    sc[j] = e;
+    sc[j - j0] = e;
     sum += e;
   }
   // p @ v with rows as lanes: 8 output columns at a time, each one chain over j in order.
   const vf inv = sum > 0.f ? 1.f / sum : vf{};
+  vf_u* pv = reinterpret_cast<vf_u*>(part);  // partial: [max, sum, p @ v columns]
+  if (part != nullptr) {
+    pv[0] = mx;
+    pv[1] = sum;
+  }
   float* outs[kLanes];
   for (int lane = 0; lane < nr; ++lane) {
     const int64_t r = r0 + lane;
@@ -164,14 +186,18 @@ __attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t
     const int64_t nc = std::min<int64_t>(kCols, d - c);
     vf acc[kCols] = {};
     if (nc == kCols) {
-      for (j = 0; j < lim; ++j) {
-        const vf pj = sc[j];
+      for (j = j0; j < lim; ++j) {
+        const vf pj = sc[j - j0];
         const float* vr = vb + j * stride + c;
         for (int u = 0; u < kCols; ++u) acc[u] += pj * vr[u];
       }
     } else {
-      for (j = 0; j < lim; ++j)
-        for (int u = 0; u < nc; ++u) acc[u] += sc[j] * vb[j * stride + c + u];
+      for (j = j0; j < lim; ++j)
+        for (int u = 0; u < nc; ++u) acc[u] += sc[j - j0] * vb[j * stride + c + u];
+    }
+    if (part != nullptr) {
+      for (int u = 0; u < nc; ++u) pv[2 + c + u] = acc[u];
+      continue;
     }
     for (int u = 0; u < nc; ++u) {
       const vf o = acc[u] * inv;
@@ -180,16 +206,66 @@ __attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t
   }
 }
 
+// Merge a task's `pieces` partial results (`attend_rows` with `part`, piece order) into `out`:
+// weights exp(max_piece - max) (exactly 0 for a piece a row saw nothing of), sums and p @ v
+// accumulated in piece order, then normalised as the one-piece path does.
+template <int L>
+__attribute__((always_inline)) inline void merge_rows(const Problem& p, int64_t b, int64_t h, int64_t r0,
+                                                      int64_t nr, const float* parts, int64_t pieces) {
+  typedef typename Vec<L>::f vf;
+  typedef typename Vec<L>::i vi;
+  typedef typename Vec<L>::fu vf_u;
+  const int64_t g_per = p.hq / p.hkv, d = p.d, size = (2 + d);
+  const vf_u* pv = reinterpret_cast<const vf_u*>(parts);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  vf mx = vf{} + neg_inf;
+  for (int64_t k = 0; k < pieces; ++k) mx = pv[k * size] > mx ? pv[k * size] : mx;
+  const vf mx0 = mx == neg_inf ? vf{} : mx;
+  vf sum{};
+  std::vector<float> wbuf(pieces * L);
+  vf_u* w = reinterpret_cast<vf_u*>(wbuf.data());  // per-piece weights (unaligned storage, as `buf`)
+  for (int64_t k = 0; k < pieces; ++k) {
+    const vf m = pv[k * size];
+    w[k] = m == neg_inf ? vf{} : vexp<vf, vi>(m - mx0);
+    sum += w[k] * pv[k * size + 1];
+  }
+  const vf inv = sum > 0.f ? 1.f / sum : vf{};
+  for (int64_t c = 0; c < d; ++c) {
+    vf acc{};
+    for (int64_t k = 0; k < pieces; ++k) acc += w[k] * pv[k * size + 2 + c];
+    const vf o = acc * inv;
+    for (int lane = 0; lane < nr; ++lane) {
+      const int64_t r = r0 + lane;
+      p.out[((b * p.t + r / g_per) * p.hq + h * g_per + r % g_per) * d + c] = o[lane];
+    }
+  }
+}
+
 __attribute__((target("avx512f"))) void attend_rows16(const Problem& p, int64_t b, int64_t h, int64_t r0,
-                                                      int64_t nr, std::vector<float>& buf) {
-  attend_rows<16>(p, b, h, r0, nr, buf);
+                                                      int64_t nr, int64_t j0, int64_t j1, float* part,
+                                                      std::vector<float>& buf) {
+  attend_rows<16>(p, b, h, r0, nr, j0, j1, part, buf);
 }
 __attribute__((target("avx2,fma"))) void attend_rows8(const Problem& p, int64_t b, int64_t h, int64_t r0,
-                                                     int64_t nr, std::vector<float>& buf) {
-  attend_rows<8>(p, b, h, r0, nr, buf);
+                                                     int64_t nr, int64_t j0, int64_t j1, float* part,
+                                                     std::vector<float>& buf) {
+  attend_rows<8>(p, b, h, r0, nr, j0, j1, part, buf);
 }
-void attend_rows_default(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t nr, std::vector<float>& buf) {
-  attend_rows<8>(p, b, h, r0, nr, buf);
+void attend_rows_default(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t nr, int64_t j0, int64_t j1,
+                         float* part, std::vector<float>& buf) {
+  attend_rows<8>(p, b, h, r0, nr, j0, j1, part, buf);
+}
+__attribute__((target("avx512f"))) void merge_rows16(const Problem& p, int64_t b, int64_t h, int64_t r0,
+                                                     int64_t nr, const float* parts, int64_t pieces) {
+  merge_rows<16>(p, b, h, r0, nr, parts, pieces);
+}
+__attribute__((target("avx2,fma"))) void merge_rows8(const Problem& p, int64_t b, int64_t h, int64_t r0,
+                                                    int64_t nr, const float* parts, int64_t pieces) {
+  merge_rows<8>(p, b, h, r0, nr, parts, pieces);
+}
+void merge_rows_default(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t nr, const float* parts,
+                        int64_t pieces) {
+  merge_rows<8>(p, b, h, r0, nr, parts, pieces);
 }
 
 ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -211,17 +287,41 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   const auto rows_fn = isa == specdec::kAvx512 ? attend_rows16
                        : isa == specdec::kAvx2 ? attend_rows8
                                                : attend_rows_default;
+  const auto merge_fn = isa == specdec::kAvx512 ? merge_rows16
+                        : isa == specdec::kAvx2 ? merge_rows8
+                                                : merge_rows_default;
   const int64_t rows = p.t * (p.hq / p.hkv), groups = (rows + lanes - 1) / lanes;
   const int64_t tasks = p.b * p.hkv * groups;
-  int64_t work = 0;
-  for (int64_t b = 0; b < p.b; ++b) work += p.limit[b];
+  int64_t work = 0, longest = 0;
+  for (int64_t b = 0; b < p.b; ++b) {
+    work += p.limit[b];
+    longest = std::max<int64_t>(longest, std::min<int64_t>(p.limit[b], p.s));
+  }
   // A helper is worth its wake-up only for enough work (rows x slots x head dim).
   const int64_t threads =
       threads_attr > 0 ? threads_attr : (work * rows * p.hkv * p.d > (1 << 18) ? pool.num_threads() : 1);
-  specdec::parallel_for(pool, tasks, std::min<int64_t>(threads, 2), [&](int64_t i) {
+  const int64_t pieces = (longest + kSplit - 1) / kSplit;
+  if (pieces <= 1) {
+    specdec::parallel_for(pool, tasks, std::min<int64_t>(threads, 2), [&](int64_t i) {
+      thread_local std::vector<float> buf;
+      const int64_t g = i % groups, h = (i / groups) % p.hkv, b = i / (groups * p.hkv);
+      rows_fn(p, b, h, g * lanes, std::min<int64_t>(lanes, rows - g * lanes), 0, p.s, nullptr, buf);
+    });
+    return ffi::Error::Success();
+  }
+  const int64_t size = (2 + p.d) * lanes;  // one piece's partial result
+  std::vector<float> parts(tasks * pieces * size);
+  specdec::parallel_for(pool, tasks * pieces, std::min<int64_t>(threads, 2), [&](int64_t i) {
     thread_local std::vector<float> buf;
-    const int64_t g = i % groups, h = (i / groups) % p.hkv, b = i / (groups * p.hkv);
-    rows_fn(p, b, h, g * lanes, std::min<int64_t>(lanes, rows - g * lanes), buf);
+    const int64_t k = i % pieces, t = i / pieces;
+    const int64_t g = t % groups, h = (t / groups) % p.hkv, b = t / (groups * p.hkv);
+    rows_fn(p, b, h, g * lanes, std::min<int64_t>(lanes, rows - g * lanes), k * kSplit, (k + 1) * kSplit,
+            parts.data() + i * size, buf);
+  });
+  specdec::parallel_for(pool, tasks, std::min<int64_t>(threads, 2), [&](int64_t t) {
+    const int64_t g = t % groups, h = (t / groups) % p.hkv, b = t / (groups * p.hkv);
+    merge_fn(p, b, h, g * lanes, std::min<int64_t>(lanes, rows - g * lanes), parts.data() + t * pieces * size,
+             pieces);
   });
   return ffi::Error::Success();
 }
