@@ -25,7 +25,7 @@ from specdec.cache import KVCache, causal_mask
 
 # Chunk sizes. With the CPU kernel: the longest block it takes (`KERNEL_MAX_BLOCK`) — on
 # SmolLM2-135M, a 2-core Xeon, chunks of 128 prefill faster than one block from 256 tokens up
-# (0.36 s vs 0.65 s at 256, 4.3 s vs 14.4 s at 2,048; docs/cpu.md "Long prompts"). Through XLA's
+# (0.36 s vs 0.65 s at 256, 3.3 s vs 11.8 s at 2,048; docs/cpu.md "Long prompts"). Through XLA's
 # attention (plain weights: accelerators): 1,024, which bounds the scores' memory to C x S.
 KERNEL_CHUNK = KERNEL_MAX_BLOCK
 XLA_CHUNK = 1024
