@@ -79,32 +79,24 @@ def mean_std(values: Iterable[float]) -> MeanStd:
     return MeanStd(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals))
 
 
-def question_speeds(records: Iterable[TurnRecord]) -> dict[tuple[int, int | str], float]:
-    """(run, question_id) -> Σ new tokens / Σ wall time over that question's turns."""
+def question_speeds(
+    records: Iterable[TurnRecord], decode: bool = False
+) -> dict[tuple[int, int | str], float]:
+    """(run, question_id) -> Σ new tokens / Σ wall time over that question's turns; `decode`: the
+    decode loop's speed, Σ step tokens / Σ (wall time − prefill time)."""
     tok: dict[tuple[int, int | str], int] = {}
     sec: dict[tuple[int, int | str], float] = {}
     for r in records:
         k = (r.run, r.question_id)
-        tok[k] = tok.get(k, 0) + r.new_tokens
-        sec[k] = sec.get(k, 0.0) + r.wall_time
-    return {k: tok[k] / sec[k] if sec[k] > 0 else float("nan") for k in tok}
-
-
-def decode_speeds(records: Iterable[TurnRecord]) -> dict[tuple[int, int | str], float]:
-    """(run, question_id) -> Σ step tokens / Σ decode-loop seconds (wall time less prefill)."""
-    tok: dict[tuple[int, int | str], int] = {}
-    sec: dict[tuple[int, int | str], float] = {}
-    for r in records:
-        k = (r.run, r.question_id)
-        tok[k] = tok.get(k, 0) + r.step_tokens
-        sec[k] = sec.get(k, 0.0) + r.wall_time - r.prefill_time
+        tok[k] = tok.get(k, 0) + (r.step_tokens if decode else r.new_tokens)
+        sec[k] = sec.get(k, 0.0) + r.wall_time - (r.prefill_time if decode else 0.0)
     return {k: tok[k] / sec[k] if sec[k] > 0 else float("nan") for k in tok}
 
 
 def tokens_per_s_by_run(records: Iterable[TurnRecord], decode: bool = False) -> dict[int, float]:
     """run -> mean over questions of the per-question speed (`decode`: decode-loop speed)."""
     per_run: dict[int, list[float]] = {}
-    for (run, _), speed in (decode_speeds if decode else question_speeds)(records).items():
+    for (run, _), speed in question_speeds(records, decode).items():
         per_run.setdefault(run, []).append(speed)
     return {run: statistics.fmean(v) for run, v in sorted(per_run.items())}
 

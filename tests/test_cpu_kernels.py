@@ -99,6 +99,21 @@ def test_packed_matmul_batch_rows_vmap_grad_and_while_loop():
 # ---- cache attention -------------------------------------------------------------------------
 
 
+def _random_cache(cfg, rng, b: int, s: int, lengths: list[int]) -> KVCache:
+    """A cache of `s` slots per row with random K and V and the given lengths."""
+    cache = KVCache.init(cfg, b, s)
+    kv = [jnp.asarray(_rand(rng, *cache.k.shape)) for _ in range(2)]
+    return cache.replace(k=kv[0], v=kv[1], lengths=jnp.array(lengths, jnp.int32))
+
+
+def _tree_block(rng, b: int, t: int):
+    """The ancestor mask of a random tree of t nodes (each node's parent precedes it), [b, t, t]."""
+    anc = np.eye(t, dtype=bool)
+    for i in range(1, t):
+        anc[i] |= anc[rng.integers(0, i)]
+    return jnp.broadcast_to(jnp.asarray(anc), (b, t, t))
+
+
 @needs_kernel
 @pytest.mark.parametrize("isa", ISAS)  # 16 lanes on AVX-512, 8 on AVX2 and in the portable path
 @pytest.mark.parametrize("tree", [False, True])
@@ -107,14 +122,9 @@ def test_cache_attention_equals_xla(tiny_targets, monkeypatch, tree, isa):
     cfg = tiny_targets["llama"].cfg
     rng = np.random.default_rng(3)
     b, s, t = 2, 40, 9
-    cache = KVCache.init(cfg, b, s)
-    kv = [jnp.asarray(_rand(rng, *cache.k.shape)) for _ in range(2)]
-    cache = cache.replace(k=kv[0], v=kv[1], lengths=jnp.array([5, 17], jnp.int32))
-    if tree:  # a random tree block: each node's parent precedes it
-        anc = np.eye(t, dtype=bool)
-        for i in range(1, t):
-            anc[i] |= anc[rng.integers(0, i)]
-        block = jnp.broadcast_to(jnp.asarray(anc), (b, t, t))
+    cache = _random_cache(cfg, rng, b, s, [5, 17])
+    if tree:
+        block = _tree_block(rng, b, t)
     else:
         block = causal_mask(b, t)
     pos = cache.lengths[:, None] + jnp.arange(t)
@@ -151,14 +161,8 @@ def test_cache_attention_over_long_contexts_in_pieces(tiny_targets, monkeypatch,
     cfg = tiny_targets["llama"].cfg
     rng = np.random.default_rng(7)
     b, s, t = 2, 1800, 9
-    cache = KVCache.init(cfg, b, s)
-    kv = [jnp.asarray(_rand(rng, *cache.k.shape)) for _ in range(2)]
-    cache = cache.replace(k=kv[0], v=kv[1], lengths=jnp.array([1500, 508], jnp.int32))
-    anc = np.eye(t, dtype=bool)
-    for i in range(1, t):
-        anc[i] |= anc[rng.integers(0, i)]
-    block = jnp.broadcast_to(jnp.asarray(anc), (b, t, t))
-    mask = cache_mask(cfg, cache.lengths[:, None] + jnp.arange(t), cache, block, None)
+    cache = _random_cache(cfg, rng, b, s, [1500, 508])
+    mask = cache_mask(cfg, cache.lengths[:, None] + jnp.arange(t), cache, _tree_block(rng, b, t), None)
     q = jnp.asarray(_rand(rng, b, t, cfg.num_heads, cfg.head_dim))
     run = jax.jit(lambda q, c, m: attend_cache(q, c, 1, m, cfg, kernel=True))
     got = np.asarray(run(q, cache, mask))
