@@ -127,7 +127,8 @@ def main(argv):
     if FLAGS.json:
         print(json.dumps({
             "text": text, "tokens": new, "new_tokens": len(new), "prompt_tokens": len(ids),
-            "seconds": round(seconds, 4), "tokens_per_s": round(len(new) / seconds, 2),
+            "seconds": round(seconds, 4), "prefill_seconds": round(out.prefill_seconds, 4),
+            "tokens_per_s": round(len(new) / seconds, 2),
             "compile_seconds": round(compile_s, 2), "target": model.source,
             "drafter": FLAGS.drafter, "tree": FLAGS.tree if FLAGS.drafter else None,
             "tau": round(out.tau, 3), "steps": out.steps, "accepted_hist": out.accepted_hist,
@@ -136,8 +137,9 @@ def main(argv):
     else:
         print(text)
         rate = len(new) / seconds
-        print(f"\n[{len(new)} tokens in {seconds:.2f} s = {rate:.1f} tok/s; tau {out.tau:.2f} over "
-              f"{out.steps} steps; compile {compile_s:.1f} s; {model.source}]")  # fmt: skip
+        print(f"\n[{len(new)} tokens in {seconds:.2f} s = {rate:.1f} tok/s (prefill "
+              f"{out.prefill_seconds:.2f} s); tau {out.tau:.2f} over {out.steps} steps; "
+              f"compile {compile_s:.1f} s; {model.source}]")  # fmt: skip
 
 
 def _check_pearl_flags() -> int | None:
@@ -233,7 +235,8 @@ def _pearl_main(gamma: int) -> None:
     if FLAGS.json:
         print(json.dumps({
             "text": text, "tokens": new, "new_tokens": len(new), "prompt_tokens": len(ids),
-            "seconds": round(seconds, 4), "tokens_per_s": round(len(new) / seconds, 2),
+            "seconds": round(seconds, 4), "prefill_seconds": round(out.prefill_seconds, 4),
+            "tokens_per_s": round(len(new) / seconds, 2),
             "compile_seconds": round(compile_s, 2), "target": model.source, "drafter": FLAGS.drafter,
             "loop": "pearl", "gamma": gamma, "gamma_source": measured, "tau": round(out.tau, 3),
             "steps": out.steps, "accepted_hist": out.accepted_hist,
