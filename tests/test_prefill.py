@@ -17,6 +17,7 @@ from specdec.models import ModelConfig, forward, to_device
 from specdec.models.llama import prefill
 from specdec.prefill import KERNEL_CHUNK, chunk_for, prefill_blocks
 from specdec.trees import parse_tree
+from tests.sharded_worker import random_params
 
 LONG = 8192
 
@@ -34,9 +35,11 @@ def _layouts(params, cfg):
     return fast, to_device(params, cfg, "plain")
 
 
-def test_chunked_prefill_equals_one_dense_block_at_8k_positions(long_target):
-    params, cfg = long_target
-    fast, dense = _layouts(params, cfg)
+def test_chunked_prefill_equals_one_dense_block_at_8k_positions():
+    # one KV head of two query heads: the dense reference's [T, S] scores at 8K are the cost here
+    cfg = ModelConfig(arch="llama", vocab_size=97, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                      head_dim=16, intermediate_size=64, max_position_embeddings=LONG + 64)  # fmt: skip
+    fast, dense = _layouts(random_params(cfg, 0), cfg)
     rng = np.random.default_rng(0)
     prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, LONG)), jnp.int32)
     size, last = LONG + 16, jnp.array([[LONG - 1]])
