@@ -310,17 +310,21 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
     return ffi::Error::Success();
   }
   const int64_t size = (2 + p.d) * lanes;  // one piece's partial result
-  std::vector<float> parts(tasks * pieces * size);
+  // Every entry is written by its task before the merge reads it: a buffer that only grows, so a
+  // call (every layer of every step) neither allocates nor zero-fills it.
+  thread_local std::vector<float> parts_buf;
+  if (parts_buf.size() < static_cast<size_t>(tasks * pieces * size)) parts_buf.resize(tasks * pieces * size);
+  float* const parts = parts_buf.data();
   specdec::parallel_for(pool, tasks * pieces, std::min<int64_t>(threads, 2), [&](int64_t i) {
     thread_local std::vector<float> buf;
     const int64_t k = i % pieces, t = i / pieces;
     const int64_t g = t % groups, h = (t / groups) % p.hkv, b = t / (groups * p.hkv);
     rows_fn(p, b, h, g * lanes, std::min<int64_t>(lanes, rows - g * lanes), k * kSplit, (k + 1) * kSplit,
-            parts.data() + i * size, buf);
+            parts + i * size, buf);
   });
   specdec::parallel_for(pool, tasks, std::min<int64_t>(threads, 2), [&](int64_t t) {
     const int64_t g = t % groups, h = (t / groups) % p.hkv, b = t / (groups * p.hkv);
-    merge_fn(p, b, h, g * lanes, std::min<int64_t>(lanes, rows - g * lanes), parts.data() + t * pieces * size,
+    merge_fn(p, b, h, g * lanes, std::min<int64_t>(lanes, rows - g * lanes), parts + t * pieces * size,
              pieces);
   });
   return ffi::Error::Success();
