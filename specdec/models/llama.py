@@ -153,7 +153,8 @@ def prefill(
 
     Returns (logits at block positions `last` (None without), the hidden `taps`, the cache with the
     prompt written and `lengths` unchanged)."""
-    want = (*taps, cfg.num_layers)  # + the final normed hidden state, for the logits at `last`
+    # + the final normed hidden state when logits at `last` are wanted (kept for all T positions)
+    want = (*taps, cfg.num_layers) if last is not None else tuple(taps)
 
     def run(x, pos, c, mask):
         first = jnp.zeros((x.shape[0], 1), jnp.int32)  # one LM-head row per block; unused, so elided
@@ -162,8 +163,9 @@ def prefill(
 
     kernel = layout_of(params["layers"]) == "packed"  # forward's choice of the CPU attention kernel
     out, cache = prefill_blocks(run, prompt, cache, kernel=kernel, chunk=chunk)
-    logits = None if last is None else lm_head(params, jnp.take_along_axis(out[-1], last[..., None], axis=1))
-    return logits, out[:-1], cache
+    if last is None:
+        return None, out, cache
+    return lm_head(params, jnp.take_along_axis(out[-1], last[..., None], axis=1)), out[:-1], cache
 
 
 def lm_head(params: Params, h: Float[Array, "... D"]) -> Float[Array, "... V"]:
