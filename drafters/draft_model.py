@@ -103,7 +103,7 @@ class DraftModel(accept_head.AcceptanceMembers):
     def init(
         self, params, ctx: Context, prompt: Int[Array, "B T"], prefill_taps, cache_size: int, *, window: int
     ):
-        b, t = prompt.shape
+        b = prompt.shape[0]
         _, _, cache = prefill(params, self.cfg, prompt, KVCache.init(self.cfg, b, cache_size))
         cache = cache.advance(ctx.lengths - 1)  # the prompt; the root is the first sampled token
         hidden = jnp.zeros((b, window, self.cfg.hidden_size), jnp.float32) if self.accept_heads else None

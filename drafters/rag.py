@@ -129,7 +129,7 @@ class RagDraft(DraftModel):
                 "draft_params = specdec.drafters.rag.draft_params(base_params, prompts)"
             )
         rag, lens = params["prompt"], params["lengths"]
-        b, t = rag.shape
+        b = rag.shape[0]
         _, _, cache = prefill(params["model"], self.cfg, rag, KVCache.init(self.cfg, b, cache_size))
         cache = cache.advance(lens)
         offset = ctx.lengths - 1 - lens  # the root (target index lengths - 1) sits at draft slot lens

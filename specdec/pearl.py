@@ -222,7 +222,7 @@ def prefill_target(pearl: Pearl, params, prompt: Int[Array, "B T"], prompt_lens:
     b, t = prompt.shape
     g, v = pearl.gamma, pearl.cfg.vocab_size
     logits, _, cache = llama.prefill(params, pearl.cfg, prompt, KVCache.init(pearl.cfg, b, cache_size),
-                               last=(prompt_lens - 1)[:, None])  # fmt: skip
+                                     last=(prompt_lens - 1)[:, None])  # fmt: skip
     k_first, k_verify, _ = _keys(key)
     state = TargetSide(
         cache=cache.advance(prompt_lens),
@@ -249,7 +249,7 @@ def prefill_draft(pearl: Pearl, dparams, prompt: Int[Array, "B T"], prompt_lens:
                   cache_size: int) -> DraftSide:  # fmt: skip
     """Draft prefill: the prompt's KV in the draft cache. The root (the target's first token) arrives
     with the prefill's `Message` (`receive`)."""
-    b, t = prompt.shape
+    b = prompt.shape[0]
     _, _, cache = llama.prefill(dparams, pearl.dcfg, prompt, KVCache.init(pearl.dcfg, b, cache_size))
     _, _, k_draft = _keys(key)
     return DraftSide(cache=cache.advance(prompt_lens), root=jnp.zeros((b,), jnp.int32), key=k_draft,

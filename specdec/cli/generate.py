@@ -92,7 +92,7 @@ def main(argv):
     model = load_model(FLAGS.target, dtype=FLAGS.dtype, mesh=mesh)
     params, cfg = device_params(model.params, model.cfg, mesh)
     tok = model.tokenizer
-    text = pathlib.Path(FLAGS.prompt_file).read_text() if FLAGS.prompt_file else FLAGS.prompt
+    text = _prompt_text()
     ids = raw_ids(tok, text) if FLAGS.raw else chat_ids(tok, text, system=FLAGS.system)
     sampling = SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampling=sampling, loop=FLAGS.loop, mesh=mesh)
@@ -140,6 +140,11 @@ def main(argv):
         print(f"\n[{len(new)} tokens in {seconds:.2f} s = {rate:.1f} tok/s (prefill "
               f"{out.prefill_seconds:.2f} s); tau {out.tau:.2f} over {out.steps} steps; "
               f"compile {compile_s:.1f} s; {model.source}]")  # fmt: skip
+
+
+def _prompt_text() -> str:
+    """--prompt, or the contents of --prompt_file."""
+    return pathlib.Path(FLAGS.prompt_file).read_text() if FLAGS.prompt_file else FLAGS.prompt
 
 
 def _check_pearl_flags() -> int | None:
@@ -213,7 +218,7 @@ def _pearl_main(gamma: int) -> None:
         )
     if roles is not None:  # placed once: every round then runs where its params live
         params, dparams = jax.device_put(params, roles[1]), jax.device_put(dparams, roles[0])
-    text = pathlib.Path(FLAGS.prompt_file).read_text() if FLAGS.prompt_file else FLAGS.prompt
+    text = _prompt_text()
     ids = raw_ids(tok, text) if FLAGS.raw else chat_ids(tok, text, system=FLAGS.system)
     profile = None
     if gamma == 0:
@@ -235,8 +240,7 @@ def _pearl_main(gamma: int) -> None:
     if FLAGS.json:
         print(json.dumps({
             "text": text, "tokens": new, "new_tokens": len(new), "prompt_tokens": len(ids),
-            "seconds": round(seconds, 4), "prefill_seconds": round(out.prefill_seconds, 4),
-            "tokens_per_s": round(len(new) / seconds, 2),
+            "seconds": round(seconds, 4), "tokens_per_s": round(len(new) / seconds, 2),
             "compile_seconds": round(compile_s, 2), "target": model.source, "drafter": FLAGS.drafter,
             "loop": "pearl", "gamma": gamma, "gamma_source": measured, "tau": round(out.tau, 3),
             "steps": out.steps, "accepted_hist": out.accepted_hist,
