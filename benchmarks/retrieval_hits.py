@@ -52,8 +52,10 @@ def sequences(run: pathlib.Path, tokenizer):
     return out
 
 
-def score(source, params, seqs, r: int) -> dict:
-    """Hit, useful and accepted statistics of `source.candidates` over every answer position."""
+def score(source, params, seqs) -> dict:
+    """Hit, useful and accepted statistics of a retrieval source's candidates (`retrieve`, its
+    `retrieval = (paths, length)`) over every answer position."""
+    r = source.retrieval[0]
     hit = useful = 0
     acc_best, acc_any, n = [], [], 0
     for prompt, answer in seqs:
@@ -66,7 +68,7 @@ def score(source, params, seqs, r: int) -> dict:
         rows = 128 * -(-len(lengths) // 128)
         lens = np.concatenate([lengths, np.full(rows - len(lengths), lengths[-1])])
         ctx = Context(jnp.asarray(np.broadcast_to(padded, (rows, width))), jnp.asarray(lens))
-        tok, ok, _ = (np.asarray(x) for x in source.candidates(ctx, r, params))
+        tok, ok = (np.asarray(x) for x in source.retrieve(params, ctx))
         for i, length in enumerate(lengths):
             want = full[length : length + tok.shape[2]]
             runs = []
@@ -84,16 +86,6 @@ def score(source, params, seqs, r: int) -> dict:
             "accepted_best": float(np.mean(acc_best)), "accepted_any": float(np.mean(acc_any))}  # fmt: skip
 
 
-class PromptLookup:
-    """`NGram.candidates` with the datastore's signature (no params)."""
-
-    def __init__(self, ngram):
-        self.ngram = ngram
-
-    def candidates(self, ctx, r, params=None):
-        return self.ngram.candidates(ctx, r)
-
-
 def main(_):
     from specdec.drafters import NGram
     from specdec.loading import load_model
@@ -104,14 +96,14 @@ def main(_):
     k = FLAGS.length
     out = {"run": str(run), "cpu": cpu_model(), "answers": len(seqs), "paths": FLAGS.paths, "length": k}
     for name, n_min in (("ngram", 1), ("ngram:min=2", 2)):
-        src = PromptLookup(NGram(model.cfg.vocab_size, max_depth=k, max_n=3, min_n=n_min))
-        out[name] = score(src, None, seqs, FLAGS.paths)
+        src = NGram(model.cfg.vocab_size, max_depth=k, max_n=3, min_n=n_min, paths=FLAGS.paths)
+        out[name] = score(src, None, seqs)
     if FLAGS.datastore:
         from specdec.drafters.rest import load_rest
 
         arg = f"{FLAGS.datastore},paths={FLAGS.paths},len={k}"
         rest, params = load_rest("rest", arg, model.cfg, max_depth=k)
-        out["rest"] = score(rest, params, seqs, FLAGS.paths)
+        out["rest"] = score(rest, params, seqs)
     for name, s in out.items():
         if isinstance(s, dict):
             print(f"{name}: " + ", ".join(f"{a} {b:.3f}" if isinstance(b, float) else f"{a} {b}"
