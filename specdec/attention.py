@@ -7,6 +7,9 @@ K and V — and falls back to `attend` where the kernel is not used. Both give f
 `attend_split` attends the committed prefix and the new block apart and merges them by
 log-sum-exp; its prefix half runs as XLA einsums or (`flash=True`) through Pallas's split-K
 decode-attention kernel (`prefix_flash`), the length-masked form accelerator kernels take.
+`attend_shared` is Hydragen's attention over a shared prefix level (`KVCache.shared`): the
+queries of all rows of a group as one batch against the group's one copy of the prefix, merged
+with the rows' own attention by log-sum-exp.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
 from specdec import kernels
-from specdec.cache import KVCache
+from specdec.cache import KVCache, SharedSegment
 
 if TYPE_CHECKING:  # the models import attention; attention only needs the config's type
     from specdec.models.config import ModelConfig
@@ -153,12 +156,13 @@ def attend_split(q: Float[Array, "B T Hq Dh"], k_new: Float[Array, "B T Hkv Dh"]
                 f"a cache of {cache.size} slots does not tile the flash attention kernel; size it with "
                 f"specdec.attention.flash_size ({flash_size(cache.size)})"
             )
-        prefix = prefix_flash(q, cache.k[layer], cache.v[layer], cache.lengths, cfg)
+        prefix = prefix_flash(q, cache.k[layer], cache.v[layer], cache.filled, cfg)
     else:
-        committed = jnp.arange(cache.size)[None, None, :] < cache.lengths[:, None, None]  # [B, 1, S]
+        committed = jnp.arange(cache.size)[None, None, :] < cache.filled[:, None, None]  # [B, 1, S]
         prefix = attend_lse(q, cache.k[layer], cache.v[layer], committed, cfg)
     block = attend_lse(q, k_new, v_new, block_mask, cfg)
-    return merge_lse([prefix, block]).astype(q.dtype)
+    parts = [attend_shared(q, seg, layer, cfg, kernel=False) for seg in cache.shared]
+    return merge_lse([*parts, prefix, block]).astype(q.dtype)
 
 
 def cache_mask(
@@ -176,11 +180,12 @@ def cache_mask(
         # Committed slot j holds position j; block slot lengths + i holds positions[:, i]. With
         # explicit slots (a drafter expanding tree nodes) window slots are taken as their index,
         # which overestimates a tree node's position by < W: the window may shrink by that much.
+        # (A shared prefix takes no sliding window: `specdec.compose` refuses the pair.)
         slot = jnp.arange(cache.size)[None, :]
         key_pos = slot
         if slots is None:
-            rel = jnp.clip(slot - cache.lengths[:, None], 0, positions.shape[1] - 1)
-            key_pos = jnp.where(slot < cache.lengths[:, None], slot, jnp.take_along_axis(positions, rel, 1))
+            rel = jnp.clip(slot - cache.filled[:, None], 0, positions.shape[1] - 1)
+            key_pos = jnp.where(slot < cache.filled[:, None], slot, jnp.take_along_axis(positions, rel, 1))
     if cfg.sliding_window is not None:
         mask = mask & (positions[:, :, None] - key_pos[:, None, :] < cfg.sliding_window)
     return mask
@@ -195,18 +200,64 @@ def visible_limit(mask: Bool[Array, "B T S"]) -> Int[Array, " B"]:
 def attend_cache(q: Float[Array, "B T Hq Dh"], cache: KVCache, layer: int | Int[Array, ""],
                  mask: Bool[Array, "B T S"], cfg: ModelConfig, *, kernel: bool,
                  limit: Int[Array, " B"] | None = None) -> Float[Array, "B T HqDh"]:  # fmt: skip
-    """Attention over layer `layer` of `cache` (after the block was written into it).
+    """Attention over layer `layer` of `cache` (after the block was written into it), its shared
+    prefix levels included.
 
     `kernel=True` uses the CPU kernel for float32 caches when it is built; `limit` (from
     `visible_limit(mask)`, computed once per forward) bounds the slots it reads.
     """
-    if not (kernel and cache.k.dtype == jnp.float32 and kernels.available()):
+    kernel = kernel and cache.k.dtype == jnp.float32 and kernels.available()
+    if cache.shared:
+        own = attend_kv_lse(q, cache.k, cache.v, layer, mask, cfg, kernel=kernel, limit=limit)
+        parts = [attend_shared(q, seg, layer, cfg, kernel=kernel) for seg in cache.shared]
+        return merge_lse([*parts, own]).astype(q.dtype)
+    if not kernel:
         return attend(q, cache.k[layer], cache.v[layer], mask, cfg)
+    return _kernel_call(q, cache.k, cache.v, layer, mask, limit, cfg, lse=False)
+
+
+def _kernel_call(q, k, v, layer, mask, limit, cfg: ModelConfig, *, lse: bool):
+    """The CPU kernel over `k, v [L, B, S, Hkv, Dh]`: out [B, T, Hq Dh] (and lse [B, T, Hq])."""
     b, t = q.shape[:2]
     limit = visible_limit(mask) if limit is None else limit
     out = jax.ShapeDtypeStruct((b, t, cfg.num_heads * cfg.head_dim), jnp.float32)
-    call = jax.ffi.ffi_call(kernels.CACHE_ATTENTION, out, vmap_method="sequential")
+    if lse:
+        out = (out, jax.ShapeDtypeStruct((b, t, cfg.num_heads), jnp.float32))
+    call = jax.ffi.ffi_call(kernels.CACHE_ATTENTION_LSE if lse else kernels.CACHE_ATTENTION, out,
+                            vmap_method="sequential")  # fmt: skip
     layer = jnp.asarray(layer, jnp.int32)
     scale = np.float32(cfg.head_dim**-0.5)
-    return call(q.astype(jnp.float32), cache.k, cache.v, layer, mask, limit.astype(jnp.int32), scale=scale,
+    return call(q.astype(jnp.float32), k, v, layer, mask, limit.astype(jnp.int32), scale=scale,
                 isa=np.int64(kernels.isa_cap()), threads=np.int64(0))  # fmt: skip
+
+
+def attend_kv_lse(q: Float[Array, "B T Hq Dh"], k: Float[Array, "L B S Hkv Dh"],
+                  v: Float[Array, "L B S Hkv Dh"], layer: int | Int[Array, ""], mask: Bool[Array, "B T|1 S"],
+                  cfg: ModelConfig, *, kernel: bool, limit: Int[Array, " B"] | None = None):  # fmt: skip
+    """`attend_lse` over layer `layer` of stacked K/V: through the CPU kernel (`kernel`: float32
+    K/V, kernel built; `mask` then [B, T, S], `limit` as `attend_cache`'s) or XLA's einsums.
+    Returns (out [B, T, Hkv, G, Dh] float32, lse [B, T, Hkv, G])."""
+    if not kernel:
+        return attend_lse(q, k[layer], v[layer], mask, cfg)
+    b, t = q.shape[:2]
+    mask = jnp.broadcast_to(mask, (b, t, k.shape[2]))
+    out, lse = _kernel_call(q, k, v, layer, mask, limit, cfg, lse=True)
+    shape = (b, t, cfg.num_kv_heads, cfg.q_per_kv)
+    return out.reshape(shape + (cfg.head_dim,)), lse.reshape(shape)
+
+
+def attend_shared(q: Float[Array, "B T Hq Dh"], seg: SharedSegment, layer: int | Int[Array, ""],
+                  cfg: ModelConfig, *, kernel: bool):  # fmt: skip
+    """Attention of every block token over its group's shared prefix (Hydragen's inter-sequence
+    batching): the B/G rows of a group are contiguous, so their queries reshape to one sequence
+    [G, (B/G) T, Hq, Dh] that attends the group's single copy of the prefix with no per-token
+    mask (every token sees all `seg.lengths[g]` slots): K and V are read once per group, not once
+    per row. `kernel`: through the CPU kernel (float32), else XLA's einsums.
+    Returns (out [B, T, Hkv, G', Dh] float32, lse [B, T, Hkv, G']) for `merge_lse`."""
+    b, t = q.shape[:2]
+    g = seg.groups
+    qg = q.reshape((g, (b // g) * t) + q.shape[2:])
+    seen = jnp.arange(seg.k.shape[2])[None, None, :] < seg.lengths[:, None, None]  # [G, 1, P]
+    out, lse = attend_kv_lse(qg, seg.k, seg.v, layer, seen, cfg, kernel=kernel and seg.k.dtype == jnp.float32,
+                             limit=seg.lengths)  # fmt: skip
+    return out.reshape((b, t) + out.shape[2:]), lse.reshape((b, t) + lse.shape[2:])

@@ -36,6 +36,7 @@ from specdec.cache import KVCache
 from specdec.context import Context
 from specdec.models.config import ModelConfig
 from specdec.models.llama import forward, prefill
+from specdec.prefix_sharing import SharedPrompt, prefill_shared
 from specdec.sampling import SamplingConfig, sample
 from specdec.sharding import constrain_state
 from specdec.trace import StepRecords, record
@@ -128,16 +129,21 @@ def emit(state: DecodeState, new: Int[Array, "B K"], count: Int[Array, " B"], eo
     return state.replace(tokens=tokens, length=length, done=done), count
 
 
-def _prefill(params, dparams, prompt, prompt_lens, key, eos_ids, max_new, *, spec: Spec, cache_size: int,
-             trace_steps: int = 0):  # fmt: skip
+def _prefill(params, dparams, prompt, prompt_lens, key, eos_ids, max_new, shared: SharedPrompt | None = None,
+             *, spec: Spec, cache_size: int, trace_steps: int = 0):  # fmt: skip
+    """Prefill the prompts (through their shared prefixes once per group with `shared`,
+    `specdec.prefix_sharing`), sample each row's first token, start the drafter."""
     b, t = prompt.shape
     cfg = spec.cfg
-    logits, taps, cache = prefill(params, cfg, prompt, KVCache.init(cfg, b, cache_size), taps=spec.taps,
-                                  last=(prompt_lens - 1)[:, None])  # fmt: skip
+    if shared is None:
+        logits, taps, cache = prefill(params, cfg, prompt, KVCache.init(cfg, b, cache_size), taps=spec.taps,
+                                      last=(prompt_lens - 1)[:, None])  # fmt: skip
+    else:
+        logits, taps, cache = prefill_shared(params, cfg, shared, t, taps=spec.taps)
     key, sub = jax.random.split(key)
     tokens = jnp.zeros((b, cache_size), jnp.int32).at[:, :t].set(prompt)
     state = DecodeState(
-        cache=cache.advance(prompt_lens),
+        cache=cache.replace(lengths=prompt_lens),
         draft=None,
         tokens=tokens,
         length=prompt_lens,
@@ -268,7 +274,7 @@ def _bucketed_forward(params, state: DecodeState, tree: Tree, tokens, running, s
 
 def _check(before: DecodeState, after: DecodeState, tree: Tree, max_new, spec: Spec) -> DecodeState:
     """Record the first broken invariant (`specdec.invariants`) of this step: (step, row, code)."""
-    tree_code = invariants.tree_violations(tree, spec.cfg.vocab_size, before.cache.lengths, before.cache.size)
+    tree_code = invariants.tree_violations(tree, spec.cfg.vocab_size, before.cache.filled, before.cache.size)
     tree_code = jnp.where(before.done, 0, tree_code)  # a finished row's tree is never used
     loop_code = invariants.loop_violations(
         before.done, before.cache.lengths, before.length, after.cache.lengths, after.length,

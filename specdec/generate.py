@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import logging
 import time
 from collections.abc import Sequence
 
@@ -23,6 +25,7 @@ from specdec.compose import CompositionError, make_spec
 from specdec.decode import Spec, _running, loop_jit, prefill_jit, step_jit
 from specdec.models.config import ModelConfig
 from specdec.models.llama import Params
+from specdec.prefix_sharing import expand_samples, plan_sharing, shared_prompt
 from specdec.sampling import SamplingConfig
 
 __all__ = [
@@ -50,6 +53,7 @@ class GenerateOutput:
     draft_calls: int = 0  # drafter calls (begin + expands) over all steps
     verify_width: int = 0  # verification block widths (tokens per row) summed over steps
     prefill_seconds: float = 0.0  # wall time of the prefill (target and drafter), before the loop
+    shared_tokens: int = 0  # prompt tokens not prefilled or stored again: shared prefixes (Hydragen)
 
     @property
     def tau(self) -> float:
@@ -145,8 +149,17 @@ def generate(
     speculator=None,
     gamma: int | None = None,
     roles: tuple | None = None,
+    num_samples: int = 1,
+    shared_prefix: str = "auto",
 ) -> GenerateOutput:
     """Generate for a batch of prompts of different lengths; speculative when a drafter is given.
+
+    `num_samples` continuations of each prompt: the rows are the prompts each repeated that many
+    times, consecutively (sample j of prompt i is output row i * num_samples + j). `shared_prefix`:
+    "auto" finds prompt prefixes shared by contiguous rows (`specdec.prefix_sharing`: one level
+    over all rows, one over equal-size groups) and prefills and stores each once per group,
+    attention reading it once for all the group's rows (Hydragen); "off" gives every row its own
+    copy. Outputs are the same either way up to float rounding.
 
     `params` are device params (`specdec.models.to_device`); `drafter`/`draft_params`/`builder`
     follow `specdec.drafters` and `specdec.trees`. `verifier` defaults to `specdec.verifiers.auto`
@@ -168,25 +181,32 @@ def generate(
     and the target rounds concurrently on two devices (`specdec.pearl_mesh`). Returns a
     `specdec.pearl.PearlOutput` (a GenerateOutput with per-round records).
     """
+    prompts = expand_samples(prompts, num_samples)
+    if shared_prefix not in ("auto", "off"):
+        raise ValueError(f"shared_prefix must be 'auto' or 'off', got {shared_prefix!r}")
     if loop == "pearl" or roles is not None or gamma is not None:
         _check_pearl(loop, gamma, roles, drafter, builder, verifier, speculator, mesh, check, trace)
         from specdec.pearl import pearl_generate
 
+        if shared_prefix == "auto" and plan_sharing(prompts) is not None:
+            _note_once("PEARL decodes without prefix sharing: every row prefills and reads its own prefix")
         return pearl_generate(params, cfg, prompts, drafter=drafter, draft_params=draft_params, gamma=gamma,
                               max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, seed=seed,
                               cache_size=cache_size, devices=roles)  # fmt: skip
     drafter, draft_params, builder, verifier = _unbundle(speculator, drafter, draft_params, builder, verifier)
     spec = make_spec(cfg, sampling, drafter, builder, verifier, mesh, check=check, trace=trace is not None)
     return _run(params, draft_params, spec, prompts, max_new_tokens, max_new_tokens, eos_ids, seed, loop,
-                cache_size, trace)  # fmt: skip
+                cache_size, trace, shared_prefix)  # fmt: skip
 
 
 def warmup(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
            sampling: SamplingConfig = SamplingConfig(), drafter=None, draft_params=None, builder=None,
            verifier=None, loop: str = "device", cache_size: int | None = None,
            mesh=None, speculator=None, check: bool = False, gamma: int | None = None,
-           roles: tuple | None = None) -> None:  # fmt: skip
+           roles: tuple | None = None, num_samples: int = 1,
+           shared_prefix: str = "auto") -> None:  # fmt: skip
     """Compile everything `generate` with these arguments would, running a single step."""
+    prompts = expand_samples(prompts, num_samples)
     if loop == "pearl" or roles is not None or gamma is not None:
         _check_pearl(loop, gamma, roles, drafter, builder, verifier, speculator, mesh, check, None)
         from specdec.pearl import pearl_generate
@@ -197,7 +217,36 @@ def warmup(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *
         return
     drafter, draft_params, builder, verifier = _unbundle(speculator, drafter, draft_params, builder, verifier)
     spec = make_spec(cfg, sampling, drafter, builder, verifier, mesh, check=check)
-    _run(params, draft_params, spec, prompts, max_new_tokens, 1, None, 0, loop, cache_size)
+    _run(params, draft_params, spec, prompts, max_new_tokens, 1, None, 0, loop, cache_size,
+         shared_prefix=shared_prefix)  # fmt: skip
+
+
+log = logging.getLogger("specdec")
+
+
+@functools.cache
+def _note_once(message: str) -> None:
+    log.warning("specdec: %s", message)
+
+
+def _sharing(prompts, spec: Spec, mode: str, max_new_tokens: int):
+    """The shared-prefix prefill input for `prompts` (`specdec.prefix_sharing`), or None: `mode`
+    "off", nothing worth sharing, or a run that cannot share (named once in the log)."""
+    if mode == "off":
+        return None
+    if mode != "auto":
+        raise ValueError(f"shared_prefix must be 'auto' or 'off', got {mode!r}")
+    plan = plan_sharing(prompts)
+    if plan is None:
+        return None
+    if spec.mesh is not None or spec.cfg.sliding_window is not None:
+        why = "on a mesh" if spec.mesh is not None else "with a sliding attention window"
+        _note_once(f"prompts share prefixes, but decoding {why} gives every row its own copy of them")
+        return None
+    shared = shared_prompt(prompts, plan, bucket(max_new_tokens) + spec.cache_window, prompt_block)
+    if spec.cfg.attention == "flash":  # the own segments' size must tile the kernel
+        shared = shared.replace(unique_size=flash_size(shared.unique_size))
+    return shared, plan
 
 
 def _check_pearl(loop, gamma, roles, drafter, builder, verifier, speculator, mesh, check, trace) -> None:
@@ -231,13 +280,14 @@ def _unbundle(speculator, drafter, draft_params, builder, verifier):
 
 
 def _run(params, dparams, spec: Spec, prompts, max_new_tokens, limit, eos_ids, seed, loop, cache_size,
-         trace=None):  # fmt: skip
+         trace=None, shared_prefix="auto"):  # fmt: skip
     if loop not in ("device", "python"):
         raise ValueError(f"loop must be 'device', 'python' or 'pearl', got {loop!r}")
     n_rows = len(prompts)
     pad = -n_rows % sharding.data_size(spec.mesh)  # rows split evenly over the data axis
     prompts = list(prompts) + [prompts[-1]] * pad if pad else prompts
     tokens, lens, cache_size = pad_prompts(prompts, spec.cfg, max_new_tokens, cache_size, spec.cache_window)
+    shared, plan = _sharing(prompts, spec, shared_prefix, max_new_tokens) or (None, None)
     eos = jnp.asarray(list(spec.cfg.eos_token_ids if eos_ids is None else eos_ids) or [-1], jnp.int32)
     max_new = jnp.int32(max_new_tokens)
     stop = jnp.int32(limit)  # loop steps; traced, so a 1-step warm-up compiles the same programs
@@ -250,8 +300,8 @@ def _run(params, dparams, spec: Spec, prompts, max_new_tokens, limit, eos_ids, s
     with jax.set_mesh(spec.mesh) if spec.mesh is not None else contextlib.nullcontext():
         trace_steps = max_new_tokens if spec.trace else 0  # a decode takes at most max_new steps
         t0 = time.perf_counter()
-        state = prefill_jit(params, dparams, tokens_d, lens_d, jax.random.key(seed), eos, max_new, spec=spec,
-                            cache_size=cache_size, trace_steps=trace_steps)  # fmt: skip
+        state = prefill_jit(params, dparams, tokens_d, lens_d, jax.random.key(seed), eos, max_new, shared,
+                            spec=spec, cache_size=cache_size, trace_steps=trace_steps)  # fmt: skip
         jax.block_until_ready(state)  # the prefill's own wall time, apart from the loop's
         prefill_seconds = time.perf_counter() - t0
         if pad:  # padding rows are finished before the first step: no forwards or tokens counted
@@ -283,4 +333,5 @@ def _run(params, dparams, spec: Spec, prompts, max_new_tokens, limit, eos_ids, s
         draft_calls=int(sharding.fetch(state.draft_calls)),
         verify_width=int(sharding.fetch(state.verify_width)),
         prefill_seconds=prefill_seconds,
+        shared_tokens=plan.saved_tokens if plan is not None else 0,
     )

@@ -46,23 +46,25 @@ def prefill_blocks(run: BlockFn, inputs: Any, cache: KVCache, *, kernel: bool, s
                    chunk: int | None | str = "auto") -> tuple[Any, KVCache]:  # fmt: skip
     """Run `inputs` ([B, T, ...] leaves) through `run` at cache slots `lengths + [0, T)`, causally.
 
-    Token i of the block gets RoPE position `start + i`; the cache comes back with the whole block
+    Token i of the block gets RoPE position `lengths + start + i` (a fresh cache: `start + i`; a
+    cache over a shared prefix: right after it); the cache comes back with the whole block
     written and `lengths` unchanged (the caller advances it, as after one `forward`). `chunk`:
     "auto" (`chunk_for` with `kernel`), None (one block) or a size dividing T. The outputs equal
     one block's up to float rounding (attention sums in another order)."""
     b, t = jax.tree.leaves(inputs)[0].shape[:2]
     chunk = chunk_for(t, kernel) if chunk == "auto" else chunk
+    base = cache.lengths
     if chunk is None or chunk >= t:
-        return run(inputs, jnp.broadcast_to(start + jnp.arange(t), (b, t)), cache, causal_mask(b, t))
+        return run(inputs, base[:, None] + start + jnp.arange(t)[None, :], cache, causal_mask(b, t))
     if t % chunk:
         raise ValueError(f"prefill_blocks: a chunk of {chunk} does not divide the {t}-token block")
-    n, base = t // chunk, cache.lengths
+    n = t // chunk
     split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)  # [n, B, C, ...]
 
     def body(cache, xs):
         i, x = xs
         first = i * chunk
-        pos = jnp.broadcast_to(start + first + jnp.arange(chunk), (b, chunk))
+        pos = base[:, None] + start + first + jnp.arange(chunk)[None, :]
         out, cache = run(x, pos, cache.replace(lengths=base + first), causal_mask(b, chunk))
         return cache, out
 

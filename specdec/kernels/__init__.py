@@ -16,6 +16,7 @@ import jax
 
 PACKED_MATMUL = "specdec_packed_matmul"
 CACHE_ATTENTION = "specdec_cache_attention"
+CACHE_ATTENTION_LSE = "specdec_cache_attention_lse"
 ISA_NAMES = ("scalar", "avx2", "avx512")
 log = logging.getLogger("specdec")
 
@@ -37,6 +38,7 @@ def isa() -> int | None:
         return None
     jax.ffi.register_ffi_target(PACKED_MATMUL, _cpu_kernels.packed_matmul(), platform="cpu")
     jax.ffi.register_ffi_target(CACHE_ATTENTION, _cpu_kernels.cache_attention(), platform="cpu")
+    jax.ffi.register_ffi_target(CACHE_ATTENTION_LSE, _cpu_kernels.cache_attention_lse(), platform="cpu")
     return _cpu_kernels.best_isa()
 
 

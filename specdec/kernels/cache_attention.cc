@@ -19,6 +19,10 @@
 // instead of one. The cuts depend on slot indices alone, so a row's result still does not depend
 // on its block: a piece it sees nothing of weighs exactly 0, and with one visible piece the merge
 // reproduces the one-piece result bit for bit (its weight exp(0) is exactly 1).
+//
+// `specdec_cache_attention_lse` also returns each row's log-sum-exp of scaled scores (-1e30 for a
+// row that sees no slot), so a caller can merge this attention with attention over other keys
+// (a shared prefix, `specdec.attention.attend_shared`).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -44,6 +48,7 @@ struct Vec {
 };
 
 constexpr int64_t kSplit = 512;  // slots per piece of a long context (see the top)
+constexpr float kNoneLse = -1e30f;  // the log-sum-exp of a row that sees no slot (XLA side: NEG_INF)
 
 struct Problem {
   const float* q;        // [B, T, Hq, D]
@@ -52,6 +57,7 @@ struct Problem {
   const bool* mask;      // [B, T, S]
   const int32_t* limit;  // [B]
   float* out;            // [B, T, Hq * D]
+  float* lse;            // [B, T, Hq] or null
   int64_t b, t, hq, hkv, d, s, layer;
   float scale;
 };
@@ -121,8 +127,9 @@ __attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t
   }
   if (!seen) {
     for (int lane = 0; lane < nr; ++lane) {
-      const int64_t r = r0 + lane;
-      std::memset(p.out + ((b * p.t + r / g_per) * p.hq + h * g_per + r % g_per) * d, 0, d * sizeof(float));
+      const int64_t r = r0 + lane, o = (b * p.t + r / g_per) * p.hq + h * g_per + r % g_per;
+      std::memset(p.out + o * d, 0, d * sizeof(float));
+      if (p.lse != nullptr) p.lse[o] = kNoneLse;
     }
     return;
   }
@@ -178,8 +185,9 @@ __attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t
   }
   float* outs[kLanes];
   for (int lane = 0; lane < nr; ++lane) {
-    const int64_t r = r0 + lane;
-    outs[lane] = p.out + ((b * p.t + r / g_per) * p.hq + h * g_per + r % g_per) * d;
+    const int64_t r = r0 + lane, o = (b * p.t + r / g_per) * p.hq + h * g_per + r % g_per;
+    outs[lane] = p.out + o * d;
+    if (part == nullptr && p.lse != nullptr) p.lse[o] = sum[lane] > 0.f ? mx[lane] + std::log(sum[lane]) : kNoneLse;
   }
   constexpr int kCols = 8;
   for (int64_t c = 0; c < d; c += kCols) {
@@ -230,6 +238,12 @@ __attribute__((always_inline)) inline void merge_rows(const Problem& p, int64_t 
     sum += w[k] * pv[k * size + 1];
   }
   const vf inv = sum > 0.f ? 1.f / sum : vf{};
+  if (p.lse != nullptr)
+    for (int lane = 0; lane < nr; ++lane) {
+      const int64_t r = r0 + lane;
+      p.lse[(b * p.t + r / g_per) * p.hq + h * g_per + r % g_per] =
+          sum[lane] > 0.f ? mx0[lane] + std::log(sum[lane]) : kNoneLse;
+    }
   for (int64_t c = 0; c < d; ++c) {
     vf acc{};
     for (int64_t k = 0; k < pieces; ++k) acc += w[k] * pv[k * size + 2 + c];
@@ -268,17 +282,16 @@ void merge_rows_default(const Problem& p, int64_t b, int64_t h, int64_t r0, int6
   merge_rows<8>(p, b, h, r0, nr, parts, pieces);
 }
 
-ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer,
-                              ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> limit,
-                              ffi::ResultBuffer<ffi::F32> out, float scale, int64_t isa_attr,
-                              int64_t threads_attr) {
+ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                  ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::PRED> mask,
+                  ffi::Buffer<ffi::S32> limit, float* out, float* lse, float scale, int64_t isa_attr,
+                  int64_t threads_attr) {
   const auto qd = q.dimensions(), kd = k.dimensions(), md = mask.dimensions();
   if (qd.size() != 4 || kd.size() != 5 || md.size() != 3 ||
       !std::equal(kd.begin(), kd.end(), v.dimensions().begin(), v.dimensions().end()))
     return ffi::Error::InvalidArgument("cache_attention: want q [B,T,Hq,D], k/v [L,B,S,Hkv,D], mask [B,T,S]");
   Problem p{q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), limit.typed_data(),
-            out->typed_data(), qd[0], qd[1], qd[2], kd[3], qd[3], kd[2], layer.typed_data()[0], scale};
+            out, lse, qd[0], qd[1], qd[2], kd[3], qd[3], kd[2], layer.typed_data()[0], scale};
   if (kd[1] != p.b || kd[4] != p.d || p.hq % p.hkv || md[0] != p.b || md[1] != p.t || md[2] != p.s)
     return ffi::Error::InvalidArgument("cache_attention: shapes of q, k/v and mask disagree");
   if (p.layer < 0 || p.layer >= kd[0]) return ffi::Error::InvalidArgument("cache_attention: layer out of range");
@@ -330,18 +343,43 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   return ffi::Error::Success();
 }
 
+ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer,
+                              ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> limit,
+                              ffi::ResultBuffer<ffi::F32> out, float scale, int64_t isa_attr,
+                              int64_t threads_attr) {
+  return Attend(pool, q, k, v, layer, mask, limit, out->typed_data(), nullptr, scale, isa_attr, threads_attr);
+}
+
+ffi::Error CacheAttentionLseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                 ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer,
+                                 ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> limit,
+                                 ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale,
+                                 int64_t isa_attr, int64_t threads_attr) {
+  return Attend(pool, q, k, v, layer, mask, limit, out->typed_data(), lse->typed_data(), scale, isa_attr,
+                threads_attr);
+}
+
 }  // namespace
 
+#define SPECDEC_ATTENTION_ARGS                  \
+  ffi::Ffi::Bind()                              \
+      .Ctx<ffi::ThreadPool>()                   \
+      .Arg<ffi::Buffer<ffi::F32>>() /* q */     \
+      .Arg<ffi::Buffer<ffi::F32>>() /* k */     \
+      .Arg<ffi::Buffer<ffi::F32>>() /* v */     \
+      .Arg<ffi::Buffer<ffi::S32>>() /* layer */ \
+      .Arg<ffi::Buffer<ffi::PRED>>() /* mask */ \
+      .Arg<ffi::Buffer<ffi::S32>>() /* limit */
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CacheAttention, CacheAttentionImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // k cache
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v cache
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // layer (scalar)
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // limit
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                              SPECDEC_ATTENTION_ARGS.Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CacheAttentionLse, CacheAttentionLseImpl,
+                              SPECDEC_ATTENTION_ARGS.Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()                    // lse
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("isa")
                                   .Attr<int64_t>("threads"));

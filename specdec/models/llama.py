@@ -149,7 +149,8 @@ def prefill(
     last: Int[Array, "B K"] | None = None,
     chunk: int | None | str = "auto",
 ) -> tuple[Float[Array, "B K V"] | None, tuple[Float[Array, "B T D"], ...], KVCache]:
-    """`forward` over a prompt at positions `[0, T)`, in chunks for long prompts (`specdec.prefill`).
+    """`forward` over a prompt at positions `lengths + [0, T)` (`[0, T)` in a fresh cache; after the
+    shared prefix in a cache over one), in chunks for long prompts (`specdec.prefill`).
 
     Returns (logits at block positions `last` (None without), the hidden `taps`, the cache with the
     prompt written and `lengths` unchanged)."""
