@@ -51,6 +51,20 @@ def test_generate_json_ar_and_speculative(tiny_folder):
     assert {"tau", "steps", "accepted_hist", "tokens_per_s", "seconds"} <= set(spec_out)
 
 
+def test_generate_num_samples_share_the_prompt(tiny_folder):
+    prompt = " ".join(f"t{5 + i % 40}" for i in range(80))  # all but its last token shared
+    run = _cli("--target", str(tiny_folder), "--raw", "--prompt", prompt, "--max_new_tokens", "6", "--json",
+               "--num_samples", "3", "--temperature", "1.0", "--seed", "1")  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    samples = out["samples"]
+    assert len(samples) == 3
+    assert all(set(s) == {"text", "tokens"} and 1 <= len(s["tokens"]) <= 6 for s in samples)
+    assert out["new_tokens"] == sum(len(s["tokens"]) for s in samples)
+    assert out["shared_tokens"] == 2 * (out["prompt_tokens"] - 1)
+    assert len({tuple(s["tokens"]) for s in samples}) > 1  # sampled apart, from one shared prefill
+
+
 def _console(monkeypatch, capsys, run, *argv):
     """Run a console entry point in-process; return (exit code, stderr)."""
     monkeypatch.setattr(sys, "argv", list(argv))

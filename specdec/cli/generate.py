@@ -68,6 +68,12 @@ flags.DEFINE_string(
     "--loop pearl: draft tokens per round, N >= 1, or 0 / auto (the default) = round(target step time / "
     "draft step time), measured before decoding.",
 )
+flags.DEFINE_integer("num_samples", 1, "Continuations of the prompt to generate (one batch).", lower_bound=1)
+flags.DEFINE_enum(
+    "shared_prefix", "auto", ["auto", "off"],
+    "auto: rows sharing a prompt prefix (the samples of --num_samples) prefill and store it once and "
+    "attention reads it once for all of them; off: every row keeps its own copy.",
+)  # fmt: skip
 flags.DEFINE_bool("json", False, "Print one JSON object instead of the text.")
 
 
@@ -95,7 +101,8 @@ def main(argv):
     text = _prompt_text()
     ids = raw_ids(tok, text) if FLAGS.raw else chat_ids(tok, text, system=FLAGS.system)
     sampling = SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-    kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampling=sampling, loop=FLAGS.loop, mesh=mesh)
+    kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampling=sampling, loop=FLAGS.loop, mesh=mesh,
+              num_samples=FLAGS.num_samples, shared_prefix=FLAGS.shared_prefix)  # fmt: skip
     if FLAGS.drafter:
         from specdec.drafters import parse_drafter
         from specdec.drafters.rag import RagDraft
@@ -122,24 +129,30 @@ def main(argv):
     t0 = time.perf_counter()
     out = generate(params, cfg, [ids], seed=FLAGS.seed, check=FLAGS.check, trace=FLAGS.trace, **kw)
     seconds = time.perf_counter() - t0
-    new = out.tokens[0]
-    text = tok.decode(new, skip_special_tokens=True)
+    texts = [tok.decode(new, skip_special_tokens=True) for new in out.tokens]
+    total = sum(len(new) for new in out.tokens)
     if FLAGS.json:
-        print(json.dumps({
-            "text": text, "tokens": new, "new_tokens": len(new), "prompt_tokens": len(ids),
+        record = {
+            "text": texts[0], "tokens": out.tokens[0], "new_tokens": total, "prompt_tokens": len(ids),
             "seconds": round(seconds, 4), "prefill_seconds": round(out.prefill_seconds, 4),
-            "tokens_per_s": round(len(new) / seconds, 2),
+            "tokens_per_s": round(total / seconds, 2),
             "compile_seconds": round(compile_s, 2), "target": model.source,
             "drafter": FLAGS.drafter, "tree": FLAGS.tree if FLAGS.drafter else None,
             "tau": round(out.tau, 3), "steps": out.steps, "accepted_hist": out.accepted_hist,
             "device": str(jax.devices()[0].platform), "mesh": FLAGS.mesh,
-        }))  # fmt: skip
+        }  # fmt: skip
+        if FLAGS.num_samples > 1:
+            record["samples"] = [{"text": t, "tokens": new} for t, new in zip(texts, out.tokens, strict=True)]
+            record["shared_tokens"] = out.shared_tokens
+        print(json.dumps(record))
     else:
-        print(text)
-        rate = len(new) / seconds
-        print(f"\n[{len(new)} tokens in {seconds:.2f} s = {rate:.1f} tok/s (prefill "
+        for i, text in enumerate(texts):
+            print(text if len(texts) == 1 else f"--- sample {i + 1} ---\n{text}")
+        rate = total / seconds
+        shared = f"; {out.shared_tokens} prompt tokens shared" if out.shared_tokens else ""
+        print(f"\n[{total} tokens in {seconds:.2f} s = {rate:.1f} tok/s (prefill "
               f"{out.prefill_seconds:.2f} s); tau {out.tau:.2f} over {out.steps} steps; "
-              f"compile {compile_s:.1f} s; {model.source}]")  # fmt: skip
+              f"compile {compile_s:.1f} s{shared}; {model.source}]")  # fmt: skip
 
 
 def _prompt_text() -> str:
@@ -169,6 +182,8 @@ def _check_pearl_flags() -> int | None:
     for name in ("check", "trace"):
         if FLAGS[name].present:
             raise ValueError(f"--{name} follows the standard loop's trees; drop it with --loop pearl")
+    if FLAGS.num_samples > 1:
+        raise ValueError("--loop pearl decodes one continuation of the prompt; drop --num_samples")
     if FLAGS.mesh and not roles:
         raise ValueError(
             f"--mesh {FLAGS.mesh}: --loop pearl runs each model whole on one device; use --mesh "
