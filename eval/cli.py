@@ -45,6 +45,14 @@ _int("per_category", 2, "First N questions of each category (file order).", lowe
 _bool("all", False, "Every question of --bench (ignores --per_category).")
 _int("runs", 1, "Timed repeats (mean ± std over runs; Spec-Bench: 3).", lower_bound=1)
 _int("batch_size", 1, "Questions decoded together (Spec-Bench: 1).", lower_bound=1)
+_int("num_samples", 1, "Continuations per question turn, decoded together (the first one answers).",
+     lower_bound=1)  # fmt: skip
+flags.DEFINE_enum(
+    "shared_prefix", "auto", ["auto", "off"],
+    "auto: a prompt prefix shared by a batch's rows (a long --system message, the samples of "
+    "--num_samples) is prefilled and stored once and read once per step; off: every row keeps its own copy.",
+    flag_values=FLAGS,
+)  # fmt: skip
 _string("mesh", None, "Device mesh, e.g. data=2,model=4 (default: one device; docs/sharding.md).")
 _int("warmup_runs", 1, "Untimed full generations per configuration first.", lower_bound=0)
 _string("out", "runs/mtbench", "Output folder (answers, metrics.json, report.md, plots).")
@@ -102,6 +110,7 @@ def config_from_flags():
         per_category=None if FLAGS.all else FLAGS.per_category, runs=FLAGS.runs,
         batch_size=FLAGS.batch_size, seed=FLAGS.seed, raw=FLAGS.raw, system=FLAGS.system,
         warmup_runs=FLAGS.warmup_runs, dtype=FLAGS.dtype, mesh=FLAGS.mesh, check=FLAGS.check,
+        num_samples=FLAGS.num_samples, shared_prefix=FLAGS.shared_prefix,
     )  # fmt: skip
 
 

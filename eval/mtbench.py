@@ -23,13 +23,12 @@ Protocol (Spec-Bench `evaluation/eval.py`, adapted to a jitted JAX loop):
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import pathlib
 import time
 from collections.abc import Sequence
 
+from specdec.eval.journal import Journal
 from specdec.eval.methods import Method, target_id
 from specdec.eval.metrics import TurnRecord, throughput
 from specdec.eval.questions import Question, load_questions, select
@@ -60,6 +59,8 @@ class EvalConfig:
     dtype: str = "float32"
     mesh: str | None = None  # device mesh, e.g. "data=2,model=4" (specdec.sharding); None = one device
     check: bool = False  # tree and loop invariants every step (specdec.invariants): slower, for debugging
+    num_samples: int = 1  # continuations per question turn (the conversation goes on with the first)
+    shared_prefix: str = "auto"  # prompt prefixes shared by a batch's rows: prefilled and read once
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -139,49 +140,6 @@ class _Prompter:
         return chat_ids(self.tok, messages, system=self.system)
 
 
-class Journal:
-    """Append-only record of finished question batches (JSON lines), keyed by (run, question ids).
-
-    Line 1 holds the configuration; a journal of another configuration is refused. A line cut off
-    by a kill is dropped (that batch is rerun).
-    """
-
-    def __init__(self, path: os.PathLike, config: EvalConfig, question_ids: list, *, restart: bool = False):
-        self.path = pathlib.Path(path)
-        head = json.loads(json.dumps({"config": config.as_dict(), "question_ids": question_ids}))
-        self.done: dict[tuple, dict] = {}
-        if restart and self.path.exists():
-            self.path.unlink()
-        if self.path.exists():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            old = json.loads(lines[0]) if lines else None
-            if old is not None and old != head:
-                diff = sorted(k for k in head["config"] if old["config"].get(k) != head["config"][k])
-                raise ValueError(
-                    f"{self.path} belongs to an evaluation with another configuration (differs in: "
-                    f"{', '.join(diff) or 'question selection'}); use another --out, or --restart to "
-                    "discard it"
-                )
-            good = lines[:1]
-            for line in lines[1:]:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # cut off by a kill
-                    break
-                self.done[(rec["run"], tuple(rec["question_ids"]))] = rec
-                good.append(line)
-            self.path.write_text("".join(x + "\n" for x in good), encoding="utf-8")
-        if not self.path.exists() or not self.path.read_text(encoding="utf-8").strip():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(head) + "\n", encoding="utf-8")
-
-    def append(self, rec: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-
 def run_eval(
     config: EvalConfig, *, model=None, progress: bool = True, journal: os.PathLike | None = None,
     restart: bool = False,
@@ -198,11 +156,12 @@ def run_eval(
     from specdec.drafters.rag import RagDraft
     from specdec.generate import PromptTooLongError, generate, prompt_block, warmup
     from specdec.loading import load_model
+    from specdec.prefix_sharing import expand_samples, sharing_shape
     from specdec.sampling import SamplingConfig
     from specdec.sharding import device_params, parse_mesh, replicate
 
-    if config.runs < 1 or config.batch_size < 1 or config.warmup_runs < 0:
-        raise ValueError("runs and batch_size must be >= 1, warmup_runs >= 0")
+    if config.runs < 1 or config.batch_size < 1 or config.warmup_runs < 0 or config.num_samples < 1:
+        raise ValueError("runs, batch_size and num_samples must be >= 1, warmup_runs >= 0")
     questions = select(
         load_questions(config.bench), categories=config.categories, per_category=config.per_category,
         limit=config.limit, source=config.bench,
@@ -238,7 +197,8 @@ def run_eval(
         warmup_seconds=dict.fromkeys(labels, 0.0), timed_compiles=dict.fromkeys(labels, 0), load=load,
         target_source=str(model.source), tstamp=tstamp,
     )  # fmt: skip
-    gen_kw = dict(max_new_tokens=config.max_new_tokens, sampling=sampling, mesh=mesh, check=config.check)
+    gen_kw = dict(max_new_tokens=config.max_new_tokens, sampling=sampling, mesh=mesh, check=config.check,
+                  num_samples=config.num_samples, shared_prefix=config.shared_prefix)  # fmt: skip
     compiled: set[tuple] = set()
 
     def engine_for(lab: str, convs: list[list[dict]]) -> dict:
@@ -251,7 +211,9 @@ def run_eval(
     def ensure_compiled(lab: str, prompts: list[list[int]], kw: dict) -> None:
         rag = kw.get("draft_params")
         rag = rag["prompt"].shape[1] if isinstance(rag, dict) and "prompt" in rag else 0
-        key = (lab, len(prompts), prompt_block(max(len(p) for p in prompts)), rag)
+        rows = expand_samples(prompts, config.num_samples)
+        shared = sharing_shape(rows, config.shared_prefix, prompt_block)
+        key = (lab, len(prompts), prompt_block(max(len(p) for p in prompts)), rag, shared)
         if key in compiled:
             return
         maps = memory_maps()
@@ -334,15 +296,18 @@ def run_eval(
                         raise ValueError(f"question(s) {ids}, turn {turn + 1}: {e}") from None
                     call += 1
                     _add_hist(hist, out.accepted_hist)
+                    n = config.num_samples
                     for j, i in enumerate(rows):
-                        q, toks = batch[i], out.tokens[j]
+                        # the first sample answers (and carries the conversation); all count as output
+                        q, toks, samples = batch[i], out.tokens[j * n], out.tokens[j * n : (j + 1) * n]
                         text = model.tokenizer.decode(toks, skip_special_tokens=True).strip()
                         convs[i].append({"role": "assistant", "content": text})
                         answers.setdefault(q.question_id, []).append(text)
                         new_records.append(TurnRecord(
                             run=run, question_id=q.question_id, category=q.category, turn=turn,
-                            new_tokens=len(toks), wall_time=dt, steps=int(out.row_steps[j]),
-                            step_tokens=max(len(toks) - 1, 0), tokens=tuple(toks),
+                            new_tokens=sum(map(len, samples)), wall_time=dt,
+                            steps=sum(out.row_steps[j * n : (j + 1) * n]),
+                            step_tokens=sum(max(len(s) - 1, 0) for s in samples), tokens=tuple(toks),
                             batch_size=len(rows), call=call,
                             draft_calls=out.draft_calls if j == 0 else 0,
                             verify_width=out.verify_width if j == 0 else 0,

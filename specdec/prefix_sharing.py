@@ -183,6 +183,17 @@ def _assemble(levels, suffix, segments, base, t: int) -> Float[Array, "B T D"]:
     return jnp.where((rel >= 0)[..., None], vals, out)
 
 
+def sharing_shape(prompts: Sequence[Sequence[int]], mode: str, block) -> tuple:
+    """What of the compiled programs' shapes sharing decides for `prompts` (`mode` "auto" / "off";
+    `block` the driver's bucketing): per level (groups, padded length), then the padded suffix."""
+    plan = plan_sharing(prompts) if mode == "auto" else None
+    if plan is None:
+        return ()
+    levels = zip(plan.group_rows, plan.lengths, strict=True)
+    levels = tuple((len(prompts) // g, block(max(lens))) for g, lens in levels)
+    return levels + (block(max(len(p) - plan.base(r) for r, p in enumerate(prompts))),)
+
+
 def expand_samples(prompts: Sequence[Sequence[int]], n: int) -> list[list[int]]:
     """Each prompt repeated `n` times, consecutively (sample j of prompt i is row i n + j)."""
     if n < 1:
@@ -192,4 +203,5 @@ def expand_samples(prompts: Sequence[Sequence[int]], n: int) -> list[list[int]]:
 
 __all__ = [
     "MIN_SHARED", "Plan", "SharedPrompt", "expand_samples", "plan_sharing", "prefill_shared", "shared_prompt",
+    "sharing_shape",
 ]  # fmt: skip

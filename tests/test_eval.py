@@ -297,6 +297,7 @@ def test_runner_input_errors(tiny):
 def test_interrupted_eval_resumes_and_a_changed_configuration_is_refused(tiny, tmp_path, monkeypatch):
     """Kill after the first question, rerun: finished questions are skipped (and said so), the totals
     cover the same questions as an uninterrupted run; another configuration is refused."""
+    from specdec.eval import journal as journal_module
     from specdec.eval import mtbench
     from specdec.eval.mtbench import EvalConfig, run_eval
 
@@ -310,16 +311,16 @@ def test_interrupted_eval_resumes_and_a_changed_configuration_is_refused(tiny, t
     class Killed(Exception):
         pass
 
-    append = mtbench.Journal.append
+    append = journal_module.Journal.append
 
     def append_then_die(self, rec):
         append(self, rec)
         raise Killed
 
-    monkeypatch.setattr(mtbench.Journal, "append", append_then_die)
+    monkeypatch.setattr(journal_module.Journal, "append", append_then_die)
     with pytest.raises(Killed):
         run_eval(cfg, model=model, progress=False, journal=journal)
-    monkeypatch.setattr(mtbench.Journal, "append", append)
+    monkeypatch.setattr(journal_module.Journal, "append", append)
     with journal.open("a") as f:
         f.write('{"run": 0, "question_ids": [8], "lab')  # a line cut off by the kill
     monkeypatch.setattr(mtbench, "_restore", lambda *a: calls.append(a[2]) or real(*a))
@@ -339,3 +340,29 @@ def test_interrupted_eval_resumes_and_a_changed_configuration_is_refused(tiny, t
         run_eval(other, model=model, progress=False, journal=journal)
     fresh = run_eval(other, model=model, progress=False, journal=journal, restart=True)
     assert fresh.resumed_batches == 0
+
+
+def test_num_samples_share_each_prompt_and_all_count(tiny, tmp_path):
+    from specdec.eval.mtbench import EvalConfig, run_eval
+    from specdec.eval.report import build_metrics
+
+    path, model, _ = tiny
+    from specdec.chat import raw_ids
+    from specdec.prefix_sharing import plan_sharing
+
+    long_turn = " ".join(f"t{5 + i % 50}" for i in range(55))
+    assert plan_sharing([raw_ids(model.tokenizer, long_turn)] * 3) is not None  # long enough to share
+    qfile = tmp_path / "long.jsonl"
+    qfile.write_text(json.dumps({"question_id": 1, "category": "math", "turns": [long_turn, "t8 t9"]}) + "\n")
+    runs = {}
+    for mode in ("auto", "off"):
+        cfg = EvalConfig(bench=str(qfile), target=str(path), methods=(Method("layerskip:1", "chain:3"),),
+                         max_new_tokens=5, per_category=None, raw=True, warmup_runs=0, num_samples=3,
+                         shared_prefix=mode)  # fmt: skip
+        runs[mode] = run_eval(cfg, model=model, progress=False)
+    on, off = runs["auto"], runs["off"]
+    assert on.answers == off.answers  # greedy: sharing changes no token
+    rec = on.records["baseline"]
+    assert [r.turn for r in rec] == [0, 1] and all(r.new_tokens == 3 * len(r.tokens) for r in rec)
+    m = build_metrics(on)
+    assert m["methods"]["layerskip:1|chain:3|auto"]["lossless_mismatches"] == 0
