@@ -67,7 +67,8 @@ def forward(
     logits_idx: Int[Array, "B K"] | None = None,
     slots: Int[Array, "B T"] | None = None,
     compact: Int[Array, " M"] | None = None,
-) -> tuple[Float[Array, "B K V"], tuple[Float[Array, "B T D"], ...], KVCache | None]:
+    final: bool = True,
+) -> tuple[Float[Array, "B K V"] | None, tuple[Float[Array, "B T D"], ...], KVCache | None]:
     """Run T new tokens per row; return (logits, hidden taps, cache with the block written).
 
     The block's keys/values land at cache slots `[lengths, lengths + T)`; `lengths` is unchanged
@@ -79,6 +80,8 @@ def forward(
     `compact` (M flat indices into the B*T block) computes only those tokens: a flattened ragged
     block (`specdec.trees.budget`); logits and taps elsewhere are zeros and those cache slots hold
     garbage (they must be invalid tree nodes, which nothing attends to). Logits are float32.
+    `final=False` stops after the last layer: no final norm, no logits (None), and tap L is the
+    last layer's output (a drafter with heads of its own on the layers: `specdec.drafters.s2d`).
     """
     block_shape = tokens.shape
     if compact is not None:
@@ -127,6 +130,12 @@ def forward(
             if i in taps:
                 tapped[i] = h
             h, cache = layer(lp, h, cache, i)
+    if not final:
+        tapped[n] = h
+        out = tuple(tapped[i] for i in taps)
+        if compact is not None:
+            out = tuple(scatter_block(x, compact, *block_shape) for x in out)
+        return None, out, cache
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     tapped[n] = h
     if logits_idx is not None:
@@ -157,9 +166,11 @@ def prefill(
     # + the final normed hidden state when logits at `last` are wanted (kept for all T positions)
     want = (*taps, cfg.num_layers) if last is not None else tuple(taps)
 
+    final = cfg.num_layers in want  # else the final norm is not needed (a drafter's cache-only prefill)
+
     def run(x, pos, c, mask):
         first = jnp.zeros((x.shape[0], 1), jnp.int32)  # one LM-head row per block; unused, so elided
-        _, out, c = forward(params, cfg, x, pos, c, mask, taps=want, logits_idx=first)
+        _, out, c = forward(params, cfg, x, pos, c, mask, taps=want, logits_idx=first, final=final)
         return out, c
 
     kernel = layout_of(params["layers"]) == "packed"  # forward's choice of the CPU attention kernel

@@ -1,0 +1,188 @@
+"""S2D: one sorted, multi-exit draft model whose exit is chosen per step by confidence.
+
+S2D (sorted speculative decoding) drafts with nested sub-models of one draft model, the first
+layers of it sharing the output head, trained together by Sorted Fine-Tuning (SoFT: every exit
+learns the target's next token), and picks the sub-model by confidence thresholds, one threshold
+vector per target. Its paper has no public code; what follows is this implementation's reading of
+it (`../shared/reference`-style notes in docs/drafters.md "S2D").
+
+The draft is the target's first `exits[-1]` layers, taken by reference (as `layer_skip`'s), with
+an exit after each of `exits`. Exit i maps the residual stream h after `exits[i]` layers to
+
+    x_i = n + SiLU(n W_i),  n = RMSNorm(h; norm_i)       (W_i zero-initialised: a layer-skip exit)
+    logits_i = x_i @ head                                  (the target's LM head, shared)
+    confidence_i = sigmoid(x_i . c_i + b_i)                (P(exit i's argmax is the target's token))
+
+The confidence costs D multiply-adds, so choosing an exit computes no LM head but the chosen one's
+(on the embedded target the head is 28M of the 135M parameters). Exit per step (one per round, so
+every tree node has the KV of the layers it attends): the catch-up runs the committed tokens
+through all `exits[-1]` layers (every layer's KV stays complete) and scores the root at every
+exit; the step drafts at the shallowest exit whose confidence reaches its threshold for every
+running row (else the deepest), its tree nodes running only that exit's layers (`lax.switch`, one
+compiled branch per exit). `exit=K` pins the exit after K layers (per-exit measurements).
+
+Lossless: drafts are verified by the unchanged verifiers; exits only change what is drafted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from specdec.cache import KVCache, causal_mask
+from specdec.context import Context
+from specdec.matmul import dense
+from specdec.models.config import ModelConfig
+from specdec.models.decoder import rms_norm
+from specdec.models.llama import forward, prefill
+from specdec.tree import Tree, ancestor_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class S2DConfig:
+    """A sorted draft over a target: exits after `exits` of its layers (increasing), thresholds for
+    every exit but the last (the last always takes the step), the target's sizes."""
+
+    exits: tuple[int, ...] = (4, 8, 12)
+    thresholds: tuple[float, ...] = (0.7, 0.6)
+    hidden_size: int = 576
+    vocab_size: int = 49152
+
+    def __post_init__(self):
+        object.__setattr__(self, "exits", tuple(int(e) for e in self.exits))
+        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        if not self.exits or list(self.exits) != sorted(set(self.exits)) or self.exits[0] < 1:
+            raise ValueError(f"S2D exits must be increasing layer counts >= 1, got {self.exits}")
+        if len(self.thresholds) != len(self.exits) - 1:
+            raise ValueError(f"S2D needs one threshold per exit but the last: {len(self.exits) - 1} for "
+                             f"exits {self.exits}, got {self.thresholds}")  # fmt: skip
+
+
+def init_params(cfg: S2DConfig, final_norm: np.ndarray) -> dict:
+    """Exits that start as layer-skip exits (the target's final norm, zero adapters) with confidence 0.5."""
+    m, d = len(cfg.exits), cfg.hidden_size
+    return {"norm": np.tile(np.asarray(final_norm, np.float32), (m, 1)),
+            "adapter": np.zeros((m, d, d), np.float32), "conf_w": np.zeros((m, d), np.float32),
+            "conf_b": np.zeros((m,), np.float32)}  # fmt: skip
+
+
+def exit_states(params, i: int, h: Float[Array, "... D"], eps: float) -> Float[Array, "... D"]:
+    """x_i of exit i from the residual stream after `exits[i]` layers (`eps`: the target's norm epsilon)."""
+    n = rms_norm(h, params["norm"][i], eps)
+    return n + jax.nn.silu(jnp.einsum("...d,de->...e", n, params["adapter"][i]))
+
+
+def confidence(params, i: int, x: Float[Array, "... D"]) -> Float[Array, "..."]:
+    return jax.nn.sigmoid(jnp.einsum("...d,d->...", x, params["conf_w"][i]) + params["conf_b"][i])
+
+
+def choose_exit(conf: Float[Array, "B M"], thresholds: tuple[float, ...], running) -> Int[Array, ""]:
+    """The step's exit: per row the first exit whose confidence reaches its threshold (the last
+    exit if none does; `conf` holds every exit's, the last one's ignored), then the deepest any
+    running row needs (0 when none runs)."""
+    m = conf.shape[1]
+    ok = conf[:, : m - 1] >= jnp.asarray(thresholds, conf.dtype)[None, :]
+    ok = jnp.concatenate([ok, jnp.ones((conf.shape[0], 1), bool)], axis=1)
+    row = jnp.argmax(ok, axis=1)
+    return jnp.max(jnp.where(running, row, 0)).astype(jnp.int32)
+
+
+def _truncate(params, cfg: ModelConfig, k: int):
+    layers = params["layers"]
+    if cfg.scan_layers:
+        layers = jax.tree.map(lambda v: v[:k], layers)
+    else:
+        layers = list(layers[:k])
+    return {"embed": params["embed"], "layers": layers}, cfg.replace(num_layers=k)
+
+
+@flax.struct.dataclass
+class S2DState:
+    cache: KVCache  # lengths[b] = the root's slot; every layer up to exits[-1] holds the committed tokens
+    root_x: Float[Array, "B M D"]  # each exit's state at the root
+    conf: Float[Array, "B M"]  # each exit's confidence at the root
+    exit: Int[Array, ""]  # the exit this step drafts at (index into exits)
+
+
+@dataclasses.dataclass(frozen=True)
+class S2D:
+    """The sorted multi-exit drafter (contract: `specdec.drafter`) over `target`'s layers (its
+    config: the layers' shapes). `thresholds` (per target) and `exit` (pin one exit, a layer count)
+    override the config's choice."""
+
+    cfg: S2DConfig
+    target: ModelConfig
+    thresholds: tuple[float, ...] | None = None
+    exit: int | None = None
+    taps: tuple[int, ...] = ()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    def _x(self, params, i: int, h):
+        return exit_states(params, i, h, self.target.rms_norm_eps)
+
+    def _exit_index(self, conf, running) -> Int[Array, ""]:
+        if self.exit is not None:
+            return jnp.int32(self.cfg.exits.index(self.exit))
+        return choose_exit(conf, self.thresholds or self.cfg.thresholds, running)
+
+    def _catch_up(self, params, cache: KVCache, ctx: Context, block: int) -> S2DState:
+        """Run the committed tokens from slot `cache.lengths` to the root (<= block of them) through
+        every layer; score the root at every exit."""
+        b = ctx.tokens.shape[0]
+        p, cfg = _truncate(params, self.target, self.cfg.exits[-1])
+        pos = cache.lengths[:, None] + jnp.arange(block)[None, :]
+        toks = jnp.take_along_axis(ctx.tokens, jnp.minimum(pos, ctx.tokens.shape[1] - 1), axis=1)
+        count = ctx.lengths - cache.lengths  # tokens to run, root included (0 for finished rows)
+        _, hs, cache = forward(
+            p, cfg, toks, pos, cache, causal_mask(b, block), taps=self.cfg.exits, final=False
+        )
+        last = jnp.clip(count - 1, 0, block - 1)[:, None, None]
+        xs = [self._x(params, i, jnp.take_along_axis(h, last, axis=1)[:, 0]) for i, h in enumerate(hs)]
+        conf = jnp.stack([confidence(params, i, x) for i, x in enumerate(xs)], axis=1)
+        cache = cache.advance(jnp.maximum(count - 1, 0))  # the root stays pending at slot lengths
+        return S2DState(cache=cache, root_x=jnp.stack(xs, axis=1), conf=conf, exit=jnp.int32(0))
+
+    def init(
+        self, params, ctx: Context, prompt: Int[Array, "B T"], prefill_taps, cache_size: int, *, window: int
+    ):
+        p, cfg = _truncate(params, self.target, self.cfg.exits[-1])
+        b = prompt.shape[0]
+        _, _, cache = prefill(p, cfg, prompt, KVCache.init(cfg, b, cache_size))
+        return self._catch_up(params, cache.advance(ctx.lengths - 1), ctx, 1)
+
+    def begin(self, params, state: S2DState, ctx: Context):
+        i = self._exit_index(state.conf, ctx.running_rows)
+        return dense(state.root_x[:, i], params["head"]), state.replace(exit=i)
+
+    def expand(self, params, state: S2DState, ctx: Context, tree: Tree, frontier: Int[Array, "B F"]):
+        cache = state.cache
+        toks = jnp.take_along_axis(jnp.where(tree.valid, tree.tokens, 0), frontier, axis=1)
+        depth = jnp.take_along_axis(tree.depth, frontier, axis=1)
+        anc = jnp.take_along_axis(ancestor_mask(tree), frontier[:, :, None], axis=1)  # [B, F, N]
+        slots, pos = cache.lengths[:, None] + frontier, cache.lengths[:, None] + depth
+
+        def at_exit(i: int):
+            def run(c):
+                p, cfg = _truncate(params, self.target, self.cfg.exits[i])
+                _, (h,), c = forward(
+                    p, cfg, toks, pos, c, anc, slots=slots, taps=(cfg.num_layers,), final=False
+                )
+                return dense(self._x(params, i, h), params["head"]), c
+
+            return run
+
+        logits, cache = jax.lax.switch(state.exit, [at_exit(i) for i in range(len(self.cfg.exits))], cache)
+        return logits, state.replace(cache=cache)
+
+    def update(self, params, state: S2DState, ctx: Context, tree: Tree, verdict, taps):
+        # The old root's KV (every layer) was written by the last catch-up; tree nodes were written
+        # past it at the step's exit's layers only, and the accepted ones run again here, through all.
+        return self._catch_up(params, state.cache.advance(1), ctx, tree.max_depth + 1)

@@ -1,0 +1,121 @@
+"""S2D: the exit chosen from confidences, exits at full depth reproduce the target, SoFT's loss is the
+mean of its exits' losses, and decoding with any exit choice is lossless."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from specdec.cache import KVCache, causal_mask
+from specdec.drafters import layer_skip, s2d
+from specdec.generate import generate
+from specdec.matmul import dense
+from specdec.models import ModelConfig, forward, to_device
+from specdec.train.losses import Batch
+from specdec.train.soft import exit_losses, soft_loss
+from specdec.trees import parse_tree
+from tests.sharded_worker import random_params
+
+CFG = ModelConfig(arch="llama", vocab_size=97, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                  head_dim=16, intermediate_size=128, max_position_embeddings=256,
+                  eos_token_ids=())  # fmt: skip
+
+
+def test_exit_chosen_from_confidences():
+    conf = jnp.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.1, 0.5, 1.0], [0.7, 0.6, 0.0]])
+    th = (0.7, 0.6)
+    # per row: exit 0 (0.9 >= 0.7), exit 1 (0.8 >= 0.6), the last (none reach), exit 0 (0.7 >= 0.7)
+    cases = {(1, 0, 0, 0): 0, (0, 1, 0, 0): 1, (1, 1, 0, 0): 1, (0, 0, 1, 0): 2, (1, 1, 1, 1): 2,
+             (0, 0, 0, 1): 0, (0, 0, 0, 0): 0}  # fmt: skip
+    for running, want in cases.items():
+        assert int(s2d.choose_exit(conf, th, jnp.array(running, bool))) == want, running
+
+
+@pytest.fixture(scope="module")
+def target():
+    params = to_device(random_params(CFG, 0), CFG)
+    return params
+
+
+def _runtime(params, cfg: s2d.S2DConfig, host=None):
+    """An S2D drafter's runtime params: the target's layers, embedding and head, and the exits'."""
+    exits = host or s2d.init_params(cfg, np.asarray(params["final_norm"]))
+    return {"layers": params["layers"], "embed": params["embed"], "head": params["lm_head"],
+            **jax.tree.map(jnp.asarray, exits)}  # fmt: skip
+
+
+def test_exits_at_full_depth_reproduce_the_target(target):
+    params = target
+    cfg = s2d.S2DConfig(exits=(1, 2, CFG.num_layers), thresholds=(0.5, 0.5), hidden_size=64, vocab_size=97)
+    rt = _runtime(params, cfg)
+    toks = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 12)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    cache = KVCache.init(CFG, 2, 16)
+    ref, _, _ = forward(params, CFG, toks, pos, cache, causal_mask(2, 12))
+    _, hs, _ = forward(params, CFG, toks, pos, cache, causal_mask(2, 12), taps=cfg.exits, final=False)
+    logits = [dense(s2d.exit_states(rt, i, h, CFG.rms_norm_eps), rt["head"]) for i, h in enumerate(hs)]
+    np.testing.assert_allclose(logits[2], ref, atol=1e-5, rtol=1e-5)  # the last exit is the target
+    # an untrained shallow exit is the layer-skip exit: the target's final norm and head on layer k
+    skipper, sp = layer_skip(params, CFG, 2)
+    skip, _, _ = forward(sp, skipper.cfg, toks, pos, KVCache.init(CFG, 2, 16), causal_mask(2, 12))
+    np.testing.assert_allclose(logits[1], skip, atol=1e-5, rtol=1e-5)
+
+
+def _batch(rng, cfg: s2d.S2DConfig, b=2, t=10, d=64):
+    taps = {
+        str(e): jnp.asarray(rng.normal(0, 1, (b, t, d)), jnp.float32) for e in (*cfg.exits, CFG.num_layers)
+    }
+    mask = jnp.asarray(rng.random((b, t)) < 0.7)
+    top1 = jnp.asarray(rng.integers(0, 97, (b, t)), jnp.int32)
+    return Batch(tokens=top1, loss_mask=mask, top1=top1, taps=taps)
+
+
+def test_soft_loss_is_the_mean_of_the_exits_losses(target):
+    rng = np.random.default_rng(1)
+    cfg = s2d.S2DConfig(exits=(1, 2, 3), thresholds=(0.5, 0.5), hidden_size=64, vocab_size=97)
+    host = s2d.init_params(cfg, np.ones(64))
+    host["adapter"] = rng.normal(0, 0.1, host["adapter"].shape).astype(np.float32)
+    host["conf_w"] = rng.normal(0, 0.1, host["conf_w"].shape).astype(np.float32)
+    rt = _runtime(target, cfg, host) | {"target_head": target["lm_head"]}
+    rt["target_head"] = jnp.asarray(rng.normal(0, 0.2, (64, 97)), jnp.float32)
+    rt["head"] = jnp.asarray(rng.normal(0, 0.2, (64, 97)), jnp.float32)
+    batch, t2d = _batch(rng, cfg), jnp.arange(97)
+    kw = dict(eps=CFG.rms_norm_eps, tap_final=str(CFG.num_layers))
+    loss, metrics = soft_loss(rt, cfg, batch, t2d, conf_weight=0.0, **kw)
+    # each exit alone: its own one-exit config, its cross-entropy computed here by hand
+    for i, e in enumerate(cfg.exits):
+        one = {**rt, **{k: rt[k][i : i + 1] for k in ("norm", "adapter", "conf_w", "conf_b")}}
+        alone = s2d.S2DConfig(exits=(e,), thresholds=(), hidden_size=64, vocab_size=97)
+        ((ce, _, _),) = exit_losses(one, alone, batch, t2d, **kw)
+        x = s2d.exit_states(rt, i, batch.taps[str(e)][:, :-1], CFG.rms_norm_eps)
+        logq = jax.nn.log_softmax(x @ rt["head"], -1)
+        p = jax.nn.softmax(batch.taps[str(CFG.num_layers)][:, :-1] @ rt["target_head"], -1)
+        m = batch.loss_mask[:, 1:].astype(jnp.float32)
+        hand = jnp.sum(-jnp.sum(p * logq, -1) * m) / jnp.sum(m)
+        np.testing.assert_allclose(ce, hand, rtol=1e-5)
+        np.testing.assert_allclose(metrics[f"ce{i}"], hand, rtol=1e-5)
+    np.testing.assert_allclose(loss, np.mean([metrics[f"ce{i}"] for i in range(3)]), rtol=1e-6)
+    with_conf, _ = soft_loss(rt, cfg, batch, t2d, conf_weight=0.5, **kw)
+    bce = np.mean([metrics[f"bce{i}"] for i in range(3)])
+    np.testing.assert_allclose(with_conf, loss + 0.5 * bce, rtol=1e-5)
+
+
+@pytest.mark.parametrize("exit_", [None, 1, 2, 4])
+def test_greedy_decoding_is_lossless_at_any_exit(target, exit_):
+    params = target
+    cfg = s2d.S2DConfig(exits=(1, 2, 4), thresholds=(0.5, 0.5), hidden_size=64, vocab_size=97)
+    rng = np.random.default_rng(2)
+    host = s2d.init_params(cfg, np.asarray(params["final_norm"]))
+    host["conf_w"] = rng.normal(0, 1.0, host["conf_w"].shape).astype(np.float32)  # exits vary by step
+    d = s2d.S2D(cfg, CFG, exit=exit_)
+    prompts = [[5, 9, 3, 5, 9, 3, 5, 9], [12, 13, 14, 12, 13], list(range(20, 45))]
+    ar = generate(params, CFG, prompts, max_new_tokens=16).tokens
+    for tree in ("chain:3", "dynamic:depth=3,topk=3,n=10"):
+        dp = _runtime(params, cfg, host)
+        out = generate(params, CFG, prompts, max_new_tokens=16, drafter=d, draft_params=dp,
+                       builder=parse_tree(tree), check=True)  # fmt: skip
+        assert out.tokens == ar, tree
+    if exit_ == 4:  # the full-depth exit drafts the target's own greedy tokens: every draft accepted
+        assert out.accepted_hist[-1] > 0 and sum(out.accepted_hist[1:-1]) <= len(prompts)
