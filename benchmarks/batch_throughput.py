@@ -11,6 +11,12 @@ rows' steps. Writes JSON and a plot (throughput and ratio vs B).
     python benchmarks/batch_throughput.py --out runs/batch_throughput.json
     python benchmarks/batch_throughput.py --batch 1,8 --config 'eagle|chain:3' --mesh data=2,model=4
     python benchmarks/batch_throughput.py --batch 8 --config 'ngram:min=3|chain:4+budget:4'  # batch budget
+    python benchmarks/batch_throughput.py --batch 2 --num_samples 8 --system "$(cat doc.txt)"  # 16 rows
+
+`--num_samples N` decodes N continuations of each question (B x N rows); rows sharing a prompt
+prefix (a long `--system` message, the samples of one question) prefill and read it once
+(`--shared_prefix auto`, the default; `docs/shared_prefix.md`). `benchmarks/shared_prefix.py`
+sweeps prefix lengths with and without sharing.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ flags.DEFINE_multi_string(
 flags.DEFINE_integer("max_new_tokens", 64, "Greedy tokens per row.")
 flags.DEFINE_integer("repeats", 3, "Timed repeats per (batch, method); medians reported.")
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. data=2,model=4 (default: one device).")
+flags.DEFINE_integer("num_samples", 1, "Continuations per question (rows = batch x num_samples).")
+flags.DEFINE_enum("shared_prefix", "auto", ["auto", "off"], "Share prompt prefixes among rows (Hydragen).")
+flags.DEFINE_string("system", None, "System message of every prompt (default: the template's own).")
 flags.DEFINE_string("out", None, "Write the results as JSON here (and a .png beside it).")
 
 
@@ -50,16 +59,19 @@ def main(argv):
     model = load_model(FLAGS.target, mesh=mesh)
     params, cfg = device_params(model.params, model.cfg, mesh)
     questions = load_questions("mt_bench")
-    prompts = [chat_ids(model.tokenizer, [{"role": "user", "content": q.turns[0]}]) for q in questions]
+    ask = lambda q: chat_ids(model.tokenizer, [{"role": "user", "content": q.turns[0]}], system=FLAGS.system)  # noqa: E731
+    prompts = [ask(q) for q in questions]
     methods = {"ar": {}} | {c: Method.parse(c).build(params, cfg) for c in FLAGS.config}
     if mesh is not None:  # once, not in every timed call
         for e in methods.values():
             if "draft_params" in e:
                 e["draft_params"] = replicate(e["draft_params"], mesh)
-    kw = dict(max_new_tokens=FLAGS.max_new_tokens, mesh=mesh)
+    kw = dict(max_new_tokens=FLAGS.max_new_tokens, mesh=mesh, num_samples=FLAGS.num_samples,
+              shared_prefix=FLAGS.shared_prefix)  # fmt: skip
     result = {"target": model.source, "device": str(jax.devices()[0].device_kind),
               "devices": jax.device_count(),
               "cpu": cpu_model(), "mesh": FLAGS.mesh, "max_new_tokens": FLAGS.max_new_tokens,
+              "num_samples": FLAGS.num_samples, "shared_prefix": FLAGS.shared_prefix,
               "repeats": FLAGS.repeats, "load_avg_start": load_avg(), "batches": {}}  # fmt: skip
     for b in map(int, FLAGS.batch):
         batch = prompts[:b]
@@ -76,6 +88,7 @@ def main(argv):
             new = sum(len(t) for t in outs[lab].tokens)
             row[lab] = {"tokens_per_s": new / statistics.median(times[lab]), "seconds": times[lab],
                         "new_tokens": new, "tau": outs[lab].tau, "steps": outs[lab].steps,
+                        "shared_tokens": outs[lab].shared_tokens,
                         "identical_to_ar": outs[lab].tokens == outs["ar"].tokens}  # fmt: skip
             if lab != "ar":  # per repeat pair, then the median
                 row[lab]["vs_ar"] = statistics.median(
