@@ -357,7 +357,10 @@ def bind(family: str | Family, config, params: dict, target_params) -> dict:
         p["embed"] = target_params["embed"]
     if d2t is not None:
         p["d2t"] = jnp.asarray(d2t, jnp.int32)
-    return pack_params(p, layout_of(target_params))
+    p = pack_params(p, layout_of(target_params))
+    if "layers" in shares:  # the target's decoder layers, already in its layout
+        p["layers"] = target_params["layers"]
+    return p
 
 
 def load(path: os.PathLike, target_params, cfg: ModelConfig):
@@ -377,6 +380,8 @@ def load(path: os.PathLike, target_params, cfg: ModelConfig):
     family = family_of(meta, config)
     params = {k: (v if k == "d2t" else _to_jnp(v)) for k, v in params.items()}
     drafter = family.drafter(config)
+    if "target" in {f.name for f in dataclasses.fields(drafter)}:  # a drafter over the target's layers
+        drafter = dataclasses.replace(drafter, target=cfg)
     if specs:
         if "accept_heads" not in {f.name for f in dataclasses.fields(drafter)}:
             raise DrafterCheckpointError(

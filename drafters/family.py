@@ -7,8 +7,10 @@ A family is everything the engine needs of a trained drafter, in one place:
 - `config` / `drafter`: its config dataclass (stored in `drafter.json`) and drafter class
   (`drafter(config)` is the drafter; the contract is `specdec.drafter`);
 - `shares(config)`: the target arrays its runtime params take by reference, never stored in a
-  checkpoint: "embed" (the target's embedding) and "head" (the target's LM head at the draft
-  vocabulary's rows `d2t`); `bind` adds them at load time and the trainer holds them frozen;
+  checkpoint: "embed" (the target's embedding), "head" (the target's LM head at the draft
+  vocabulary's rows `d2t`) and "layers" (the target's decoder layers: a drafter made of the
+  target's first layers, S2D); `bind` adds them at load time and the trainer holds the first two
+  frozen (a loss over cached features does not run the layers);
 - `options`: a frozen dataclass of its training options, each field a `specdec-train` flag of the
   same name (`option(default, help)`); a flag given for a family that does not have it is refused;
 - `build(options, tc, target, key) -> Built`: its config, initial trainable params and loss for a
@@ -19,7 +21,8 @@ A family is everything the engine needs of a trained drafter, in one place:
 - `inference`: the options of the shipped name, `--drafter eagle:conf=0.5`, `dflash:block=4`;
 - `stored` / `variant`: its `drafter.json` "family" (default: `name`) and the config fields that
   tell it apart from another family stored under the same name (EAGLE-1 and EAGLE-3 are both
-  stored as "eagle", with `config.version` 1 and 3).
+  stored as "eagle", with `config.version` 1 and 3);
+- `taps(options)`: target taps its loss reads beyond the feature cache's default ones (S2D's exits).
 
 Adding a trained family is one new drafter module that defines its `Family` and one line in
 `ENTRIES` (docs/drafters.md, "Adding a trained family"); a family that lives outside this package
@@ -45,9 +48,10 @@ ENTRIES = (
     "specdec.drafters.eagle:EAGLE3",
     "specdec.drafters.falcon:FAMILY",
     "specdec.drafters.dflash:FAMILY",
+    "specdec.drafters.s2d:FAMILY",
 )
 
-SHARED = ("embed", "head")  # the target arrays a family may share by reference
+SHARED = ("embed", "head", "layers")  # the target arrays a family may share by reference
 
 
 def option(default, help: str, **flag) -> Any:
@@ -117,6 +121,7 @@ class Family:
     stored: str = ""  # its drafter.json "family"; "" = name
     variant: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     shipped: bool = False  # a checkpoint ships in specdec/data/drafters/<name>
+    taps: Callable[[Any], tuple[int, ...]] | None = None  # feature taps its loss reads, from its options
 
     def __post_init__(self):
         object.__setattr__(self, "stored", self.stored or self.name)

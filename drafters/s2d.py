@@ -4,7 +4,7 @@ S2D (sorted speculative decoding) drafts with nested sub-models of one draft mod
 layers of it sharing the output head, trained together by Sorted Fine-Tuning (SoFT: every exit
 learns the target's next token), and picks the sub-model by confidence thresholds, one threshold
 vector per target. Its paper has no public code; what follows is this implementation's reading of
-it (`../shared/reference`-style notes in docs/drafters.md "S2D").
+it: the exit's form, the learned confidence and one exit per step are choices made here.
 
 The draft is the target's first `exits[-1]` layers, taken by reference (as `layer_skip`'s), with
 an exit after each of `exits`. Exit i maps the residual stream h after `exits[i]` layers to
@@ -27,6 +27,7 @@ Lossless: drafts are verified by the unchanged verifiers; exits only change what
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.struct
 import jax
@@ -36,6 +37,7 @@ from jaxtyping import Array, Float, Int
 
 from specdec.cache import KVCache, causal_mask
 from specdec.context import Context
+from specdec.drafters.family import Built, Family, InferenceOption, TrainTarget, option
 from specdec.matmul import dense
 from specdec.models.config import ModelConfig
 from specdec.models.decoder import rms_norm
@@ -116,7 +118,7 @@ class S2D:
     override the config's choice."""
 
     cfg: S2DConfig
-    target: ModelConfig
+    target: ModelConfig | None = None  # set by the checkpoint loader (`checkpoint.load`)
     thresholds: tuple[float, ...] | None = None
     exit: int | None = None
     taps: tuple[int, ...] = ()
@@ -186,3 +188,60 @@ class S2D:
         # The old root's KV (every layer) was written by the last catch-up; tree nodes were written
         # past it at the step's exit's layers only, and the accepted ones run again here, through all.
         return self._catch_up(params, state.cache.advance(1), ctx, tree.max_depth + 1)
+
+
+# ------------------------------------------------------------------------------------ the trained family
+@dataclasses.dataclass(frozen=True)
+class S2DOptions:
+    """specdec-train options of S2D."""
+
+    exits: str = option(
+        "4,8,12", "S2D: the exits, as layer counts of the target (increasing, comma-separated)."
+    )
+    conf_weight: float = option(
+        0.1, "S2D: weight of the exits' confidence loss (SoFT's is the exits' mean CE)."
+    )
+    positions: int = option(
+        128,
+        "S2D: answer positions per sequence the loss reads (0 = all; each costs an LM head per exit).",
+        lower_bound=0,
+    )
+
+
+def parse_exits(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"S2D exits {text!r}: give increasing layer counts, e.g. 4,8,12") from None
+
+
+def _build(opts: S2DOptions, tc, target: TrainTarget, key) -> Built:
+    del key
+    from specdec.train import soft  # here: the training modules import the drafter modules
+
+    exits = parse_exits(opts.exits)
+    if exits[-1] >= target.cfg.num_layers:  # (the feature cache's tap L is the normed final state)
+        raise ValueError(f"S2D exits {exits}: exits sit below the target's {target.cfg.num_layers} layers")
+    cfg = S2DConfig(exits=exits, thresholds=(0.5,) * (len(exits) - 1), hidden_size=target.cfg.hidden_size,
+                    vocab_size=target.cfg.vocab_size)  # fmt: skip
+    params = init_params(cfg, np.asarray(target.params["final_norm"], np.float32))
+    loss = functools.partial(soft.soft_loss, cfg=cfg, eps=target.cfg.rms_norm_eps, loss=tc.loss,
+                             tap_final=str(target.cfg.num_layers), conf_weight=opts.conf_weight,
+                             positions=opts.positions)  # fmt: skip
+    return Built(cfg, params, loss)
+
+
+def _parse_thresholds(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split("/"))
+
+
+FAMILY = Family(
+    name="s2d", config=S2DConfig, drafter=S2D, options=S2DOptions, build=_build,
+    shares=lambda cfg: ("embed", "head", "layers"), taps=lambda opts: parse_exits(opts.exits),
+    inference={
+        "exit": InferenceOption(int, lambda d, k: dataclasses.replace(d, exit=k),
+                                "{name}:exit=K (draft at the exit after K layers only)"),
+        "thresholds": InferenceOption(_parse_thresholds, lambda d, t: dataclasses.replace(d, thresholds=t),
+                                      "{name}:thresholds=0.7/0.6 (this target's confidence thresholds)"),
+    },
+)  # fmt: skip

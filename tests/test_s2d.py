@@ -3,6 +3,8 @@ mean of its exits' losses, and decoding with any exit choice is lossless."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,15 +97,18 @@ def test_soft_loss_is_the_mean_of_the_exits_losses(target):
         m = batch.loss_mask[:, 1:].astype(jnp.float32)
         hand = jnp.sum(-jnp.sum(p * logq, -1) * m) / jnp.sum(m)
         np.testing.assert_allclose(ce, hand, rtol=1e-5)
-        np.testing.assert_allclose(metrics[f"ce{i}"], hand, rtol=1e-5)
-    np.testing.assert_allclose(loss, np.mean([metrics[f"ce{i}"] for i in range(3)]), rtol=1e-6)
+        np.testing.assert_allclose(metrics[f"ce_e{i}"], hand, rtol=1e-5)
+    np.testing.assert_allclose(loss, np.mean([metrics[f"ce_e{i}"] for i in range(3)]), rtol=1e-6)
     with_conf, _ = soft_loss(rt, cfg, batch, t2d, conf_weight=0.5, **kw)
-    bce = np.mean([metrics[f"bce{i}"] for i in range(3)])
+    bce = np.mean([metrics[f"bce_e{i}"] for i in range(3)])
     np.testing.assert_allclose(with_conf, loss + 0.5 * bce, rtol=1e-5)
 
 
-@pytest.mark.parametrize("exit_", [None, 1, 2, 4])
-def test_greedy_decoding_is_lossless_at_any_exit(target, exit_):
+# the confidence-chosen exit on a dynamic tree, a shallow and the full-depth exit pinned on a chain
+@pytest.mark.parametrize(
+    "exit_,tree", [(None, "dynamic:depth=3,topk=3,n=10"), (1, "chain:3"), (4, "chain:3")]
+)
+def test_greedy_decoding_is_lossless_at_any_exit(target, exit_, tree):
     params = target
     cfg = s2d.S2DConfig(exits=(1, 2, 4), thresholds=(0.5, 0.5), hidden_size=64, vocab_size=97)
     rng = np.random.default_rng(2)
@@ -112,10 +117,36 @@ def test_greedy_decoding_is_lossless_at_any_exit(target, exit_):
     d = s2d.S2D(cfg, CFG, exit=exit_)
     prompts = [[5, 9, 3, 5, 9, 3, 5, 9], [12, 13, 14, 12, 13], list(range(20, 45))]
     ar = generate(params, CFG, prompts, max_new_tokens=16).tokens
-    for tree in ("chain:3", "dynamic:depth=3,topk=3,n=10"):
-        dp = _runtime(params, cfg, host)
-        out = generate(params, CFG, prompts, max_new_tokens=16, drafter=d, draft_params=dp,
-                       builder=parse_tree(tree), check=True)  # fmt: skip
-        assert out.tokens == ar, tree
+    dp = _runtime(params, cfg, host)
+    out = generate(params, CFG, prompts, max_new_tokens=16, drafter=d, draft_params=dp,
+                   builder=parse_tree(tree), check=True)  # fmt: skip
+    assert out.tokens == ar
     if exit_ == 4:  # the full-depth exit drafts the target's own greedy tokens: every draft accepted
         assert out.accepted_hist[-1] > 0 and sum(out.accepted_hist[1:-1]) <= len(prompts)
+
+
+def test_soft_training_learns_and_the_checkpoint_decodes_losslessly(tiny_cache, tmp_path):
+    from specdec.drafters import checkpoint as ckpt
+    from specdec.train import features, trainer
+
+    params, cfg, path, _, _ = tiny_cache
+    fs = features.FeatureSet.open(path)
+    tc = trainer.TrainConfig(family="s2d", steps=60, batch_size=4, seq_len=40, lr=1e-2, warmup=5,
+                             heldout=8, eval_every=60, save_every=60, draft_vocab=None,
+                             options={"exits": "1"})  # fmt: skip
+    quiet = dict(progress=False, log=lambda s: None)
+    before = trainer.train(dataclasses.replace(tc, steps=1, eval_every=1), params, cfg, "tiny", fs,
+                           tmp_path / "zero", **quiet)["heldout"]  # fmt: skip
+    out = trainer.train(tc, params, cfg, "tiny", fs, tmp_path / "run", **quiet)
+    ev = out["heldout"]
+    assert ev["loss"] < before["loss"] and ev["acc_e0"] > before["acc_e0"] + 0.1, (before, ev)
+    d, dp = ckpt.load(out["drafter"], params, cfg)
+    assert isinstance(d, s2d.S2D) and d.target == cfg and d.cfg.exits == (1,)
+    prompts = [[5, 9, 3, 5, 9, 3, 5, 9], [12, 13, 14, 12, 13]]
+    ar = generate(params, cfg, prompts, max_new_tokens=12).tokens
+    spec = generate(params, cfg, prompts, max_new_tokens=12, drafter=d, draft_params=dp,
+                    builder=parse_tree("chain:3"), check=True)  # fmt: skip
+    assert spec.tokens == ar
+    with pytest.raises(ValueError, match="below the target"):
+        trainer.train(dataclasses.replace(tc, options={"exits": "1,2"}), params, cfg, "tiny", fs,
+                      tmp_path / "bad", **quiet)  # fmt: skip

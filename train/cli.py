@@ -277,9 +277,13 @@ def main(argv):
             examples = examples[: FLAGS.max_sequences]
         skip = f"-from{FLAGS.skip_sequences}" if FLAGS.skip_sequences else ""
         name = f"features-{pathlib.Path(FLAGS.regenerated).name}{skip}-{len(examples)}"
+    taps = features.default_taps(model.cfg.num_layers)
+    own = _family_taps(FLAGS.drafter, options) if not FLAGS.accept_head else ()
+    if own:  # a family reading taps of its own (S2D's exits): a cache of those and the final state
+        taps = tuple(sorted(set(own) | {model.cfg.num_layers}))
+        name += "-taps" + "_".join(map(str, taps))
     feat_dir = pathlib.Path(FLAGS.features or out.parent / (name + ("-regen" if FLAGS.regenerate else "")))
     m = features._read_manifest(feat_dir) if feat_dir.exists() else None
-    taps = features.default_taps(model.cfg.num_layers)
     if m is not None and (m["complete"] or FLAGS.partial_features):
         pass
     elif FLAGS.regenerated:
@@ -384,6 +388,14 @@ def _accept_config():
         )  # fmt: skip
     except ValueError as e:
         raise app.UsageError(f"--accept_head: {e}") from None
+
+
+def _family_taps(name: str, options) -> tuple[int, ...]:
+    """The feature taps family `name`'s loss reads, when they are its own (`Family.taps`; else ())."""
+    from specdec.drafters.family import lookup
+
+    family = lookup(name)
+    return tuple(family.taps(options)) if family.taps is not None else ()
 
 
 def _drafter_path(spec: str, model, out):
