@@ -28,6 +28,8 @@ from specdec.models.llama import Params
 from specdec.prefix_sharing import expand_samples, plan_sharing, shared_prompt
 from specdec.sampling import SamplingConfig
 
+log = logging.getLogger("specdec")
+
 __all__ = [
     "CompositionError", "GenerateOutput", "InvariantError", "PromptTooLongError", "generate", "make_spec",
     "pad_prompts", "warmup",
@@ -219,9 +221,6 @@ def warmup(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *
     spec = make_spec(cfg, sampling, drafter, builder, verifier, mesh, check=check)
     _run(params, draft_params, spec, prompts, max_new_tokens, 1, None, 0, loop, cache_size,
          shared_prefix=shared_prefix)  # fmt: skip
-
-
-log = logging.getLogger("specdec")
 
 
 @functools.cache
