@@ -150,3 +150,17 @@ def test_soft_training_learns_and_the_checkpoint_decodes_losslessly(tiny_cache, 
     with pytest.raises(ValueError, match="below the target"):
         trainer.train(dataclasses.replace(tc, options={"exits": "1,2"}), params, cfg, "tiny", fs,
                       tmp_path / "bad", **quiet)  # fmt: skip
+
+
+def test_thresholds_chosen_for_tokens_per_cost():
+    from specdec.train import s2d_thresholds as st
+
+    conf = np.array([[0.9, 0.0], [0.8, 0.0], [0.2, 0.0], [0.1, 0.0]])
+    hit = np.array([[1, 1], [1, 1], [0, 1], [0, 1]], float)
+    assert st.route(conf, [0.5]).tolist() == [0, 0, 1, 1]
+    best, pinned = st.choose(conf, hit, costs=[1.0, 3.0], verify_cost=10.0, depth=2)
+    # confident positions draft cheaply at exit 0 (both accepted: 3 tokens for 10 + 2), the others
+    # at exit 1 (3 tokens for 10 + 6): 12 tokens / 56; exit 0 alone: 4 x 1.75 / 48; exit 1 alone: 12 / 64
+    assert best["tokens_per_cost"] == pytest.approx(12 / 56) and 0.2 < best["thresholds"][0] <= 0.8
+    assert [p["tokens_per_cost"] for p in pinned] == pytest.approx([7 / 48, 12 / 64])
+    assert best["share"] == [0.5, 0.5]
