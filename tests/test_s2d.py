@@ -147,6 +147,14 @@ def test_soft_training_learns_and_the_checkpoint_decodes_losslessly(tiny_cache, 
     spec = generate(params, cfg, prompts, max_new_tokens=12, drafter=d, draft_params=dp,
                     builder=parse_tree("chain:3"), check=True)  # fmt: skip
     assert spec.tokens == ar
+    # held-out statistics for its thresholds: per exit a confidence and a hit per answer position
+    from specdec.train import s2d_thresholds as st
+
+    conf, hit = st.exit_statistics(dp, d.cfg, fs, range(len(fs) - 8, len(fs)), eps=cfg.rms_norm_eps)
+    assert conf.shape == hit.shape and conf.shape[1] == 1 and len(conf) > 20
+    assert ((conf > 0) & (conf < 1)).all() and set(np.unique(hit)) <= {0.0, 1.0} and hit.mean() > 0.2
+    costs, verify = st.pass_bytes(params, (1,))
+    assert 0 < costs[0] < verify
     with pytest.raises(ValueError, match="below the target"):
         trainer.train(dataclasses.replace(tc, options={"exits": "1,2"}), params, cfg, "tiny", fs,
                       tmp_path / "bad", **quiet)  # fmt: skip

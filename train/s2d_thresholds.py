@@ -64,3 +64,60 @@ def choose(conf: np.ndarray, hit: np.ndarray, costs, verify_cost: float, depth: 
         forced[:, e] = 1.0
         pinned.append(speed(forced, hit, [0.5] * (m - 1), costs, verify_cost, depth) | {"exit": e})
     return best, pinned
+
+
+def exit_statistics(params, cfg, fs, sequences, *, eps: float, max_positions: int = 20000):
+    """(conf [N, M], hit [N, M]) over the answer positions of feature-cache sequences `sequences`
+    (up to `max_positions`): each exit's confidence at position p and whether its top-1 for token
+    p + 1 is the target's. `params`: the drafter's runtime params (`checkpoint.load`)."""
+    import jax
+    import jax.numpy as jnp
+
+    from specdec.drafters import s2d
+    from specdec.matmul import dense
+
+    @jax.jit
+    def one(taps: dict, top1):
+        conf, hit = [], []
+        for i, e in enumerate(cfg.exits):
+            x = s2d.exit_states(params, i, taps[str(e)].astype(jnp.float32), eps)
+            conf.append(s2d.confidence(params, i, x))
+            hit.append(jnp.argmax(dense(x, params["head"]), -1) == top1)
+        return jnp.stack(conf, -1), jnp.stack(hit, -1)
+
+    taps, top1, n = {e: [] for e in cfg.exits}, [], 0
+    for s in sequences:
+        d = fs.seq(int(s), ["loss_mask", "top1"] + [f"tap_{e}" for e in cfg.exits])
+        keep = np.nonzero(d["loss_mask"][1:] & (d["top1"][:-1] >= 0))[0]  # p predicts answer token p + 1
+        for e in cfg.exits:
+            taps[e].append(d[f"tap_{e}"][keep])
+        top1.append(d["top1"][keep])
+        n += len(keep)
+        if n >= max_positions:
+            break
+    taps = {e: np.concatenate(v)[:max_positions] for e, v in taps.items()}
+    top1 = np.concatenate(top1)[:max_positions]
+    chunk, confs, hits = 1024, [], []  # fixed-size chunks: one compiled program
+
+    def part(x, a):  # rows [a, a + chunk) of x, zero-padded
+        return np.pad(x[a : a + chunk], [(0, max(0, a + chunk - len(x)))] + [(0, 0)] * (x.ndim - 1))
+
+    for a in range(0, len(top1), chunk):
+        c, h = one({str(e): jnp.asarray(part(t, a)) for e, t in taps.items()}, jnp.asarray(part(top1, a)))
+        confs.append(np.asarray(c))
+        hits.append(np.asarray(h, np.float64))
+    m = len(top1)
+    return np.concatenate(confs)[:m], np.concatenate(hits)[:m]
+
+
+def pass_bytes(target_params, exits: tuple[int, ...]) -> tuple[list[float], float]:
+    """(bytes a draft pass reads at each exit: its layers and the LM head; bytes of a target step)."""
+    import jax
+
+    size = lambda tree: float(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))  # noqa: E731
+    layers = target_params["layers"]
+    per_layer = size(layers) / (
+        len(layers) if isinstance(layers, list) else jax.tree.leaves(layers)[0].shape[0]
+    )
+    head = size(target_params.get("lm_head", target_params["embed"]))
+    return [e * per_layer + head for e in exits], size(target_params)
