@@ -125,6 +125,13 @@ def target():
     return params, [prefix + tail for tail in tails]
 
 
+@pytest.fixture(scope="module")
+def ar(target):
+    """Greedy AR tokens without sharing."""
+    params, prompts = target
+    return generate(params, CFG, prompts, max_new_tokens=16, shared_prefix="off").tokens
+
+
 def _pair(params, prompts, **kw):
     on = generate(params, CFG, prompts, max_new_tokens=16, **kw)
     off = generate(params, CFG, prompts, max_new_tokens=16, shared_prefix="off", **kw)
@@ -147,7 +154,7 @@ CASES_SPEC = [("ngram", "chain:3"), ("ngram", "static:[(0,),(1,),(0,0),(0,1),(1,
 
 
 @pytest.mark.parametrize("drafter,tree", CASES_SPEC)
-def test_greedy_speculative_with_and_without_sharing(target, drafter, tree):
+def test_greedy_speculative_with_and_without_sharing(target, ar, drafter, tree):
     params, prompts = target
     builder = parse_tree(tree)
     d, dp = (
@@ -155,10 +162,12 @@ def test_greedy_speculative_with_and_without_sharing(target, drafter, tree):
         if drafter == "ngram"
         else layer_skip(params, CFG, 1)
     )
-    on, off = _pair(params, prompts, drafter=d, draft_params=dp, builder=builder, check=True)
-    assert on.tokens == off.tokens
-    # the same drafts were accepted: verification saw the same target distributions
-    assert on.accepted_hist == off.accepted_hist
+    # (n-gram's and the draft model's drafts follow from the tokens alone: equal tokens, equal drafts;
+    # EAGLE's come from the target's features and are compared below, run against run)
+    on = generate(
+        params, CFG, prompts, max_new_tokens=16, drafter=d, draft_params=dp, builder=builder, check=True
+    )
+    assert on.shared_tokens == 3 * 70 and on.tokens == ar
 
 
 def test_feature_drafter_sees_the_prompt_features_of_the_unshared_prefill(target):

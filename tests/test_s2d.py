@@ -155,6 +155,11 @@ def test_soft_training_learns_and_the_checkpoint_decodes_losslessly(tiny_cache, 
     assert ((conf > 0) & (conf < 1)).all() and set(np.unique(hit)) <= {0.0, 1.0} and hit.mean() > 0.2
     costs, verify = st.pass_bytes(params, (1,))
     assert 0 < costs[0] < verify
+    # a one-exit drafter has no threshold to choose; the record is kept beside the config
+    res = st.calibrate(out["drafter"], params, cfg, fs, range(len(fs) - 8, len(fs)), depth=3)
+    assert res["best"]["thresholds"] == [] and res["positions"] == len(conf)
+    st.write_thresholds(out["drafter"], res["best"]["thresholds"], res)
+    assert ckpt.load(out["drafter"], params, cfg)[0].cfg.thresholds == ()
     with pytest.raises(ValueError, match="below the target"):
         trainer.train(dataclasses.replace(tc, options={"exits": "1,2"}), params, cfg, "tiny", fs,
                       tmp_path / "bad", **quiet)  # fmt: skip

@@ -121,3 +121,33 @@ def pass_bytes(target_params, exits: tuple[int, ...]) -> tuple[list[float], floa
     )
     head = size(target_params.get("lm_head", target_params["embed"]))
     return [e * per_layer + head for e in exits], size(target_params)
+
+
+def calibrate(drafter_path, target_params, target_cfg, fs, sequences, *, depth: int = 4,
+              max_positions: int = 20000) -> dict:  # fmt: skip
+    """Thresholds for the S2D checkpoint at `drafter_path` on `target_params`' feature-cache
+    sequences `sequences` (held out from its training): the best on the grid and each exit pinned."""
+    from specdec.drafters import checkpoint as ckpt
+
+    d, dp = ckpt.load(drafter_path, target_params, target_cfg)
+    conf, hit = exit_statistics(
+        dp, d.cfg, fs, sequences, eps=target_cfg.rms_norm_eps, max_positions=max_positions
+    )
+    costs, verify = pass_bytes(target_params, d.cfg.exits)
+    best, pinned = choose(conf, hit, costs, verify, depth)
+    return {"best": best, "pinned": pinned, "positions": len(conf), "depth": depth,
+            "hit_rate": hit.mean(0).tolist(), "mean_confidence": conf.mean(0).tolist(),
+            "pass_bytes": costs, "target_bytes": verify}  # fmt: skip
+
+
+def write_thresholds(drafter_path, thresholds, record: dict) -> None:
+    """Set the checkpoint's thresholds (drafter.json `config.thresholds`) and keep how they were
+    chosen (`calibration`); the arrays are untouched."""
+    import json
+    import pathlib
+
+    meta_file = pathlib.Path(drafter_path) / "drafter.json"
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["thresholds"] = [float(t) for t in thresholds]
+    meta["calibration"] = record
+    meta_file.write_text(json.dumps(meta, indent=1))
