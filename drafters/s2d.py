@@ -37,6 +37,7 @@ from jaxtyping import Array, Float, Int
 
 from specdec.cache import KVCache, causal_mask
 from specdec.context import Context
+from specdec.drafters.eagle import to_target_vocab
 from specdec.drafters.family import Built, Family, InferenceOption, TrainTarget, option
 from specdec.matmul import dense
 from specdec.models.config import ModelConfig
@@ -127,6 +128,11 @@ class S2D:
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
+    def _logits(self, params, x):
+        """Target-vocabulary logits of exit states (a head trained over a draft vocabulary `d2t`
+        scatters to its target ids; the rest get a large negative logit)."""
+        return to_target_vocab(dense(x, params["head"]), params.get("d2t"), self.cfg.vocab_size)
+
     def _x(self, params, i: int, h):
         return exit_states(params, i, h, self.target.rms_norm_eps)
 
@@ -162,7 +168,7 @@ class S2D:
 
     def begin(self, params, state: S2DState, ctx: Context):
         i = self._exit_index(state.conf, ctx.running_rows)
-        return dense(state.root_x[:, i], params["head"]), state.replace(exit=i)
+        return self._logits(params, state.root_x[:, i]), state.replace(exit=i)
 
     def expand(self, params, state: S2DState, ctx: Context, tree: Tree, frontier: Int[Array, "B F"]):
         cache = state.cache
@@ -177,7 +183,7 @@ class S2D:
                 _, (h,), c = forward(
                     p, cfg, toks, pos, c, anc, slots=slots, taps=(cfg.num_layers,), final=False
                 )
-                return dense(self._x(params, i, h), params["head"]), c
+                return self._logits(params, self._x(params, i, h)), c
 
             return run
 

@@ -132,7 +132,7 @@ def test_soft_training_learns_and_the_checkpoint_decodes_losslessly(tiny_cache, 
     params, cfg, path, _, _ = tiny_cache
     fs = features.FeatureSet.open(path)
     tc = trainer.TrainConfig(family="s2d", steps=60, batch_size=4, seq_len=40, lr=1e-2, warmup=5,
-                             heldout=8, eval_every=60, save_every=60, draft_vocab=None,
+                             heldout=8, eval_every=60, save_every=60, draft_vocab=64,
                              options={"exits": "1"})  # fmt: skip
     quiet = dict(progress=False, log=lambda s: None)
     before = trainer.train(dataclasses.replace(tc, steps=1, eval_every=1), params, cfg, "tiny", fs,

@@ -82,7 +82,8 @@ def exit_statistics(params, cfg, fs, sequences, *, eps: float, max_positions: in
         for i, e in enumerate(cfg.exits):
             x = s2d.exit_states(params, i, taps[str(e)].astype(jnp.float32), eps)
             conf.append(s2d.confidence(params, i, x))
-            hit.append(jnp.argmax(dense(x, params["head"]), -1) == top1)
+            ids = jnp.argmax(dense(x, params["head"]), -1)  # in the draft vocabulary when d2t is given
+            hit.append((ids if "d2t" not in params else params["d2t"][ids]) == top1)
         return jnp.stack(conf, -1), jnp.stack(hit, -1)
 
     taps, top1, n = {e: [] for e in cfg.exits}, [], 0
