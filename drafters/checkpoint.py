@@ -41,6 +41,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from specdec.checkpoints.common import DrafterCheckpointError
+from specdec.checkpoints.derived import backbone_fingerprint, fingerprint
 from specdec.drafters import accept_head
 from specdec.drafters import family as families
 from specdec.drafters.draft_model import LayerSkipConfig, layer_skip
@@ -58,16 +59,16 @@ def _config_class(stored: str) -> type:
     return MODEL_FAMILIES.get(stored) or families.config_class(stored)
 
 
-def fingerprint(target_params, cfg: ModelConfig) -> list[float]:
-    """Norms of 8 spread-out embedding rows: tells models apart, survives quantization (~1%)."""
-    rows = [(k + 1) * cfg.vocab_size // 9 for k in range(8)]
-    emb = np.asarray(target_params["embed"][np.asarray(rows)], np.float32)
-    return [round(float(x), 4) for x in np.linalg.norm(emb, axis=1)]
-
-
-def target_info(target_params, cfg: ModelConfig, source: str) -> dict:
-    return {"source": str(source), "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-            "num_layers": cfg.num_layers, "fingerprint": fingerprint(target_params, cfg)}  # fmt: skip
+def target_info(target_params, cfg: ModelConfig, source: str, layers: int | None = None) -> dict:
+    """drafter.json's "target": its source, sizes, the embedding `fingerprint` and the `backbone`
+    fingerprint (tells a fine-tuned backbone, e.g. Medusa-2's, from its base) of the layers the
+    drafter reads (`layers`: the first ones only, "backbone_layers"; None: all and the final norm)."""
+    info = {"source": str(source), "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+            "num_layers": cfg.num_layers, "fingerprint": fingerprint(target_params, cfg),
+            "backbone": backbone_fingerprint(target_params, cfg, layers)}  # fmt: skip
+    if layers is not None:
+        info["backbone_layers"] = int(layers)
+    return info
 
 
 def _flatten(tree, prefix=""):
@@ -242,8 +243,11 @@ def read(path: os.PathLike) -> tuple[dict, dict]:
         "hidden_size": lambda v: number(v) and float(v).is_integer(),
         "num_layers": lambda v: number(v) and float(v).is_integer(),
         "fingerprint": lambda v: isinstance(v, list) and len(v) == 8 and all(map(number, v)),
+        "backbone": lambda v: isinstance(v, list) and len(v) == 4 and all(map(number, v)),
     }
     for key, ok in expect.items():
+        if key == "backbone" and key not in target:  # (optional: older checkpoints lack it)
+            continue
         if key not in target or not ok(target[key]):
             got = "is missing" if key not in target else f"is malformed ({target[key]!r})"
             raise DrafterCheckpointError(
@@ -329,6 +333,13 @@ def check_target(meta: dict, target_params, cfg: ModelConfig, path) -> None:
             f"different weights (embedding fingerprint {fp} vs {t['fingerprint']}); train one for this "
             "target with specdec-train"
         )
+    have = backbone_fingerprint(target_params, cfg, t.get("backbone_layers")) if "backbone" in t else None
+    if have is not None and not np.allclose(have, t["backbone"], rtol=2e-3):
+        raise DrafterCheckpointError(
+            f"drafter {path} was trained for {t['source']}, a backbone with the same embedding but other "
+            "layers (a Medusa-2 fine-tuned backbone or its base): pass that target (--target "
+            f"{t['source']}) or train a drafter for this one"
+        )
 
 
 def target_head(target_params) -> jnp.ndarray:
@@ -382,6 +393,9 @@ def load(path: os.PathLike, target_params, cfg: ModelConfig):
     drafter = family.drafter(config)
     if "target" in {f.name for f in dataclasses.fields(drafter)}:  # a drafter over the target's layers
         drafter = dataclasses.replace(drafter, target=cfg)
+    fitted = _thresholds_for(meta, target_params, cfg)
+    if fitted is not None:  # thresholds calibrated for this very target (S2D serving several)
+        drafter = dataclasses.replace(drafter, thresholds=fitted)
     if specs:
         if "accept_heads" not in {f.name for f in dataclasses.fields(drafter)}:
             raise DrafterCheckpointError(
@@ -390,6 +404,19 @@ def load(path: os.PathLike, target_params, cfg: ModelConfig):
             )
         drafter = dataclasses.replace(drafter, accept_heads=specs)
     return drafter, bind(family, config, params, target_params)
+
+
+def _thresholds_for(meta: dict, target_params, cfg: ModelConfig) -> tuple[float, ...] | None:
+    """The thresholds drafter.json's "thresholds_for" records for this target (matched by its whole
+    backbone's fingerprint), if any."""
+    entries = meta.get("thresholds_for") or []
+    if not entries:
+        return None
+    have = backbone_fingerprint(target_params, cfg)
+    for e in entries:
+        if np.allclose(have, e["backbone"], rtol=2e-3):
+            return tuple(float(t) for t in e["thresholds"])
+    return None
 
 
 def save_layer_skip(path: os.PathLike, num_layers: int, target_params, cfg: ModelConfig, source: str

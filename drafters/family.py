@@ -22,7 +22,15 @@ A family is everything the engine needs of a trained drafter, in one place:
 - `stored` / `variant`: its `drafter.json` "family" (default: `name`) and the config fields that
   tell it apart from another family stored under the same name (EAGLE-1 and EAGLE-3 are both
   stored as "eagle", with `config.version` 1 and 3);
-- `taps(options)`: target taps its loss reads beyond the feature cache's default ones (S2D's exits).
+- `taps(options, num_layers)`: target taps its loss reads beyond the feature cache's default ones
+  (S2D's exits, Medusa-2's first trained layer's input);
+- `export(config, params, target, out, training) -> Export`: what the run writes instead of its
+  trained params as one drafter (Medusa-2: a new target under `out/target` and the heads as a
+  Medusa drafter for it); `warm_start`: stored family -> `fn(meta, loaded, config, params) -> params`
+  for `--init_from` checkpoints of another family (Medusa-2 starts from Medusa-1 heads);
+- `Built.lr_scale`: learning-rate multipliers of top-level param groups (Medusa-2's heads x4);
+- `depth(config)`: the target layers its drafter reads, when not all (S2D: its last exit); its
+  checkpoint then fits any target that shares those layers (drafter.json "backbone_layers").
 
 Adding a trained family is one new drafter module that defines its `Family` and one line in
 `ENTRIES` (docs/drafters.md, "Adding a trained family"); a family that lives outside this package
@@ -49,6 +57,7 @@ ENTRIES = (
     "specdec.drafters.falcon:FAMILY",
     "specdec.drafters.dflash:FAMILY",
     "specdec.drafters.s2d:FAMILY",
+    "specdec.drafters.medusa2:FAMILY",
 )
 
 SHARED = ("embed", "head", "layers")  # the target arrays a family may share by reference
@@ -75,6 +84,7 @@ class TrainTarget:
     params: dict
     d2t: Any
     head: Any
+    source: str = ""  # where the target came from (a registry name or path: `load_model`'s spec)
 
     @property
     def draft_vocab_size(self) -> int | None:
@@ -92,6 +102,18 @@ class Built:
     params: dict
     loss: Callable[..., tuple]
     frozen: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    lr_scale: Mapping[str, float] = dataclasses.field(default_factory=dict)  # top-level key -> LR x
+
+
+@dataclasses.dataclass(frozen=True)
+class Export:
+    """The drafter checkpoint a family's `export` asks the trainer to write: its stored family,
+    config and params, and its drafter.json "target" (`checkpoint.target_info` of its target)."""
+
+    family: str
+    config: Any
+    params: dict
+    target: dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +143,10 @@ class Family:
     stored: str = ""  # its drafter.json "family"; "" = name
     variant: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     shipped: bool = False  # a checkpoint ships in specdec/data/drafters/<name>
-    taps: Callable[[Any], tuple[int, ...]] | None = None  # feature taps its loss reads, from its options
+    taps: Callable[[Any, int], tuple[int, ...]] | None = None  # (options, target's layers) -> taps it reads
+    export: Callable[..., Export] | None = None  # (config, params, target, out, training) -> Export
+    depth: Callable[[Any], int] | None = None  # config -> the target layers its drafter reads; None: all
+    warm_start: Mapping[str, Callable[..., dict]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "stored", self.stored or self.name)
@@ -153,7 +178,8 @@ def refusal(option_name: str, family_name: str, *, flag: bool = False) -> str:
     owners = [f.name for f in FAMILIES.values() if option_name in option_fields(f.options)]
     what = f"--{option_name}" if flag else option_name
     if owners:
-        return f"{what} is an option of {' and '.join(owners)}, not of {family_name}"
+        listed = owners[0] if len(owners) == 1 else f"{', '.join(owners[:-1])} and {owners[-1]}"
+        return f"{what} is an option of {listed}, not of {family_name}"
     have = list(option_fields(FAMILIES[family_name].options)) if family_name in FAMILIES else []
     return f"{what} is not an option of {family_name} (its options: {', '.join(have) or 'none'})"
 

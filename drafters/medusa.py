@@ -139,7 +139,7 @@ class Medusa(accept_head.AcceptanceMembers):
 class MedusaOptions:
     """specdec-train options of Medusa (and Amphista, which takes the same)."""
 
-    heads: int = option(4, "Medusa / Amphista heads.")
+    heads: int = option(4, "Medusa / Amphista / Medusa-2 heads.")
     own_heads: bool = option(
         False, "Medusa / Amphista: one LM head per head instead of the target's shared head."
     )

@@ -209,7 +209,7 @@ class S2DOptions:
     )
     positions: int = option(
         128,
-        "S2D: answer positions per sequence the loss reads (0 = all; each costs an LM head per exit).",
+        "S2D / Medusa-2: answer positions per sequence the loss reads (0 = all; each costs LM heads).",
         lower_bound=0,
     )
 
@@ -243,7 +243,8 @@ def _parse_thresholds(text: str) -> tuple[float, ...]:
 
 FAMILY = Family(
     name="s2d", config=S2DConfig, drafter=S2D, options=S2DOptions, build=_build,
-    shares=lambda cfg: ("embed", "head", "layers"), taps=lambda opts: parse_exits(opts.exits),
+    shares=lambda cfg: ("embed", "head", "layers"), taps=lambda opts, num_layers: parse_exits(opts.exits),
+    depth=lambda cfg: cfg.exits[-1], shipped=True,
     inference={
         "exit": InferenceOption(int, lambda d, k: dataclasses.replace(d, exit=k),
                                 "{name}:exit=K (draft at the exit after K layers only)"),

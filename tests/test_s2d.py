@@ -129,7 +129,7 @@ def test_soft_training_learns_and_the_checkpoint_decodes_losslessly(tiny_cache, 
     from specdec.drafters import checkpoint as ckpt
     from specdec.train import features, trainer
 
-    params, cfg, path, _, _ = tiny_cache
+    params, cfg, path, _, folder = tiny_cache
     fs = features.FeatureSet.open(path)
     tc = trainer.TrainConfig(family="s2d", steps=60, batch_size=4, seq_len=40, lr=1e-2, warmup=5,
                              heldout=8, eval_every=60, save_every=60, draft_vocab=64,
@@ -160,6 +160,18 @@ def test_soft_training_learns_and_the_checkpoint_decodes_losslessly(tiny_cache, 
     assert res["best"]["thresholds"] == [] and res["positions"] == len(conf)
     st.write_thresholds(out["drafter"], res["best"]["thresholds"], res)
     assert ckpt.load(out["drafter"], params, cfg)[0].cfg.thresholds == ()
+    # a second target sharing the exit's layer (its last layer fine-tuned, as Medusa-2's): the drafter
+    # fits it, and thresholds calibrated for it apply there only
+    from specdec.loading import load_model
+
+    assert ckpt.read(out["drafter"])[0]["target"]["backbone_layers"] == 1
+    host = load_model(folder)
+    layers = [dict(lp) for lp in host.params["layers"]]
+    layers[-1]["w_down"] = layers[-1]["w_down"] * 1.1
+    other = to_device({**host.params, "layers": layers}, cfg)
+    st.write_thresholds(out["drafter"], [], res, target=("other", other, cfg))
+    assert ckpt.load(out["drafter"], other, cfg)[0].thresholds == ()
+    assert ckpt.load(out["drafter"], params, cfg)[0].thresholds is None  # (the config's)
     with pytest.raises(ValueError, match="below the target"):
         trainer.train(dataclasses.replace(tc, options={"exits": "1,2"}), params, cfg, "tiny", fs,
                       tmp_path / "bad", **quiet)  # fmt: skip

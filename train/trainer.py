@@ -135,8 +135,9 @@ class Batches:
         return self.make(self.seqs(step))
 
 
-def build(tc: TrainConfig, target_cfg: ModelConfig, target_params, d2t, key):
-    """(family, drafter config, trainable params, frozen params, loss fn(params, batch, t2d, key)).
+def build(tc: TrainConfig, target_cfg: ModelConfig, target_params, d2t, key, source: str = ""):
+    """(family, drafter config, trainable params, frozen params, loss fn(params, batch, t2d, key),
+    LR multipliers of param groups).
 
     The family's `build` gives the config, params and loss; the frozen arrays are the target's head
     at `d2t` ("target_head", for soft targets), the arrays the family shares with the target
@@ -145,7 +146,7 @@ def build(tc: TrainConfig, target_cfg: ModelConfig, target_params, d2t, key):
     family = families.lookup(tc.family)
     head = ckpt.target_head(target_params)
     head_d = head if d2t is None else jnp.take(head, jnp.asarray(d2t), axis=1)
-    target = families.TrainTarget(cfg=target_cfg, params=target_params, d2t=d2t, head=head_d)
+    target = families.TrainTarget(cfg=target_cfg, params=target_params, d2t=d2t, head=head_d, source=source)
     built = family.build(tc.options, tc, target, key)
     if not isinstance(built.config, family.config) or not family.claims(built.config):
         raise TypeError(
@@ -159,7 +160,7 @@ def build(tc: TrainConfig, target_cfg: ModelConfig, target_params, d2t, key):
     if "head" in shares:
         frozen["head"] = head_d
     frozen.update(built.frozen)
-    return family, built.config, built.params, frozen, built.loss
+    return family, built.config, built.params, frozen, built.loss, dict(built.lr_scale)
 
 
 def warm_start(path, meta: dict, loaded: dict, family: Family, dcfg, params: dict) -> dict:
@@ -168,6 +169,8 @@ def warm_start(path, meta: dict, loaded: dict, family: Family, dcfg, params: dic
     # the draft vocabulary is the run's; acceptance heads belong to the old weights (retrain them)
     loaded = {k: v for k, v in loaded.items() if k not in ("d2t", "accept")}
     have = ckpt.make_config(meta)
+    if meta["family"] != family.stored and meta["family"] in family.warm_start:  # e.g. Medusa-1 -> Medusa-2
+        return family.warm_start[meta["family"]](meta, loaded, dcfg, params)
     fix = "pass the flags it was trained with (its drafter.json has the command) or drop --init_from"
     if meta["family"] != family.stored or type(have) is not type(dcfg):
         raise ckpt.DrafterCheckpointError(
@@ -190,10 +193,29 @@ def _runtime(params, frozen):
     return p
 
 
-def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+def optimizer(tc: TrainConfig, lr_scale: Mapping[str, float] | None = None) -> optax.GradientTransformation:
+    """AdamW with warm-up and cosine decay after global-norm clipping; `lr_scale` multiplies the
+    updates (so the learning rate) of top-level param groups (Medusa-2's heads: x4)."""
     sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(tc.warmup, 1), max(tc.steps, tc.warmup + 1),
                                                end_value=tc.lr * 0.05)  # fmt: skip
-    return optax.chain(optax.clip_by_global_norm(tc.clip), optax.adamw(sched, weight_decay=tc.weight_decay))
+    chain = [optax.clip_by_global_norm(tc.clip), optax.adamw(sched, weight_decay=tc.weight_decay)]
+    if lr_scale:
+        chain.append(_scale_groups(lr_scale))
+    return optax.chain(*chain)
+
+
+def _scale_groups(lr_scale: Mapping[str, float]) -> optax.GradientTransformation:
+    """Multiply the updates of each top-level param group by its factor (1 for groups not named)."""
+
+    def update(updates, state, params=None):
+        del params
+        scaled = {}
+        for k, v in updates.items():
+            f = lr_scale.get(k, 1.0)
+            scaled[k] = jax.tree.map(lambda u, f=f: u * f, v)
+        return scaled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def tau_estimate(metrics: dict, prefix: str = "acc") -> float:
@@ -241,12 +263,12 @@ def train(
             d2t = draft_vocab(fs.token_counts(target_cfg.vocab_size), tc.draft_vocab)
         np.save(vocab_file, np.zeros(0, np.int32) if d2t is None else d2t)
     t2d = jnp.asarray(t2d_map(d2t, target_cfg.vocab_size))
-    family, dcfg, params, frozen, loss_fn = build(
-        tc, target_cfg, target_params, d2t, jax.random.PRNGKey(tc.seed)
+    family, dcfg, params, frozen, loss_fn, lr_scale = build(
+        tc, target_cfg, target_params, d2t, jax.random.PRNGKey(tc.seed), source=str(target_source)
     )
     if tc.init_from:  # (a resumed run restores its own state below)
         params = warm_start(tc.init_from, init_meta, init_params, family, dcfg, params)
-    opt = optimizer(tc)
+    opt = optimizer(tc, lr_scale)
     state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
 
     devices = jax.devices()
@@ -333,15 +355,15 @@ def train(
                     "tokens_seen": final * tc.batch_size * tc.seq_len, "heldout": ev,
                     "features": fs.manifest.get("num_examples")}  # fmt: skip
         params_host = jax.device_get(state["params"])
-        ckpt.save(
-            out / "drafter",
-            family.stored,
-            dcfg,
-            params_host,
-            ckpt.target_info(target_params, target_cfg, target_source),
-            d2t=d2t,
-            training=training,
-        )
+        if family.export is not None:  # e.g. Medusa-2: a new target, and the heads drafting for it
+            target = families.TrainTarget(cfg=target_cfg, params=target_params, d2t=d2t, head=None,
+                                          source=str(target_source))  # fmt: skip
+            ex = family.export(dcfg, params_host, target, out, training)
+        else:
+            ex = families.Export(family.stored, dcfg, params_host,
+                                 ckpt.target_info(target_params, target_cfg, target_source,
+                                                  family.depth(dcfg) if family.depth else None))  # fmt: skip
+        ckpt.save(out / "drafter", ex.family, ex.config, ex.params, ex.target, d2t=d2t, training=training)
         summary["heldout"] = ev
         summary["drafter"] = str(out / "drafter")
     return summary
