@@ -15,12 +15,13 @@ Two measurements, both on text the fine-tuning never saw:
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
 
-sys.path.insert(0, __file__.rsplit("/", 2)[0])  # the repository root: `benchmarks.common`
-from benchmarks.common import cpu_model, load_avg, write_json  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/: `common`
+from common import cpu_model, load_avg, write_json  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", "smollm2-135m-instruct", "The original target.")
@@ -57,10 +58,13 @@ def teacher_forced(models, examples) -> dict:
         agree = jnp.sum((jnp.argmax(la, -1) == jnp.argmax(lb, -1)) * w)
         return jnp.stack([nll(la), nll(lb), kl, agree, jnp.sum(w)])
 
-    total = np.zeros(5)
-    for ex in tqdm(examples, desc="teacher-forced"):
-        toks = jnp.asarray(ex.tokens, jnp.int32)[None]
-        total += np.asarray(scores(models[0][0], models[1][0], toks, jnp.asarray(ex.loss_mask)[None]))
+    total, t = np.zeros(5), max(len(ex.tokens) for ex in examples)
+    for ex in tqdm(examples, desc="teacher-forced"):  # padded to one length: one compiled program
+        n = len(ex.tokens)
+        toks = np.zeros((1, t), np.int32)
+        mask = np.zeros((1, t), bool)
+        toks[0, :n], mask[0, :n] = ex.tokens, ex.loss_mask  # (causal: padding after is never seen)
+        total += np.asarray(scores(models[0][0], models[1][0], jnp.asarray(toks), jnp.asarray(mask)))
     n = total[4]
     return {"answer_tokens": int(n), "nll_base": total[0] / n, "nll_tuned": total[1] / n,
             "ppl_base": float(np.exp(total[0] / n)), "ppl_tuned": float(np.exp(total[1] / n)),

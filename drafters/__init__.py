@@ -212,9 +212,9 @@ def parse_drafter(spec: str, target_params, target_cfg, *, max_depth: int, dtype
             d, dp = checkpoint.load(path, target_params, target_cfg)
         except checkpoint.DrafterCheckpointError as e:
             raise ValueError(
-                f"--drafter {kind} is the drafter shipped for SmolLM2-135M-Instruct and does not fit this "
-                f"target ({e}). Train one with `specdec-train --drafter {kind} --target ...` and pass its "
-                "folder (RUN/drafter) as --drafter"
+                f"--drafter {kind} is a shipped drafter and does not fit this target ({e}). Train one with "
+                f"`specdec-train --drafter {kind} --target ...` and pass its folder (RUN/drafter) as "
+                "--drafter"
             ) from None
         for name, value in options.items():
             d = family.inference[name].apply(d, value)

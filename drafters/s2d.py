@@ -19,7 +19,9 @@ every tree node has the KV of the layers it attends): the catch-up runs the comm
 through all `exits[-1]` layers (every layer's KV stays complete) and scores the root at every
 exit; the step drafts at the shallowest exit whose confidence reaches its threshold for every
 running row (else the deepest), its tree nodes running only that exit's layers (`lax.switch`, one
-compiled branch per exit). `exit=K` pins the exit after K layers (per-exit measurements).
+compiled branch per exit). `exit=K` pins the exit after K layers (per-exit measurements). Only
+the exits the drafter can choose run: a pinned exit, or those up to the first whose threshold is 0
+(it always takes the step) — the catch-up then runs no deeper than that exit's layers.
 
 Lossless: drafts are verified by the unchanged verifiers; exits only change what is drafted.
 """
@@ -106,9 +108,9 @@ def _truncate(params, cfg: ModelConfig, k: int):
 
 @flax.struct.dataclass
 class S2DState:
-    cache: KVCache  # lengths[b] = the root's slot; every layer up to exits[-1] holds the committed tokens
-    root_x: Float[Array, "B M D"]  # each exit's state at the root
-    conf: Float[Array, "B M"]  # each exit's confidence at the root
+    cache: KVCache  # lengths[b] = the root's slot; every layer it has holds the committed tokens
+    root_x: Float[Array, "B M D"]  # each reachable exit's state at the root (M = `S2D.reach`)
+    conf: Float[Array, "B M"]  # each reachable exit's confidence at the root
     exit: Int[Array, ""]  # the exit this step drafts at (index into exits)
 
 
@@ -136,22 +138,30 @@ class S2D:
     def _x(self, params, i: int, h):
         return exit_states(params, i, h, self.target.rms_norm_eps)
 
+    @property
+    def reach(self) -> int:
+        """How many exits (the first ones) this drafter can choose: up to a pinned exit, or to the
+        first whose threshold is 0 (always taken), else all; the deeper layers never run."""
+        if self.exit is not None:
+            return self.cfg.exits.index(self.exit) + 1
+        th = self.thresholds if self.thresholds is not None else self.cfg.thresholds
+        return next((i + 1 for i, t in enumerate(th) if t <= 0), len(self.cfg.exits))
+
     def _exit_index(self, conf, running) -> Int[Array, ""]:
         if self.exit is not None:
             return jnp.int32(self.cfg.exits.index(self.exit))
-        return choose_exit(conf, self.thresholds or self.cfg.thresholds, running)
+        th = self.thresholds if self.thresholds is not None else self.cfg.thresholds
+        return choose_exit(conf, tuple(th)[: self.reach - 1], running)
 
     def _catch_up(self, params, cache: KVCache, ctx: Context, block: int) -> S2DState:
         """Run the committed tokens from slot `cache.lengths` to the root (<= block of them) through
         every layer; score the root at every exit."""
-        b = ctx.tokens.shape[0]
-        p, cfg = _truncate(params, self.target, self.cfg.exits[-1])
+        b, exits = ctx.tokens.shape[0], self.cfg.exits[: self.reach]
+        p, cfg = _truncate(params, self.target, exits[-1])
         pos = cache.lengths[:, None] + jnp.arange(block)[None, :]
         toks = jnp.take_along_axis(ctx.tokens, jnp.minimum(pos, ctx.tokens.shape[1] - 1), axis=1)
         count = ctx.lengths - cache.lengths  # tokens to run, root included (0 for finished rows)
-        _, hs, cache = forward(
-            p, cfg, toks, pos, cache, causal_mask(b, block), taps=self.cfg.exits, final=False
-        )
+        _, hs, cache = forward(p, cfg, toks, pos, cache, causal_mask(b, block), taps=exits, final=False)
         last = jnp.clip(count - 1, 0, block - 1)[:, None, None]
         xs = [self._x(params, i, jnp.take_along_axis(h, last, axis=1)[:, 0]) for i, h in enumerate(hs)]
         conf = jnp.stack([confidence(params, i, x) for i, x in enumerate(xs)], axis=1)
@@ -161,7 +171,7 @@ class S2D:
     def init(
         self, params, ctx: Context, prompt: Int[Array, "B T"], prefill_taps, cache_size: int, *, window: int
     ):
-        p, cfg = _truncate(params, self.target, self.cfg.exits[-1])
+        p, cfg = _truncate(params, self.target, self.cfg.exits[self.reach - 1])
         b = prompt.shape[0]
         _, _, cache = prefill(p, cfg, prompt, KVCache.init(cfg, b, cache_size))
         return self._catch_up(params, cache.advance(ctx.lengths - 1), ctx, 1)
@@ -187,7 +197,7 @@ class S2D:
 
             return run
 
-        logits, cache = jax.lax.switch(state.exit, [at_exit(i) for i in range(len(self.cfg.exits))], cache)
+        logits, cache = jax.lax.switch(state.exit, [at_exit(i) for i in range(self.reach)], cache)
         return logits, state.replace(cache=cache)
 
     def update(self, params, state: S2DState, ctx: Context, tree: Tree, verdict, taps):

@@ -159,6 +159,11 @@ def test_derived_target_round_trip_and_refusals(tiny_cache, tmp_path):
     np.testing.assert_array_equal(got.params["embed"], base.params["embed"])
     with pytest.raises(ValueError, match="shape"):
         save_derived(tmp_path / "e", folder, base.params, cfg, {"final_norm": norm[:3]})
+    # from device params (stacked layers, the CPU's packed layout), as a training run exports
+    stacked = cfg.replace(scan_layers=True)
+    w = np.asarray(base.params["layers"][1]["w_down"]) * 2.0
+    save_derived(tmp_path / "s", folder, to_device(base.params, stacked), stacked, {"layers.1.w_down": w})
+    np.testing.assert_allclose(load_model(tmp_path / "s").params["layers"][1]["w_down"], w, rtol=1e-2)
     meta = json.loads((tmp_path / "d" / "target.json").read_text())
     (tmp_path / "d" / "target.json").write_text(json.dumps({**meta, "base_fingerprint": [1.0] * 8}))
     with pytest.raises(CheckpointError, match="another model than its base"):

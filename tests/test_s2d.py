@@ -33,6 +33,10 @@ def test_exit_chosen_from_confidences():
              (0, 0, 0, 1): 0, (0, 0, 0, 0): 0}  # fmt: skip
     for running, want in cases.items():
         assert int(s2d.choose_exit(conf, th, jnp.array(running, bool))) == want, running
+    # the exits a drafter can reach: all, up to the first threshold of 0 (always taken), or a pinned one
+    cfg = s2d.S2DConfig(exits=(1, 2, 3), thresholds=(0.7, 0.6))
+    assert s2d.S2D(cfg).reach == 3 and s2d.S2D(cfg, thresholds=(0.7, 0.0)).reach == 2
+    assert s2d.S2D(cfg, thresholds=(0.0, 0.0)).reach == 1 and s2d.S2D(cfg, exit=2).reach == 2
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +108,11 @@ def test_soft_loss_is_the_mean_of_the_exits_losses(target):
     np.testing.assert_allclose(with_conf, loss + 0.5 * bce, rtol=1e-5)
 
 
-# the confidence-chosen exit on a dynamic tree, a shallow and the full-depth exit pinned on a chain
+# the confidence-chosen exit on a dynamic tree, a shallow and the full-depth exit pinned on a chain,
+# the choice between the first two exits only (a threshold of 0: the deeper layers never run)
 @pytest.mark.parametrize(
-    "exit_,tree", [(None, "dynamic:depth=3,topk=3,n=10"), (1, "chain:3"), (4, "chain:3")]
+    "exit_,tree",
+    [(None, "dynamic:depth=3,topk=3,n=10"), (1, "chain:3"), (4, "chain:3"), ("reach2", "chain:3")],
 )
 def test_greedy_decoding_is_lossless_at_any_exit(target, exit_, tree):
     params = target
@@ -114,7 +120,7 @@ def test_greedy_decoding_is_lossless_at_any_exit(target, exit_, tree):
     rng = np.random.default_rng(2)
     host = s2d.init_params(cfg, np.asarray(params["final_norm"]))
     host["conf_w"] = rng.normal(0, 1.0, host["conf_w"].shape).astype(np.float32)  # exits vary by step
-    d = s2d.S2D(cfg, CFG, exit=exit_)
+    d = s2d.S2D(cfg, CFG, exit=exit_) if exit_ != "reach2" else s2d.S2D(cfg, CFG, thresholds=(0.5, 0.0))
     prompts = [[5, 9, 3, 5, 9, 3, 5, 9], [12, 13, 14, 12, 13], list(range(20, 45))]
     ar = generate(params, CFG, prompts, max_new_tokens=16).tokens
     dp = _runtime(params, cfg, host)

@@ -262,7 +262,9 @@ def main(argv):
     if FLAGS.init_from:  # before any extraction: a wrong checkpoint fails now, not an hour later
         from specdec.drafters import checkpoint as ckpt
 
-        init_from = str(_drafter_path(FLAGS.init_from, model, out, "init_from"))  # a folder or a shipped name
+        init_from = FLAGS.init_from  # a folder (read below: its own errors), or a shipped drafter's name
+        if not pathlib.Path(init_from).exists():
+            init_from = str(_drafter_path(init_from, model, out, "init_from"))
         meta = ckpt.read(init_from)[0]
         ckpt.check_target(meta, model.params, model.cfg, FLAGS.init_from)
         have = ckpt.family_of(meta)  # its registry entry (EAGLE-1 vs EAGLE-3 by config.version)

@@ -69,9 +69,9 @@ def save_derived(path: os.PathLike, base: str, base_params, cfg: ModelConfig, re
     """Write a derived target: `base` (its spec, as `load_model` takes it) with `replaced`
     ({"final_norm": [D], "layers.28.wqkv": [D, F], ...}, the loader's names and layout)."""
     for name, arr in replaced.items():
-        have = _get(base_params, name)
-        if tuple(np.shape(have)) != tuple(arr.shape):
-            raise ValueError(f"replaced array {name}: shape {arr.shape}, the base has {np.shape(have)}")
+        have = _shape(base_params, name)
+        if have != tuple(arr.shape):
+            raise ValueError(f"replaced array {name}: shape {arr.shape}, the base has {have}")
     store = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
     flat = {k: np.asarray(v, np.float32).astype(store) for k, v in replaced.items()}
     meta = {"format": FORMAT, "base": str(base), "base_fingerprint": fingerprint(base_params, cfg),
@@ -128,6 +128,15 @@ def load_derived(path: os.PathLike, *, name: str | None = None) -> LoadedModel:
         else:
             params[key] = arr
     return LoadedModel(params=params, cfg=base.cfg, tokenizer=base.tokenizer, source=name or str(folder))
+
+
+def _shape(params, key: str) -> tuple[int, ...]:
+    """The shape of array `key` of host or device params (stacked layers: one layer's; a packed
+    weight: the plain one's, `PackedWeight.shape`)."""
+    if key.startswith("layers.") and isinstance(params["layers"], dict):
+        _, _, leaf = key.split(".")
+        return tuple(params["layers"][leaf].shape[1:])
+    return tuple(_get(params, key).shape)
 
 
 def _get(params, key: str):
