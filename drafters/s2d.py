@@ -139,19 +139,21 @@ class S2D:
         return exit_states(params, i, h, self.target.rms_norm_eps)
 
     @property
+    def _thresholds(self) -> tuple[float, ...]:
+        return tuple(self.thresholds if self.thresholds is not None else self.cfg.thresholds)
+
+    @property
     def reach(self) -> int:
         """How many exits (the first ones) this drafter can choose: up to a pinned exit, or to the
         first whose threshold is 0 (always taken), else all; the deeper layers never run."""
         if self.exit is not None:
             return self.cfg.exits.index(self.exit) + 1
-        th = self.thresholds if self.thresholds is not None else self.cfg.thresholds
-        return next((i + 1 for i, t in enumerate(th) if t <= 0), len(self.cfg.exits))
+        return next((i + 1 for i, t in enumerate(self._thresholds) if t <= 0), len(self.cfg.exits))
 
     def _exit_index(self, conf, running) -> Int[Array, ""]:
         if self.exit is not None:
             return jnp.int32(self.cfg.exits.index(self.exit))
-        th = self.thresholds if self.thresholds is not None else self.cfg.thresholds
-        return choose_exit(conf, tuple(th)[: self.reach - 1], running)
+        return choose_exit(conf, self._thresholds[: self.reach - 1], running)
 
     def _catch_up(self, params, cache: KVCache, ctx: Context, block: int) -> S2DState:
         """Run the committed tokens from slot `cache.lengths` to the root (<= block of them) through

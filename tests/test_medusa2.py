@@ -14,6 +14,7 @@ import pytest
 
 from specdec.checkpoints.derived import load_derived, save_derived
 from specdec.drafters import medusa
+from specdec.drafters.checkpoint import target_head
 from specdec.drafters.family import TrainTarget
 from specdec.drafters.medusa2 import Medusa2Config, backbone_params
 from specdec.generate import generate
@@ -31,16 +32,8 @@ def _setup(params, cfg, seed=0, heads=2, k=1):
     mcfg = Medusa2Config(heads, cfg.hidden_size, vd, vd, k, cfg.num_layers)
     target = TrainTarget(cfg=cfg, params=params, d2t=None, head=None)
     p = {**medusa.init_params(mcfg.medusa, jax.random.PRNGKey(seed)), "backbone": backbone_params(target, k)}
-    head = jnp.asarray(
-        params["embed"].T if "lm_head" not in params else _plain(params["lm_head"]), jnp.float32
-    )
+    head = jnp.asarray(target_head(params), jnp.float32)
     return mcfg, p, {"head": head, "full_head": head}
-
-
-def _plain(w):
-    from specdec.matmul import plain
-
-    return plain(w)
 
 
 def _batch(fs, seqs, t=40):

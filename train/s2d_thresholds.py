@@ -173,6 +173,7 @@ def main(argv) -> None:
     """python -m specdec.train.s2d_thresholds --drafter RUN/drafter --features DIR [--target T] [--write]"""
     del argv
     import json
+    import pathlib
 
     from absl import flags
 
@@ -187,9 +188,9 @@ def main(argv) -> None:
     held = range(len(fs) - f.heldout, len(fs))  # the cache's last sequences: held out by specdec-train
     res = calibrate(f.drafter, params, cfg, fs, held, depth=f.depth)
     res |= {"target": f.target, "features": str(f.features), "heldout": f.heldout}
-    print(json.dumps({k: v for k, v in res.items()}, indent=1, default=float))
+    print(json.dumps(res, indent=1, default=float))
     if f.write:
-        own = json.loads((__import__("pathlib").Path(f.drafter) / "drafter.json").read_text())["target"]
+        own = json.loads((pathlib.Path(f.drafter) / "drafter.json").read_text())["target"]
         same = own["source"] in (f.target, str(model.source))
         write_thresholds(f.drafter, res["best"]["thresholds"], res, None if same else (f.target, params, cfg))
         print(f"thresholds {res['best']['thresholds']} written to {f.drafter} for {f.target}")

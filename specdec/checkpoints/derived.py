@@ -48,10 +48,10 @@ def backbone_fingerprint(params, cfg: ModelConfig, layers: int | None = None) ->
     (`specdec.matmul`: a packed weight's tiles hold its elements and zeros: the same norm)."""
     stack, i = params["layers"], (cfg.num_layers if layers is None else layers) - 1
 
-    def at(name):
+    def at(name):  # layer i's array (a packed weight's tiles)
         x = stack[name] if isinstance(stack, dict) else stack[i][name]
-        x = np.asarray(getattr(x, "tiles", x)[i] if isinstance(stack, dict) else getattr(x, "tiles", x))
-        return np.asarray(x, np.float32)
+        x = getattr(x, "tiles", x)
+        return np.asarray(x[i] if isinstance(stack, dict) else x, np.float32)
 
     final = np.linalg.norm(np.asarray(params["final_norm"], np.float32)) if layers is None else 0.0
     return [
@@ -101,10 +101,7 @@ def load_derived(path: os.PathLike, *, name: str | None = None) -> LoadedModel:
         raise CheckpointError(f"{folder / META} is unreadable ({e}); re-export the derived target") from None
     if meta.get("format") != FORMAT or "base" not in meta:
         raise CheckpointError(f"{folder / META} is not a {FORMAT} file; re-export the derived target")
-    base_spec = meta["base"]
-    if not (folder / base_spec).exists() and (folder.parent / base_spec).exists():
-        base_spec = str(folder.parent / base_spec)  # a base stored beside the folder, by relative path
-    base = load_model(base_spec)
+    base = load_model(meta["base"])
     fp = fingerprint(base.params, base.cfg)
     if not np.allclose(fp, meta["base_fingerprint"], rtol=0.02):
         raise CheckpointError(
