@@ -60,9 +60,9 @@ EOF
       --out docs/results/medusa2_drift_xeon_2026-12-07.json
     ;;
   eval)
-    specdec-eval --all --out "$EVAL/s2d_all80" --compare "s2d|chain:2" --compare "s2d:thresholds=0.3/0.3|chain:2" \
-      --compare "layerskip:4|chain:2" --compare "layerskip:8|chain:2" \
-      --compare "eagle|dynamic:depth=2,topk=3,n=4" --compare "medusa|chain:4"
+    # S2D against every fixed layer-skip exit and EAGLE, one shared baseline
+    specdec-eval --all --out "$EVAL/s2d_all80" --compare "s2d|chain:2" --compare "layerskip:4|chain:2" \
+      --compare "layerskip:8|chain:2" --compare "layerskip:12|chain:2" --compare "eagle|dynamic:depth=2,topk=3,n=4"
     specdec-eval --all --target smollm2-135m-instruct-medusa2 --out "$EVAL/medusa2_all80" \
       --compare "medusa2|chain:4" --compare "s2d|chain:2"
     ;;
