@@ -16,12 +16,12 @@ an exit after each of `exits`. Exit i maps the residual stream h after `exits[i]
 The confidence costs D multiply-adds, so choosing an exit computes no LM head but the chosen one's
 (on the embedded target the head is 28M of the 135M parameters). Exit per step (one per round, so
 every tree node has the KV of the layers it attends): the catch-up runs the committed tokens
-through all `exits[-1]` layers (every layer's KV stays complete) and scores the root at every
-exit; the step drafts at the shallowest exit whose confidence reaches its threshold for every
-running row (else the deepest), its tree nodes running only that exit's layers (`lax.switch`, one
-compiled branch per exit). `exit=K` pins the exit after K layers (per-exit measurements). Only
-the exits the drafter can choose run: a pinned exit, or those up to the first whose threshold is 0
-(it always takes the step) — the catch-up then runs no deeper than that exit's layers.
+through the layers of the deepest exit the drafter can reach (`S2D.reach`: a pinned exit, or the
+first whose threshold is 0, which always takes the step, else the last), so those layers' KV stays
+complete, and scores the root at each reachable exit; the step drafts at the shallowest exit whose
+confidence reaches its threshold for every running row (else the deepest reachable), its tree
+nodes running only that exit's layers (`lax.switch`, one compiled branch per reachable exit).
+`exit=K` pins the exit after K layers (per-exit measurements).
 
 Lossless: drafts are verified by the unchanged verifiers; exits only change what is drafted.
 """
@@ -157,7 +157,7 @@ class S2D:
 
     def _catch_up(self, params, cache: KVCache, ctx: Context, block: int) -> S2DState:
         """Run the committed tokens from slot `cache.lengths` to the root (<= block of them) through
-        every layer; score the root at every exit."""
+        the layers of the deepest reachable exit; score the root at every reachable exit."""
         b, exits = ctx.tokens.shape[0], self.cfg.exits[: self.reach]
         p, cfg = _truncate(params, self.target, exits[-1])
         pos = cache.lengths[:, None] + jnp.arange(block)[None, :]
